@@ -1,0 +1,165 @@
+// peftcore::lora_embedding on CPU: y[t] = W[idx_t] + Σ_a s_a · A_a[:, idx_t]ᵀ·B_aᵀ, and its backward.
+// Layout: indices int64/int32 [...], W [V, D], A_a [r_a, V], B_a [D, r_a]; y [..., D] contiguous.
+// Forward: gathers the adapters' A columns into T[n, R], then one expand pass per
+// token reads W's row, adds T·Bt in fp32 and writes y (rounded once). Backward:
+// ATen index_add / GEMMs following reference.lora_embedding_backward.
+// Tests: tests/ops/test_lora_embedding.py, test_opcheck.py, tests/test_autograd.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../common/checks.h"
+#include "../ops.h"
+#include "lowrank.h"
+#include "lowrank_parallel.h"
+
+namespace peftcore {
+namespace {
+
+void check_embedding_args(const char* op, const at::Tensor& indices, const at::Tensor& weight,
+                          at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                          int64_t padding_idx) {
+  const auto cpu = at::kCPU;
+  check_defined(op, indices, "indices");
+  check_defined(op, weight, "weight");
+  check_device(op, indices, "indices", cpu);
+  check_device(op, weight, "weight", cpu);
+  check_dtype_in(op, indices, "indices", {at::kLong, at::kInt});
+  check_dim(op, weight, "weight", 2);
+  check_float_dtype(op, weight, "weight");
+  const int64_t V = weight.size(0), D = weight.size(1);
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < V, "peftcore::", op, ": padding_idx = ", padding_idx,
+              " is outside [-1, ", V, ") (num_embeddings = weight.shape[0] = ", V, "; -1 means none)");
+  check_same_count(op, "lora_A", lora_A.size(), "lora_B", lora_B.size());
+  check_scales(op, scales, lora_A.size());
+  for (size_t a = 0; a < lora_A.size(); ++a) {
+    const std::string an = indexed("lora_A", a), bn = indexed("lora_B", a);
+    const at::Tensor &A = lora_A[a], &B = lora_B[a];
+    check_defined(op, A, an);
+    check_defined(op, B, bn);
+    check_device(op, A, an, cpu);
+    check_device(op, B, bn, cpu);
+    check_dim(op, A, an, 2);
+    check_dim(op, B, bn, 2);
+    check_size(op, A, an, 1, V, "weight.shape[0] (num_embeddings)");
+    check_size(op, B, bn, 0, D, "weight.shape[1] (embedding_dim)");
+    TORCH_CHECK(B.size(1) == A.size(0), "peftcore::", op, ": ", bn, " has shape ", B.sizes(), " but ", an,
+                " has shape ", A.sizes(), " (expected ", bn, " = [", D, ", ", A.size(0), "])");
+    check_adapter_dtype(op, A, an, weight.scalar_type());
+    check_adapter_dtype(op, B, bn, weight.scalar_type());
+  }
+}
+
+// indices as contiguous int64, every one checked to lie in [0, V).
+at::Tensor checked_indices(const char* op, const at::Tensor& indices, int64_t V) {
+  at::Tensor idx = indices.reshape({-1}).to(at::kLong).contiguous();
+  if (idx.numel() == 0) return idx;
+  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  if (lo < 0 || hi >= V) {
+    const int64_t bad = lo < 0 ? lo : hi;
+    const int64_t pos = (idx == bad).nonzero()[0].item<int64_t>();
+    TORCH_CHECK(false, "peftcore::", op, ": index ", bad, " (at flat position ", pos, " of indices with shape ",
+                indices.sizes(), ") is out of range for an embedding table of ", V, " rows");
+  }
+  return idx;
+}
+
+template <typename wt, typename acc_t>
+void lowrank_embedding(const at::Tensor& idx, const at::Tensor& weight, at::TensorList lora_A, at::TensorList lora_B,
+                       const std::vector<cpu::ActiveAdapter>& active, int64_t R, at::Tensor& y) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t n = idx.numel(), D = weight.size(1);
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  // T[t, offset + k] = A_a[k, idx_t]: the "shrink" of a one-hot input is a gather.
+  at::Tensor T = at::empty({n, R}, weight.options().dtype(acc));
+  acc_t* Tp = T.data_ptr<acc_t>();
+  for (const auto& ad : active) {
+    const at::Tensor A = lora_A[ad.index].to(acc);
+    const acc_t* Ap = A.const_data_ptr<acc_t>();
+    const int64_t s0 = A.stride(0), s1 = A.stride(1);
+    at::parallel_for(0, n, std::max<int64_t>(1, cpu::kMinParallelWork / ad.rank), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t k = 0; k < ad.rank; ++k) Tp[t * R + ad.offset + k] = Ap[k * s0 + ip[t] * s1];
+    });
+  }
+  // W's rows are read straight from the table (no gathered copy): base_rows = idx.
+  const at::Tensor W = weight.contiguous();
+  cpu::expand_lowrank<acc_t, wt>(T, lora_B, active, R, W.const_data_ptr<wt>(), D, ip, y.data_ptr<wt>(), n, D);
+}
+
+}  // namespace
+
+at::Tensor lora_embedding_cpu(const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,
+                              at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx) {
+  const char* op = "lora_embedding";
+  check_embedding_args(op, indices, weight, lora_A, lora_B, scales, padding_idx);
+  const at::Tensor idx = checked_indices(op, indices, weight.size(0));
+  int64_t R = 0;
+  const auto active = cpu::active_adapters(scales, lora_A, R);
+  // padding_idx only affects gradients (as in F.embedding), so the plain gather is exact.
+  if (active.empty() || idx.numel() == 0 || weight.size(1) == 0) return at::embedding(weight, indices);
+  std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
+  shape.push_back(weight.size(1));
+  at::Tensor y = at::empty(shape, weight.options());
+  switch (weight.scalar_type()) {
+    case at::kFloat: lowrank_embedding<float, float>(idx, weight, lora_A, lora_B, active, R, y); break;
+    case at::kBFloat16: lowrank_embedding<c10::BFloat16, float>(idx, weight, lora_A, lora_B, active, R, y); break;
+    case at::kHalf: lowrank_embedding<c10::Half, float>(idx, weight, lora_A, lora_B, active, R, y); break;
+    case at::kDouble: lowrank_embedding<double, double>(idx, weight, lora_A, lora_B, active, R, y); break;
+    default: TORCH_CHECK(false, "peftcore::lora_embedding: unsupported dtype ", weight.scalar_type());
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_embedding_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,
+    at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx, std::array<bool, 2> output_mask) {
+  const char* op = "lora_embedding_backward";
+  check_embedding_args(op, indices, weight, lora_A, lora_B, scales, padding_idx);
+  const int64_t V = weight.size(0), D = weight.size(1);
+  check_defined(op, grad_out, "grad_out");
+  check_device(op, grad_out, "grad_out", at::kCPU);
+  check_float_dtype(op, grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == D && grad_out.numel() == indices.numel() * D, "peftcore::",
+              op, ": grad_out has shape ", grad_out.sizes(), " but the forward output has shape indices.shape + [", D,
+              "] with indices.shape = ", indices.sizes());
+  const at::Tensor idx = checked_indices(op, indices, V);
+  const auto [want_w, want_ad] = output_mask;
+
+  const auto f = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g = grad_out.reshape({-1, D}).to(f);
+  // Tokens at padding_idx send no gradient into the tables they read (W's row,
+  // A's column); B still sees their activations, so it uses the unmasked g.
+  const at::Tensor g_tab = padding_idx < 0 ? g : g * (idx != padding_idx).unsqueeze(1).to(f);
+  at::Tensor gw = want_w ? at::zeros({V, D}, weight.options().dtype(f)).index_add_(0, idx, g_tab).to(weight.scalar_type())
+                         : at::empty({0}, weight.options());
+  std::vector<at::Tensor> gA, gB;
+  if (want_ad) {
+    int64_t R = 0;
+    const auto active = cpu::active_adapters(scales, lora_A, R);
+    std::vector<double> scale_of(lora_A.size(), 0.0);
+    std::vector<bool> is_active(lora_A.size(), false);
+    for (const auto& ad : active) {
+      scale_of[ad.index] = ad.scale;
+      is_active[ad.index] = true;
+    }
+    for (size_t a = 0; a < lora_A.size(); ++a) {
+      const at::Tensor &A = lora_A[a], &B = lora_B[a];
+      if (!is_active[a]) {
+        gA.push_back(at::zeros(A.sizes(), A.options()));
+        gB.push_back(at::zeros(B.sizes(), B.options()));
+        continue;
+      }
+      const double s = scale_of[a];
+      const at::Tensor t = A.to(f).t().index_select(0, idx);  // [n, r]
+      const at::Tensor gt = at::mm(g_tab, B.to(f)).mul_(s);   // [n, r]
+      const at::Tensor gAt = at::zeros({V, A.size(0)}, A.options().dtype(f)).index_add_(0, idx, gt);
+      gA.push_back(gAt.t().to(A.scalar_type()).contiguous());  // laid out like A (the fake kernel says so)
+      gB.push_back(at::mm(g.t(), t).mul_(s).to(B.scalar_type()));
+    }
+  }
+  return {gw, gA, gB};
+}
+
+}  // namespace peftcore

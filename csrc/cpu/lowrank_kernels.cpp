@@ -1,0 +1,212 @@
+// shrink / expand: the register-blocked inner loops of the fused LoRA forward
+// (declared and specified in lowrank.h). Layout: row-major raw pointers, fp32
+// accumulation (fp64 for fp64 data). Plain C++ that GCC vectorises; each entry
+// point is compiled three times (x86-64-v4 = AVX-512, v3 = AVX2+FMA, baseline)
+// and the loader picks one per CPU. Covered by tests/ops/test_lora_linear.py,
+// tests/ops/test_lora_embedding.py; timed by benchmarks/bench_lora_linear.py.
+#include "lowrank.h"
+
+#include <algorithm>
+
+// target_clones needs GCC >= 11 (x86-64-vN names) or Clang >= 16 and an ELF
+// loader with ifunc; anywhere else the plain code is compiled once.
+#if defined(__x86_64__) && defined(__linux__) && !defined(PEFTCORE_NO_TARGET_CLONES) && \
+    ((defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define PEFTCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PEFTCORE_CLONES
+#endif
+
+// The templates are forced inline into the cloned entry points so that each clone
+// gets its own vectorised copy (a template cannot carry target_clones itself).
+#if defined(__GNUC__) || defined(__clang__)
+#define PEFTCORE_INLINE inline __attribute__((always_inline))
+#else
+#define PEFTCORE_INLINE inline
+#endif
+
+namespace peftcore::cpu {
+namespace {
+
+// Without -ffast-math a compiler may not reorder a floating-point sum, so a plain
+// dot-product loop stays scalar. `omp simd reduction` (-fopenmp-simd, no OpenMP
+// runtime) grants that permission for these accumulators only: each becomes a
+// vector of partial sums, reduced once at the end of the loop.
+
+// 4 rows of x against 4 rows of A: 16 accumulators + 8 loads fit the 32 zmm
+// registers, and each loaded x / A vector is used 4 times.
+template <typename xt, typename acc_t>
+PEFTCORE_INLINE void dot_4x4(const xt* x0, const xt* x1, const xt* x2, const xt* x3, const acc_t* a0,
+                             const acc_t* a1, const acc_t* a2, const acc_t* a3, int64_t in, acc_t* out /*[4][4]*/) {
+  acc_t s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+  acc_t s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+  for (int64_t p = 0; p < in; ++p) {
+    // bf16 / fp16 activations are widened here, on load, instead of in a copy of x.
+    const acc_t v0 = static_cast<acc_t>(x0[p]), v1 = static_cast<acc_t>(x1[p]);
+    const acc_t v2 = static_cast<acc_t>(x2[p]), v3 = static_cast<acc_t>(x3[p]);
+    const acc_t b0 = a0[p], b1 = a1[p], b2 = a2[p], b3 = a3[p];
+    s00 += v0 * b0; s01 += v0 * b1; s02 += v0 * b2; s03 += v0 * b3;
+    s10 += v1 * b0; s11 += v1 * b1; s12 += v1 * b2; s13 += v1 * b3;
+    s20 += v2 * b0; s21 += v2 * b1; s22 += v2 * b2; s23 += v2 * b3;
+    s30 += v3 * b0; s31 += v3 * b1; s32 += v3 * b2; s33 += v3 * b3;
+  }
+  out[0] = s00; out[1] = s01; out[2] = s02; out[3] = s03;
+  out[4] = s10; out[5] = s11; out[6] = s12; out[7] = s13;
+  out[8] = s20; out[9] = s21; out[10] = s22; out[11] = s23;
+  out[12] = s30; out[13] = s31; out[14] = s32; out[15] = s33;
+}
+
+// One row against 4 rows of A: the decode case (n = 1) and the row tail.
+template <typename xt, typename acc_t>
+PEFTCORE_INLINE void dot_1x4(const xt* x0, const acc_t* a0, const acc_t* a1, const acc_t* a2, const acc_t* a3,
+                             int64_t in, acc_t* out /*[4]*/) {
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t p = 0; p < in; ++p) {
+    const acc_t v = static_cast<acc_t>(x0[p]);
+    s0 += v * a0[p]; s1 += v * a1[p]; s2 += v * a2[p]; s3 += v * a3[p];
+  }
+  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+
+template <typename xt, typename acc_t>
+PEFTCORE_INLINE void shrink_impl(const xt* x, int64_t ldx, const acc_t* A, int64_t lda, acc_t* T, int64_t ldt,
+                                 int64_t rows, int64_t ranks, int64_t in) {
+  acc_t res[16];
+  for (int64_t q = 0; q < ranks; q += 4) {
+    const int64_t kq = std::min<int64_t>(4, ranks - q);
+    // A rank tail (r not a multiple of 4) re-reads the last row; its results are dropped.
+    const acc_t* a[4];
+    for (int k = 0; k < 4; ++k) a[k] = A + (q + std::min<int64_t>(k, kq - 1)) * lda;
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) {
+      const xt* xi = x + i * ldx;
+      dot_4x4(xi, xi + ldx, xi + 2 * ldx, xi + 3 * ldx, a[0], a[1], a[2], a[3], in, res);
+      for (int r = 0; r < 4; ++r)
+        for (int k = 0; k < kq; ++k) T[(i + r) * ldt + q + k] = res[r * 4 + k];
+    }
+    for (; i < rows; ++i) {
+      dot_1x4(x + i * ldx, a[0], a[1], a[2], a[3], in, res);
+      for (int k = 0; k < kq; ++k) T[i * ldt + q + k] = res[k];
+    }
+  }
+}
+
+// Output tile: RB rows × kCols columns held in registers while the R rank-1
+// updates stream through (4 × 64 fp32 = 16 zmm registers).
+constexpr int64_t kCols = 64;
+
+template <int RB, typename acc_t, typename ot>
+PEFTCORE_INLINE void expand_tile(const acc_t* T, int64_t ldt, const acc_t* Bt, int64_t ldb, int64_t R,
+                                 const ot* const* base, ot* const* y) {
+  acc_t acc[RB][kCols];
+  for (int r = 0; r < RB; ++r)
+    for (int64_t c = 0; c < kCols; ++c) acc[r][c] = static_cast<acc_t>(base[r][c]);
+  for (int64_t k = 0; k < R; ++k) {
+    const acc_t* b = Bt + k * ldb;
+    for (int r = 0; r < RB; ++r) {
+      const acc_t t = T[r * ldt + k];
+      for (int64_t c = 0; c < kCols; ++c) acc[r][c] += t * b[c];
+    }
+  }
+  // The single rounding to the output dtype (c10's round-to-nearest-even, as .to()).
+  for (int r = 0; r < RB; ++r)
+    for (int64_t c = 0; c < kCols; ++c) y[r][c] = static_cast<ot>(acc[r][c]);
+}
+
+// Column tail (< kCols wide), one row at a time.
+template <typename acc_t, typename ot>
+PEFTCORE_INLINE void expand_narrow(const acc_t* T, const acc_t* Bt, int64_t ldb, int64_t R, const ot* base, ot* y,
+                                   int64_t width) {
+  acc_t acc[kCols];
+  for (int64_t c = 0; c < width; ++c) acc[c] = static_cast<acc_t>(base[c]);
+  for (int64_t k = 0; k < R; ++k) {
+    const acc_t t = T[k];
+    const acc_t* b = Bt + k * ldb;
+    for (int64_t c = 0; c < width; ++c) acc[c] += t * b[c];
+  }
+  for (int64_t c = 0; c < width; ++c) y[c] = static_cast<ot>(acc[c]);
+}
+
+template <typename acc_t, typename ot>
+PEFTCORE_INLINE void expand_impl(const acc_t* T, int64_t ldt, const acc_t* Bt, int64_t ldb, int64_t R, const ot* base,
+                                 int64_t ld_base, const int64_t* base_rows, ot* y, int64_t ldy, int64_t rows,
+                                 int64_t cols) {
+  auto base_row = [&](int64_t i) { return base + (base_rows ? base_rows[i] : i) * ld_base; };
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) {
+    const ot* b[4] = {base_row(i), base_row(i + 1), base_row(i + 2), base_row(i + 3)};
+    ot* o[4] = {y + i * ldy, y + (i + 1) * ldy, y + (i + 2) * ldy, y + (i + 3) * ldy};
+    int64_t j = 0;
+    for (; j + kCols <= cols; j += kCols) {
+      const ot* bj[4] = {b[0] + j, b[1] + j, b[2] + j, b[3] + j};
+      ot* oj[4] = {o[0] + j, o[1] + j, o[2] + j, o[3] + j};
+      expand_tile<4>(T + i * ldt, ldt, Bt + j, ldb, R, bj, oj);
+    }
+    if (j < cols)
+      for (int r = 0; r < 4; ++r) expand_narrow(T + (i + r) * ldt, Bt + j, ldb, R, b[r] + j, o[r] + j, cols - j);
+  }
+  for (; i < rows; ++i) {
+    const ot* b = base_row(i);
+    ot* o = y + i * ldy;
+    int64_t j = 0;
+    for (; j + kCols <= cols; j += kCols) {
+      const ot* bj[1] = {b + j};
+      ot* oj[1] = {o + j};
+      expand_tile<1>(T + i * ldt, ldt, Bt + j, ldb, R, bj, oj);
+    }
+    if (j < cols) expand_narrow(T + i * ldt, Bt + j, ldb, R, b + j, o + j, cols - j);
+  }
+}
+
+// add_cast: y = cast(acc(base[row(i), :]) + P[i, :]), the final pass of the few-row path.
+template <typename acc_t, typename ot>
+PEFTCORE_INLINE void add_cast_impl(const acc_t* P, int64_t ldp, const ot* base, int64_t ld_base,
+                                   const int64_t* base_rows, ot* y, int64_t ldy, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const ot* b = base + (base_rows ? base_rows[i] : i) * ld_base;
+    const acc_t* p = P + i * ldp;
+    ot* o = y + i * ldy;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<ot>(static_cast<acc_t>(b[j]) + p[j]);
+  }
+}
+
+}  // namespace
+
+#define PEFTCORE_DEFINE_SHRINK(xt, acc_t)                                                                    \
+  PEFTCORE_CLONES void shrink(const xt* x, int64_t ldx, const acc_t* A, int64_t lda, acc_t* T, int64_t ldt, \
+                              int64_t rows, int64_t ranks, int64_t in) {                                    \
+    shrink_impl(x, ldx, A, lda, T, ldt, rows, ranks, in);                                                   \
+  }
+PEFTCORE_DEFINE_SHRINK(float, float)
+PEFTCORE_DEFINE_SHRINK(c10::BFloat16, float)
+PEFTCORE_DEFINE_SHRINK(c10::Half, float)
+PEFTCORE_DEFINE_SHRINK(double, double)
+#undef PEFTCORE_DEFINE_SHRINK
+
+#define PEFTCORE_DEFINE_EXPAND(acc_t, ot)                                                                          \
+  PEFTCORE_CLONES void expand(const acc_t* T, int64_t ldt, const acc_t* Bt, int64_t ldb, int64_t R, const ot* base, \
+                              int64_t ld_base, const int64_t* base_rows, ot* y, int64_t ldy, int64_t rows,          \
+                              int64_t cols) {                                                                      \
+    expand_impl(T, ldt, Bt, ldb, R, base, ld_base, base_rows, y, ldy, rows, cols);                                 \
+  }
+PEFTCORE_DEFINE_EXPAND(float, float)
+PEFTCORE_DEFINE_EXPAND(float, c10::BFloat16)
+PEFTCORE_DEFINE_EXPAND(float, c10::Half)
+PEFTCORE_DEFINE_EXPAND(double, double)
+#undef PEFTCORE_DEFINE_EXPAND
+
+#define PEFTCORE_DEFINE_ADD_CAST(acc_t, ot)                                                              \
+  PEFTCORE_CLONES void add_cast(const acc_t* P, int64_t ldp, const ot* base, int64_t ld_base,            \
+                                const int64_t* base_rows, ot* y, int64_t ldy, int64_t rows, int64_t cols) { \
+    add_cast_impl(P, ldp, base, ld_base, base_rows, y, ldy, rows, cols);                                  \
+  }
+PEFTCORE_DEFINE_ADD_CAST(float, float)
+PEFTCORE_DEFINE_ADD_CAST(float, c10::BFloat16)
+PEFTCORE_DEFINE_ADD_CAST(float, c10::Half)
+PEFTCORE_DEFINE_ADD_CAST(double, double)
+#undef PEFTCORE_DEFINE_ADD_CAST
+
+}  // namespace peftcore::cpu

@@ -1,0 +1,13 @@
+// CPU kernels of every peftcore op. The schemas are defined in Python
+// (peftcore/_ops.py); C++ only registers implementations, so importing
+// peftcore._C alone adds kernels to ops that _ops.py then declares.
+#include <torch/library.h>
+
+#include "../ops.h"
+
+TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
+  m.impl("lora_linear", &peftcore::lora_linear_cpu);
+  m.impl("lora_linear_backward", &peftcore::lora_linear_backward_cpu);
+  m.impl("lora_embedding", &peftcore::lora_embedding_cpu);
+  m.impl("lora_embedding_backward", &peftcore::lora_embedding_backward_cpu);
+}

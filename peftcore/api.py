@@ -1,0 +1,483 @@
+"""The public verbs: load, add, delete, save, from_pretrained, trainable-parameter counts.
+
+Every change to a model goes through two steps: a *plan* that reads and checks everything
+(files, keys, shapes, dtypes, names, targets) without touching the model, and a *commit*
+that only assigns prepared objects and keeps an undo log. A failed load therefore leaves
+the model exactly as it was.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import hub, inject, peft_format
+from .config import CONFIG_NAME, LoraConfig
+from .errors import AdapterConfigError, AdapterNameError, AdapterWeightsError, PeftcoreError
+from .layers import Conv1D, LoraEmbedding, LoraLayer, ModulesToSaveWrapper, lora_scaling
+from .switching import AdapterState, after_delete, apply_state, get_state
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+_RESERVED = {"__base__"}
+
+
+def _check_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise AdapterNameError(f"adapter name must be a non-empty string, got {name!r}")
+    if not _NAME_RE.fullmatch(name) or name in _RESERVED:
+        raise AdapterNameError(
+            f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' (no '.', '/' or spaces)"
+        )
+    if hasattr(nn.ParameterDict(), name) or hasattr(nn.ModuleDict(), name):
+        raise AdapterNameError(f"adapter name {name!r} clashes with a torch.nn attribute name")
+    st = get_state(model)
+    if st is not None and name in st.configs:
+        raise AdapterNameError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    """PEFT's rank/alpha_pattern lookup: first key (in dict order) that matches a dot-aligned suffix."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return patterns[key]
+    return default
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # PEFT's default (autocast_adapter_dtype): fp16/bf16 adapters are kept in fp32.
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _LoraEntry:
+    path: str
+    module: nn.Module  # what is at `path` now (a plain module, or a LoraLayer)
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+
+@dataclass
+class _Plan:
+    name: str
+    config: LoraConfig
+    targets: object
+    lora: list[_LoraEntry] = field(default_factory=list)
+    mts: list[tuple[str, nn.Module, nn.Module]] = field(default_factory=list)  # path, current, new copy
+    writes: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # key, param, value
+
+
+def _shape_in_out(module: nn.Module) -> tuple[int, int, bool]:
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim, True
+    w = base.weight
+    if Conv1D and isinstance(base, Conv1D):
+        return w.shape[0], w.shape[1], False
+    return w.shape[1], w.shape[0], False
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    return (module.base_layer if isinstance(module, LoraLayer) else module).weight
+
+
+def _prepare_config(model: nn.Module, config: LoraConfig, found) -> LoraConfig:
+    """PEFT rewrites some fields when it injects: resolved targets, and fan_in_fan_out
+    forced to match the layer type (True for Conv1D). The rewritten config is what is saved."""
+    config = copy.deepcopy(config)
+    if config.target_modules is None or (
+        isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+    ):
+        config.target_modules = inject.resolve_target_modules(model, config)
+    conv1d = any(
+        bool(Conv1D) and isinstance(m.base_layer if isinstance(m, LoraLayer) else m, Conv1D) for _, m in found
+    )
+    config.fan_in_fan_out = conv1d
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    return config
+
+
+def _plan_new(model: nn.Module, name: str, config: LoraConfig) -> _Plan:
+    targets, found = inject.find_targets(model, config)
+    plan = _Plan(name, _prepare_config(model, config, found), targets)
+    for path, module in found:
+        n_in, n_out, is_emb = _shape_in_out(module)
+        r = _pattern_value(config.rank_pattern, path, config.r)
+        alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
+        w = _base_weight(module)
+        kw = dict(dtype=_adapter_dtype(w), device=w.device)
+        A = torch.empty(r, n_in, **kw)
+        B = torch.empty(n_out, r, **kw)
+        init = config.init_lora_weights
+        if is_emb:  # PEFT: A zero, B standard normal (the reverse of Linear)
+            if init is False:
+                A.normal_(), B.normal_()
+            else:
+                A.zero_(), B.normal_()
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init is False:  # nn.Linear's own init for both factors
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            else:
+                if init == "gaussian":
+                    nn.init.normal_(A, std=1 / r)
+                B.zero_()
+        plan.lora.append(_LoraEntry(path, module, A, B, lora_scaling(r, alpha, config.use_rslora)))
+    for path, module in inject.find_modules_to_save(model, config.modules_to_save):
+        src = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        plan.mts.append((path, module, copy.deepcopy(src)))
+    if config.modules_to_save and not plan.mts:
+        raise AdapterConfigError(f"modules_to_save={config.modules_to_save!r} matched no module")
+    return plan
+
+
+def _plan_load(model: nn.Module, name: str, config: LoraConfig, sd: dict, source: str) -> _Plan:
+    """Bind every tensor of ``sd`` (prefix already stripped) to the model, or raise."""
+    targets, found = inject.find_targets(model, config)
+    plan = _Plan(name, _prepare_config(model, config, found), targets)
+    remaining = dict(sd)
+
+    for path, module in found:
+        n_in, n_out, is_emb = _shape_in_out(module)
+        ka, kb = ("lora_embedding_A", "lora_embedding_B") if is_emb else ("lora_A.weight", "lora_B.weight")
+        key_a, key_b = f"{path}.{ka}", f"{path}.{kb}"
+        if key_a not in remaining or key_b not in remaining:
+            missing = [k for k in (key_a, key_b) if k not in remaining]
+            raise AdapterWeightsError(
+                f"{source}: no weights for targeted module {path!r} (missing {[peft_format.PREFIX + k for k in missing]})"
+            )
+        A, B = remaining.pop(key_a), remaining.pop(key_b)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] < 1 or A.shape[1] != n_in or B.shape != (n_out, A.shape[0]):
+            raise AdapterWeightsError(
+                f"{source}: module {path!r} expects {ka} of shape (r, {n_in}) and {kb} of shape ({n_out}, r) "
+                f"with r >= 1, got {tuple(A.shape)} and {tuple(B.shape)}"
+            )
+        r = A.shape[0]  # the tensors decide the rank (rank_pattern order is not reliable, see PEFT's sort_keys)
+        alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
+        w = _base_weight(module)
+        dt = _adapter_dtype(w)
+        plan.lora.append(
+            _LoraEntry(path, module, A.to(device=w.device, dtype=dt), B.to(device=w.device, dtype=dt),
+                       lora_scaling(r, alpha, config.use_rslora))
+        )
+
+    for path, module in inject.find_modules_to_save(model, config.modules_to_save):
+        src = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        new = copy.deepcopy(src)
+        want = new.state_dict()
+        prefix = path + "."
+        got = {k[len(prefix):]: remaining.pop(k) for k in [k for k in remaining if k.startswith(prefix)]}
+        if set(got) != set(want):
+            raise AdapterWeightsError(
+                f"{source}: modules_to_save module {path!r} needs tensors {sorted(prefix + k for k in want)}, "
+                f"file has {sorted(prefix + k for k in got)}"
+            )
+        for k, t in got.items():
+            if t.shape != want[k].shape:
+                raise AdapterWeightsError(
+                    f"{source}: {prefix + k} has shape {tuple(t.shape)}, module expects {tuple(want[k].shape)}"
+                )
+        new.load_state_dict({k: t.to(want[k].dtype) for k, t in got.items()})
+        plan.mts.append((path, module, new))
+
+    # Remaining keys must be base tensors the config says the adapter carries.
+    if remaining:
+        canonical = {}
+        for k, p in model.named_parameters():
+            if ".lora_" in k or ".modules_to_save." in k:
+                continue
+            canonical[k.replace(".base_layer.", ".").replace(".original_module.", ".")] = p
+        target_paths = {p for p, _ in found}
+        emb_paths = set()
+        if peft_format.embedding_is_targeted(model, plan.config, targets):
+            emb_paths = {p for p, m in found if re.match(rf"(.*\.)?({'|'.join(peft_format.EMBEDDING_LAYER_NAMES)})$", p)}
+        for k in list(remaining):
+            ck = k.replace(".base_layer.", ".")
+            owner = ck.rpartition(".")[0]
+            allowed = (
+                (config.bias == "all" and ck.endswith(".bias"))
+                or (config.bias == "lora_only" and ck.endswith(".bias") and owner in target_paths)
+                or (".base_layer." in k and owner in emb_paths)
+            )
+            p = canonical.get(ck)
+            if not allowed or p is None:
+                continue
+            t = remaining.pop(k)
+            if t.shape != p.shape:
+                raise AdapterWeightsError(f"{source}: {k} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
+            plan.writes.append((k, p, t.to(dtype=p.dtype, device=p.device)))
+    if remaining:
+        keys = sorted(remaining)
+        raise AdapterWeightsError(
+            f"{source}: {len(keys)} tensor(s) bind to nothing in {type(model).__name__} "
+            f"under this adapter_config (target_modules={plan.config.target_modules!r}, bias={config.bias!r}, "
+            f"modules_to_save={config.modules_to_save!r}): {[peft_format.PREFIX + k for k in keys[:5]]}"
+            + (" ..." if len(keys) > 5 else "")
+        )
+    return plan
+
+
+def _commit(model: nn.Module, plan: _Plan, *, trainable: bool) -> None:
+    """Apply a checked plan; on any exception undo every step taken, in reverse."""
+    undo: list = []
+    st = get_state(model, create=True)
+    try:
+        for e in plan.lora:
+            layer = e.module
+            if not isinstance(layer, LoraLayer):
+                layer = inject.new_wrapper(e.module)
+                layer.lora_scales = layer.lora_scales.to(_base_weight(e.module).device)
+                parent, child = inject.get_parent(model, e.path)
+                setattr(parent, child, layer)
+                undo.append(lambda p=parent, c=child, m=e.module: setattr(p, c, m))
+            layer.add(plan.name, e.A, e.B, e.scaling, plan.config.lora_dropout)
+            undo.append(lambda l=layer: l.remove(plan.name))
+        for path, current, new in plan.mts:
+            wrapper = current
+            if not isinstance(current, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(current)
+                parent, child = inject.get_parent(model, path)
+                setattr(parent, child, wrapper)
+                undo.append(lambda p=parent, c=child, m=current: setattr(p, c, m))
+            wrapper.modules_to_save[plan.name] = new
+            undo.append(lambda w=wrapper: w.modules_to_save.pop(plan.name))
+        with torch.no_grad():
+            for _, p, value in plan.writes:
+                old = p.detach().clone()
+                p.copy_(value)
+                undo.append(lambda p=p, old=old: torch.no_grad()(p.copy_)(old))
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        undo.append(lambda: [p.requires_grad_(f) for p, f in flags])
+        _mark_trainable(model, plan.name, plan.config, trainable)
+        prev = (dict(st.configs), dict(st.targets), list(st.active))
+        undo.append(lambda: (setattr(st, "configs", prev[0]), setattr(st, "targets", prev[1]), setattr(st, "active", prev[2])))
+        plan.config.inference_mode = not trainable
+        st.configs[plan.name] = plan.config
+        st.targets[plan.name] = plan.targets
+        st.active = [plan.name]  # transformers' behaviour: the new adapter is the active one
+        apply_state(model, st)
+    except BaseException:
+        for fn in reversed(undo):
+            fn()
+        if st is not None and not st.configs:
+            model.__dict__.pop("_peftcore_adapters", None)
+        else:
+            apply_state(model, st)
+        raise
+
+
+def _mark_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: bool) -> None:
+    """PEFT's rule on every add / load: the base model is frozen, other adapters keep
+    their flags, and when ``trainable`` adapter ``name`` trains: its LoRA factors, its
+    modules_to_save copies and the biases ``config.bias`` names."""
+    for k, p in model.named_parameters():
+        if ".lora_" not in k and ".modules_to_save." not in k:
+            p.requires_grad_(False)
+    if not trainable:
+        return
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and name in m.adapter_names:
+            for t in m.adapter_weights(name):
+                t.requires_grad_(True)
+            if config.bias == "lora_only" and getattr(m.base_layer, "bias", None) is not None:
+                m.base_layer.bias.requires_grad_(True)
+        elif isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save:
+            m.modules_to_save[name].requires_grad_(True)
+    if config.bias == "all":
+        for k, p in model.named_parameters():
+            if k.endswith(".bias") and ".original_module." not in k:
+                p.requires_grad_(True)
+
+
+# ====================================================================== public API
+def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    """Add a new, trainable LoRA adapter with PEFT's initialisation and make it the active one.
+
+    ``init_lora_weights``: True (A Kaiming-uniform, B zero: the model's output is unchanged
+    until training), "gaussian" (A ~ N(0, 1/r)), False (random A and B, for tests). As in
+    PEFT, every parameter except this adapter's (and the biases / modules_to_save its
+    config names) is frozen. Raises (model unchanged) for invalid names or configs."""
+    if not isinstance(config, LoraConfig):
+        raise AdapterConfigError(f"config must be a peftcore.LoraConfig, got {type(config).__name__}")
+    _check_name(model, adapter_name)
+    config.check_supported(new=True)
+    plan = _plan_new(model, adapter_name, config)
+    _commit(model, plan, trainable=True)
+
+
+def load_adapter(
+    model: nn.Module,
+    path_or_repo_id: Union[str, os.PathLike],
+    adapter_name: str = "default",
+    *,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
+    token=None,
+    cache_dir: Optional[str] = None,
+    local_files_only: bool = False,
+    is_trainable: bool = False,
+) -> None:
+    """Load a PEFT-saved LoRA adapter from a folder or a Hub repo id; it becomes the active adapter.
+
+    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (else
+    ``adapter_model.bin`` through ``torch.load(weights_only=True)``). Adapter tensors are kept
+    in float32 (float64 on a float64 base), as PEFT does. Each module's rank comes from its
+    tensors. With ``is_trainable`` the adapter's parameters require grad and the rest of the
+    model is frozen; otherwise they are frozen.
+
+    Every failure raises a ``peftcore.PeftcoreError`` (a ``ValueError``) or
+    ``AdapterFileNotFoundError`` (a ``FileNotFoundError``) naming the file, key or module,
+    and leaves the model exactly as it was."""
+    _check_name(model, adapter_name)
+
+    def resolve(filename, required):
+        return hub.resolve_file(
+            path_or_repo_id, filename, revision=revision, subfolder=subfolder, token=token,
+            cache_dir=cache_dir, local_files_only=local_files_only, required=required,
+        )
+
+    config_path = resolve(CONFIG_NAME, True)
+    config = peft_format.read_config(config_path)
+    try:
+        config.check_supported()
+    except PeftcoreError as e:
+        raise type(e)(f"{config_path}: {e}") from None
+    try:
+        weights_path = peft_format.find_weights(resolve)
+    except FileNotFoundError as e:
+        raise type(e)(f"{path_or_repo_id}{'/' + subfolder if subfolder else ''}: {e}") from None
+    sd = peft_format.strip_prefix(peft_format.read_weights(weights_path))
+    try:
+        plan = _plan_load(model, adapter_name, config, sd, weights_path)
+    except AdapterConfigError as e:
+        raise AdapterConfigError(f"{config_path}: {e}") from None
+    _commit(model, plan, trainable=is_trainable)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter; modules left with no adapter get their original module back.
+
+    If it was active, the other active adapters stay; if none is left, the alphabetically
+    first remaining adapter is activated (PEFT's rule). Biases it wrote stay (as in PEFT)."""
+    st = get_state(model)
+    if st is None or adapter_name not in st.configs:
+        raise AdapterNameError(f"no adapter named {adapter_name!r}; loaded: {sorted(st.configs) if st else []}")
+    for path, m in list(model.named_modules()):
+        if isinstance(m, LoraLayer) and adapter_name in m.adapter_names:
+            m.remove(adapter_name)
+            if not m.adapter_names:
+                parent, child = inject.get_parent(model, path)
+                setattr(parent, child, m.base_layer)
+        elif isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
+            m.modules_to_save.pop(adapter_name)
+            if not len(m.modules_to_save):
+                parent, child = inject.get_parent(model, path)
+                setattr(parent, child, m.original_module)
+    del st.configs[adapter_name]
+    del st.targets[adapter_name]
+    if not st.configs:
+        model.__dict__.pop("_peftcore_adapters", None)
+        return
+    after_delete(model, st, adapter_name)
+
+
+def get_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors PEFT would save for ``adapter_name``, under PEFT's on-disk keys
+    (``base_model.model.<module>.lora_A.weight``, ...). Tensors are shared with the model."""
+    st = get_state(model)
+    if st is None or adapter_name not in st.configs:
+        raise AdapterNameError(f"no adapter named {adapter_name!r}; loaded: {sorted(st.configs) if st else []}")
+    return peft_format.adapter_state_dict(model, adapter_name, st.configs[adapter_name], st.targets[adapter_name])
+
+
+def save_pretrained(
+    model: nn.Module, save_directory: Union[str, os.PathLike], adapter_names: Optional[list[str]] = None
+) -> None:
+    """Save adapters in PEFT's layout: "default" in ``save_directory``, every other adapter
+    in ``save_directory/<name>/``, each as adapter_config.json + adapter_model.safetensors.
+    Files are written to temporary names and renamed, so an interrupted save leaves no
+    half-written adapter."""
+    st = get_state(model)
+    if st is None or not st.configs:
+        raise PeftcoreError(f"{type(model).__name__} has no peftcore adapters to save")
+    names = list(st.configs) if adapter_names is None else list(adapter_names)
+    unknown = [n for n in names if n not in st.configs]
+    if unknown:
+        raise AdapterNameError(f"unknown adapter(s) {unknown}; loaded: {sorted(st.configs)}")
+    save_directory = os.fspath(save_directory)
+    for n in names:
+        sd = get_adapter_state_dict(model, n)
+        d = save_directory if n == "default" else os.path.join(save_directory, n)
+        peft_format.write_adapter(d, st.configs[n], sd)
+
+
+_TASK_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+def from_pretrained(path_or_repo_id, *, model_class=None, adapter_name: str = "default", **base_kwargs):
+    """Load the base model an adapter was trained on, then the adapter.
+
+    The base comes from ``base_model_name_or_path`` (at the config's ``revision``) through
+    transformers: ``model_class`` if given, else the Auto class for ``task_type``, else the
+    class in ``auto_mapping``, else ``AutoModelForCausalLM``. ``base_kwargs`` (``torch_dtype``,
+    ``device_map``, ...) go to the base's ``from_pretrained``; ``revision``, ``subfolder`` and
+    ``is_trainable`` apply to the adapter, ``token``, ``cache_dir`` and ``local_files_only``
+    to both. Returns the model with the adapter active."""
+    import transformers
+
+    hub_kw = {k: base_kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in base_kwargs}
+    revision = base_kwargs.pop("revision", None)
+    subfolder = base_kwargs.pop("subfolder", None)
+    is_trainable = base_kwargs.pop("is_trainable", False)
+    config_path = hub.resolve_file(path_or_repo_id, CONFIG_NAME, revision=revision, subfolder=subfolder, **hub_kw)
+    config = peft_format.read_config(config_path)
+    base_id = config.base_model_name_or_path
+    if not base_id:
+        raise AdapterConfigError(f"{config_path}: base_model_name_or_path is empty; load the base model yourself and call load_adapter")
+    if model_class is None:
+        cls_name = _TASK_CLASSES.get(config.task_type)
+        if cls_name is None and config.auto_mapping and config.auto_mapping.get("base_model_class"):
+            cls_name = config.auto_mapping["base_model_class"]
+        model_class = getattr(transformers, cls_name or "AutoModelForCausalLM", None)
+        if model_class is None:
+            raise AdapterConfigError(f"{config_path}: transformers has no class {cls_name!r}")
+    if config.revision is not None:
+        base_kwargs.setdefault("revision", config.revision)
+    model = model_class.from_pretrained(base_id, **base_kwargs)
+    load_adapter(
+        model, path_or_repo_id, adapter_name, revision=revision, subfolder=subfolder, is_trainable=is_trainable, **hub_kw
+    )
+    return model
+
+
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, counted as PEFT does (every adapter, and both
+    the original and the copies of modules_to_save, count in 'all')."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: X || all params: Y || trainable%: Z`` (PEFT's line)."""
+    t, a = get_nb_trainable_parameters(model)
+    print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")

@@ -1,0 +1,149 @@
+"""Adapter layers: a base module plus the adapters attached to it.
+
+All adapter state lives in tensors: per-adapter ``lora_A`` / ``lora_B`` parameters and one
+float32 ``lora_scales`` buffer holding each adapter's effective scale (0 when it is inactive
+or adapters are disabled). Switching adapters writes that buffer in place, so it never
+rebuilds modules and never makes a ``torch.compile``d model recompile; the fused kernel
+skips adapters whose scale is 0, so the base output is exact when none is active.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+
+try:  # transformers is optional: GPT-2 style Conv1D is supported when it is installed.
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover
+    Conv1D = ()
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's LoRA scale: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoraLayer(nn.Module):
+    """Common state of LoRA layers. ``a_name`` / ``b_name`` are the parameter dicts' names."""
+
+    a_name = "lora_A"
+    b_name = "lora_B"
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        setattr(self, self.a_name, nn.ParameterDict())
+        setattr(self, self.b_name, nn.ParameterDict())
+        self.register_buffer("lora_scales", torch.zeros(0, dtype=torch.float32), persistent=False)
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+        self.dropout_p: dict[str, float] = {}
+
+    # Order of adapters = order of the ParameterDict = order of lora_scales entries.
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.a_name).keys())
+
+    def adapter_weights(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return getattr(self, self.a_name)[name], getattr(self, self.b_name)[name]
+
+    def _lists(self):
+        return list(getattr(self, self.a_name).values()), list(getattr(self, self.b_name).values())
+
+    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout_p: float) -> None:
+        getattr(self, self.a_name)[name] = nn.Parameter(A, requires_grad=False)
+        getattr(self, self.b_name)[name] = nn.Parameter(B, requires_grad=False)
+        self.scaling[name] = scaling
+        self.r[name] = A.shape[0]
+        self.dropout_p[name] = dropout_p
+        self.lora_scales = torch.zeros(len(self.scaling), dtype=torch.float32, device=self.lora_scales.device)
+
+    def remove(self, name: str) -> None:
+        del getattr(self, self.a_name)[name]
+        del getattr(self, self.b_name)[name]
+        for d in (self.scaling, self.r, self.dropout_p):
+            d.pop(name)
+        self.lora_scales = torch.zeros(len(self.scaling), dtype=torch.float32, device=self.lora_scales.device)
+
+    @torch.no_grad()
+    def set_active(self, active: list[str], enabled: bool) -> None:
+        """Write the effective scales: ``scaling`` for active adapters, 0 otherwise."""
+        vals = [self.scaling[n] if enabled and n in active else 0.0 for n in self.adapter_names]
+        self.lora_scales.copy_(torch.tensor(vals, dtype=torch.float32))
+
+    def active_names(self) -> list[str]:
+        return [n for n, s in zip(self.adapter_names, self.lora_scales.tolist()) if s != 0.0]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={self.r[n]} scaling={self.scaling[n]:g}" for n in self.adapter_names)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` or transformers ``Conv1D`` (whose weight is stored (in, out))."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.is_conv1d = bool(Conv1D) and isinstance(base_layer, Conv1D)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.is_conv1d else (w.shape[1], w.shape[0])
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer
+        weight = base.weight.t() if self.is_conv1d else base.weight
+        lora_A, lora_B = self._lists()
+        lora_x = None
+        if self.training and any(p > 0 for p in self.dropout_p.values()):
+            # PEFT drops out the LoRA input only, independently for each adapter.
+            lora_x = [F.dropout(x, p, True) if p > 0 else x for p in self.dropout_p.values()]
+        return ops.lora_linear(x, weight, base.bias, lora_A, lora_B, self.lora_scales, lora_x)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: A is (r, num_embeddings), B is (embedding_dim, r); no dropout."""
+
+    a_name = "lora_embedding_A"
+    b_name = "lora_embedding_B"
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer
+        lora_A, lora_B = self._lists()
+        pad = -1 if base.padding_idx is None else base.padding_idx
+        return ops.lora_embedding(input_ids, base.weight, lora_A, lora_B, self.lora_scales, pad)
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained and saved in full for some adapters (PEFT's ``modules_to_save``).
+
+    ``original_module`` stays frozen; ``modules_to_save[name]`` is each adapter's copy.
+    The copy of the first active adapter that has one runs, else the original. (This is a
+    choice between modules, so under ``torch.compile`` switching it recompiles once.)
+    """
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.active_adapter is None:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def set_active(self, active: list[str], enabled: bool) -> None:
+        self.active_adapter = next((n for n in active if n in self.modules_to_save), None) if enabled else None
+
+    def active_names(self) -> list[str]:
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())

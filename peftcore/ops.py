@@ -1,0 +1,41 @@
+"""Typed entry points of the peftcore ops (schemas in ``_ops.py``, math in ``reference.py``)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    lora_x: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ)·B_aᵀ)``.
+
+    x [..., in]; weight [out, in] (a transposed view for Conv1D); bias [out] or None;
+    lora_A[a] [r_a, in]; lora_B[a] [out, r_a] (float32 or x.dtype); scales float32 [n]
+    (0 = adapter off, skipped); lora_x: optional per-adapter LoRA inputs (dropout).
+    Returns [..., out] in x.dtype. See ``reference.lora_linear`` for the exact numerics.
+    """
+    return torch.ops.peftcore.lora_linear(x, weight, bias, list(lora_A), list(lora_B), scales, lora_x)
+
+
+def lora_embedding(
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    padding_idx: int = -1,
+) -> torch.Tensor:
+    """Fused ``W[idx] + Σ_a scales[a]·(A_aᵀ[idx]·B_aᵀ)``.
+
+    indices integer [...]; weight [V, D]; lora_A[a] [r_a, V]; lora_B[a] [D, r_a];
+    scales float32 [n]. Returns [..., D] in weight.dtype (``reference.lora_embedding``).
+    """
+    return torch.ops.peftcore.lora_embedding(indices, weight, list(lora_A), list(lora_B), scales, padding_idx)

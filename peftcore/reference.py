@@ -1,0 +1,190 @@
+"""Readable pure-PyTorch versions of every peftcore op.
+
+Each function here is three things at once:
+  * the specification of the op (shapes, dtypes, rounding),
+  * the oracle that tests compare the C++ kernels against,
+  * the fallback kernel registered for devices (or builds) without a native one.
+
+Numerics follow PEFT's unmerged forward (``peft/tuners/lora/layer.py``): the base
+output is computed in the input dtype, the low-rank branch in float32 (float64 for
+float64 inputs), the two are added in that precision and the sum is cast back to the input dtype once.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs (gradcheck)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _active(scales: torch.Tensor, lora_A: Sequence[torch.Tensor]) -> list[tuple[int, float]]:
+    # An adapter with scale 0 (inactive or disabled) contributes exactly nothing,
+    # even if its weights hold inf/NaN; rank-0 adapters (AdaLoRA pruning) likewise.
+    vals = scales.detach().float().cpu().tolist()
+    return [(a, s) for a, s in enumerate(vals) if s != 0.0 and lora_A[a].shape[0] > 0]
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    lora_x: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + b + Σ_a scales[a] · ((x_a·A_aᵀ)·B_aᵀ).
+
+    x: [..., in]; weight: [out, in] (any strides: a transposed view serves Conv1D);
+    bias: [out] or None; lora_A[a]: [r_a, in]; lora_B[a]: [out, r_a]; scales: float32 [n];
+    lora_x: None, or one tensor shaped like x per adapter (the dropped-out LoRA input).
+    Adapter tensors are float32 or x.dtype. Returns x.dtype, shape [..., out].
+    """
+    out = F.linear(x, weight, bias)
+    terms = _active(scales, lora_A)
+    if not terms:
+        return out
+    f = _acc(x)
+    acc = out.to(f)
+    for a, s in terms:
+        xa = x if lora_x is None else lora_x[a]
+        t = xa.to(f) @ lora_A[a].to(f).t()
+        acc = acc + (t @ lora_B[a].to(f).t()) * s
+    return acc.to(x.dtype)
+
+
+def lora_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    lora_x: Optional[Sequence[torch.Tensor]],
+    output_mask: Sequence[bool],
+):
+    """Gradients of ``lora_linear``.
+
+    output_mask = [x, weight, bias, adapters]. Returns
+    (grad_x, grad_weight, grad_bias, grad_lora_A[], grad_lora_B[], grad_lora_x[]);
+    an output not asked for is an empty tensor (lists are empty). grad_lora_x is
+    empty unless lora_x was given. Inactive adapters get zero gradients.
+    Gradients are computed in float32 and returned in each input's dtype.
+    """
+    want_x, want_w, want_b, want_ad = output_mask
+    in_f = x.shape[-1]
+    out_f = grad_out.shape[-1]
+    f = _acc(x)
+    g = grad_out.reshape(-1, out_f).to(f)
+    x2 = x.reshape(-1, in_f)
+    # A fresh empty tensor per output not asked for: outputs of an op must not alias.
+    gx = g @ weight.to(f) if want_x else None
+    gw = (g.t() @ x2.to(f)).to(weight.dtype) if want_w else x.new_empty(0)
+    gb = g.sum(0).to(grad_out.dtype) if want_b else x.new_empty(0)
+    gA: list[torch.Tensor] = []
+    gB: list[torch.Tensor] = []
+    gxa: list[torch.Tensor] = []
+    active = dict(_active(scales, lora_A))
+    for a in range(len(lora_A)):
+        A, B = lora_A[a], lora_B[a]
+        xa2 = x2 if lora_x is None else lora_x[a].reshape(-1, in_f)
+        s = active.get(a)
+        if s is None:
+            if want_ad:
+                gA.append(A.new_zeros(A.shape))
+                gB.append(B.new_zeros(B.shape))
+            if lora_x is not None:
+                gxa.append(lora_x[a].new_zeros(lora_x[a].shape))
+            continue
+        t = xa2.to(f) @ A.to(f).t()  # [n, r]
+        gt = (g @ B.to(f)) * s  # [n, r]
+        if want_ad:
+            gA.append((gt.t() @ xa2.to(f)).to(A.dtype))
+            gB.append(((g.t() @ t) * s).to(B.dtype))
+        contrib = gt @ A.to(f)
+        if lora_x is not None:
+            gxa.append(contrib.reshape(lora_x[a].shape).to(lora_x[a].dtype))
+        elif want_x:
+            gx = gx + contrib
+    gx = gx.reshape(x.shape).to(x.dtype) if want_x else x.new_empty(0)
+    return gx, gw, gb, gA, gB, gxa
+
+
+def lora_embedding(
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    padding_idx: int = -1,
+) -> torch.Tensor:
+    """y = W[idx] + Σ_a scales[a] · (A_aᵀ[idx] · B_aᵀ), PEFT's LoRA ``Embedding``.
+
+    indices: integer [...]; weight: [V, D]; lora_A[a]: [r_a, V]; lora_B[a]: [D, r_a];
+    scales: float32 [n]. No dropout (PEFT applies none on embeddings). padding_idx
+    (-1 = none) only matters for gradients: rows at padding_idx get none, as in
+    ``F.embedding``. Returns weight.dtype, shape [..., D]; the sum is taken in
+    float32 and cast back once.
+    """
+    out = F.embedding(indices, weight)
+    terms = _active(scales, lora_A)
+    if not terms:
+        return out
+    f = _acc(weight)
+    acc = out.to(f)
+    for a, s in terms:
+        t = F.embedding(indices, lora_A[a].to(f).t())  # [..., r]
+        acc = acc + (t @ lora_B[a].to(f).t()) * s
+    return acc.to(weight.dtype)
+
+
+def lora_embedding_backward(
+    grad_out: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    padding_idx: int,
+    output_mask: Sequence[bool],
+):
+    """Gradients of ``lora_embedding``: (grad_weight, grad_lora_A[], grad_lora_B[]).
+
+    output_mask = [weight, adapters]; an output not asked for is empty. Rows at
+    padding_idx receive no gradient (in W, and in the matching column of each A).
+    """
+    want_w, want_ad = output_mask
+    V, D = weight.shape
+    idx = indices.reshape(-1)
+    f = _acc(weight)
+    g = grad_out.reshape(-1, D).to(f)
+    # F.embedding(padding_idx=p) stops gradients into row p of the table it reads:
+    # W's row, and (PEFT passes padding_idx to the A lookup too) A's column p.
+    # B still sees the padding tokens' activations.
+    g_tab = g if padding_idx < 0 else g * (idx != padding_idx).unsqueeze(1).to(g.dtype)
+    if want_w:
+        gw = torch.zeros(V, D, dtype=f, device=weight.device).index_add_(0, idx, g_tab).to(weight.dtype)
+    else:
+        gw = weight.new_empty(0)
+    gA: list[torch.Tensor] = []
+    gB: list[torch.Tensor] = []
+    if want_ad:
+        active = dict(_active(scales, lora_A))
+        for a in range(len(lora_A)):
+            A, B = lora_A[a], lora_B[a]
+            s = active.get(a)
+            if s is None:
+                gA.append(A.new_zeros(A.shape))
+                gB.append(B.new_zeros(B.shape))
+                continue
+            t = A.to(f).t()[idx]  # [n, r]
+            gt = (g_tab @ B.to(f)) * s  # [n, r]
+            gAt = torch.zeros(V, A.shape[0], dtype=f, device=A.device).index_add_(0, idx, gt)
+            gA.append(gAt.t().to(A.dtype).contiguous())  # every grad is contiguous (see _ops' fake kernels)
+            gB.append(((g.t() @ t) * s).to(B.dtype))
+    return gw, gA, gB
