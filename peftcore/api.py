@@ -233,8 +233,7 @@ def _commit(model: nn.Module, plan: _Plan, *, trainable: bool) -> None:
         for e in plan.lora:
             layer = e.module
             if not isinstance(layer, LoraLayer):
-                layer = inject.new_wrapper(e.module)
-                layer.lora_scales = layer.lora_scales.to(_base_weight(e.module).device)
+                layer = inject.new_wrapper(e.module, _base_weight(e.module).device)
                 parent, child = inject.get_parent(model, e.path)
                 setattr(parent, child, layer)
                 undo.append(lambda p=parent, c=child, m=e.module: setattr(p, c, m))
@@ -254,9 +253,8 @@ def _commit(model: nn.Module, plan: _Plan, *, trainable: bool) -> None:
                 old = p.detach().clone()
                 p.copy_(value)
                 undo.append(lambda p=p, old=old: torch.no_grad()(p.copy_)(old))
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        undo.append(lambda: [p.requires_grad_(f) for p, f in flags])
-        _mark_trainable(model, plan.name, plan.config, trainable)
+        changed = _mark_trainable(model, plan.name, plan.config, trainable)
+        undo.append(lambda: [p.requires_grad_(not p.requires_grad) for p in changed])
         prev = (dict(st.configs), dict(st.targets), list(st.active))
         undo.append(lambda: (setattr(st, "configs", prev[0]), setattr(st, "targets", prev[1]), setattr(st, "active", prev[2])))
         plan.config.inference_mode = not trainable
@@ -274,27 +272,33 @@ def _commit(model: nn.Module, plan: _Plan, *, trainable: bool) -> None:
         raise
 
 
-def _mark_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: bool) -> None:
+def _mark_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: bool) -> list[nn.Parameter]:
     """PEFT's rule on every add / load: the base model is frozen, other adapters keep
     their flags, and when ``trainable`` adapter ``name`` trains: its LoRA factors, its
-    modules_to_save copies and the biases ``config.bias`` names."""
+    modules_to_save copies and the biases ``config.bias`` names. Returns the parameters
+    whose flag it flipped (for the undo log)."""
+    want: dict[int, bool] = {}
+    params: dict[int, nn.Parameter] = {}
     for k, p in model.named_parameters():
+        params[id(p)] = p
         if ".lora_" not in k and ".modules_to_save." not in k:
-            p.requires_grad_(False)
-    if not trainable:
-        return
-    for m in model.modules():
-        if isinstance(m, LoraLayer) and name in m.adapter_names:
-            for t in m.adapter_weights(name):
-                t.requires_grad_(True)
-            if config.bias == "lora_only" and getattr(m.base_layer, "bias", None) is not None:
-                m.base_layer.bias.requires_grad_(True)
-        elif isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save:
-            m.modules_to_save[name].requires_grad_(True)
-    if config.bias == "all":
-        for k, p in model.named_parameters():
-            if k.endswith(".bias") and ".original_module." not in k:
-                p.requires_grad_(True)
+            want[id(p)] = False
+        if trainable and config.bias == "all" and k.endswith(".bias") and ".original_module." not in k:
+            want[id(p)] = True
+    if trainable:
+        for m in model.modules():
+            if isinstance(m, LoraLayer) and name in m.adapter_names:
+                for t in m.adapter_weights(name):
+                    want[id(t)] = True
+                if config.bias == "lora_only" and getattr(m.base_layer, "bias", None) is not None:
+                    want[id(m.base_layer.bias)] = True
+            elif isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save:
+                for t in m.modules_to_save[name].parameters():
+                    want[id(t)] = True
+    changed = [params[i] for i, f in want.items() if params[i].requires_grad != f]
+    for p in changed:
+        p.requires_grad_(not p.requires_grad)
+    return changed
 
 
 # ====================================================================== public API

@@ -188,6 +188,23 @@ class LoraConfig:
             raise AdapterConfigError(f"{path}: not UTF-8 text ({e})") from None
         return cls.from_dict(d, source=path)
 
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, *, subfolder=None, revision=None, token=None, cache_dir=None,
+                        local_files_only: bool = False) -> "LoraConfig":
+        """Read ``adapter_config.json`` from a folder or a Hub repo id (see ``hub.resolve_file``)."""
+        from .hub import resolve_file
+
+        return cls.from_json_file(resolve_file(
+            path_or_repo_id, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token,
+            cache_dir=cache_dir, local_files_only=local_files_only,
+        ))
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (PEFT's form, see to_json_string)."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra_fields"}
         d.update(self.extra_fields)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
 from .config import LoraConfig
@@ -153,9 +154,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[
     return targets, found
 
 
-def new_wrapper(module: nn.Module) -> LoraLayer:
-    """The LoRA layer that will carry adapters for a plain base module."""
-    return LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
+def new_wrapper(module: nn.Module, device: torch.device) -> LoraLayer:
+    """The LoRA layer that will carry adapters for a plain base module (its scale
+    tensor on ``device``, the base weight's)."""
+    layer = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
+    if device.type != "cpu":
+        layer._buffers["lora_scales"] = layer.lora_scales.to(device)
+    return layer
 
 
 def find_modules_to_save(model: nn.Module, names: Optional[list[str]]) -> list[tuple[str, nn.Module]]:

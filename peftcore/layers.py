@@ -35,13 +35,20 @@ class LoraLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        self.base_layer = base_layer
-        setattr(self, self.a_name, nn.ParameterDict())
-        setattr(self, self.b_name, nn.ParameterDict())
-        self.register_buffer("lora_scales", torch.zeros(0, dtype=torch.float32), persistent=False)
-        self.scaling: dict[str, float] = {}
-        self.r: dict[str, int] = {}
-        self.dropout_p: dict[str, float] = {}
+        # A load creates one of these per adapted module (hundreds), and nn.Module's
+        # __setattr__ walks isinstance chains on every assignment: register submodules and
+        # the buffer directly, and keep plain attributes in __dict__.
+        self._modules["base_layer"] = base_layer
+        self._modules[self.a_name] = nn.ParameterDict()
+        self._modules[self.b_name] = nn.ParameterDict()
+        self._buffers["lora_scales"] = torch.zeros(0, dtype=torch.float32)
+        self._non_persistent_buffers_set.add("lora_scales")
+        self.__dict__.update(
+            scaling={},  # name -> configured scale (alpha / r or alpha / sqrt(r))
+            r={},  # name -> rank
+            dropout_p={},  # name -> LoRA dropout probability (training only)
+            _written=[],  # what lora_scales holds, to skip redundant writes
+        )
 
     # Order of adapters = order of the ParameterDict = order of lora_scales entries.
     @property
@@ -60,20 +67,33 @@ class LoraLayer(nn.Module):
         self.scaling[name] = scaling
         self.r[name] = A.shape[0]
         self.dropout_p[name] = dropout_p
-        self.lora_scales = torch.zeros(len(self.scaling), dtype=torch.float32, device=self.lora_scales.device)
+        self._new_scales()
 
     def remove(self, name: str) -> None:
         del getattr(self, self.a_name)[name]
         del getattr(self, self.b_name)[name]
         for d in (self.scaling, self.r, self.dropout_p):
             d.pop(name)
-        self.lora_scales = torch.zeros(len(self.scaling), dtype=torch.float32, device=self.lora_scales.device)
+        self._new_scales()
+
+    def _new_scales(self) -> None:
+        # Adding or removing an adapter changes the module's structure anyway; switching
+        # (set_active) only ever writes into this tensor in place.
+        n = len(self.scaling)
+        self._buffers["lora_scales"] = torch.zeros(n, dtype=torch.float32, device=self.lora_scales.device)
+        self.__dict__["_written"] = [0.0] * n
 
     @torch.no_grad()
     def set_active(self, active: list[str], enabled: bool) -> None:
-        """Write the effective scales: ``scaling`` for active adapters, 0 otherwise."""
-        vals = [self.scaling[n] if enabled and n in active else 0.0 for n in self.adapter_names]
-        self.lora_scales.copy_(torch.tensor(vals, dtype=torch.float32))
+        """Write the effective scales in place: ``scaling`` for active adapters, 0 otherwise."""
+        vals = [self.scaling[n] if enabled and n in active else 0.0 for n in self.scaling]
+        if vals == self._written:
+            return
+        if len(set(vals)) == 1:
+            self.lora_scales.fill_(vals[0])
+        else:
+            self.lora_scales.copy_(torch.tensor(vals, dtype=torch.float32))
+        self.__dict__["_written"] = vals
 
     def active_names(self) -> list[str]:
         return [n for n, s in zip(self.adapter_names, self.lora_scales.tolist()) if s != 0.0]
@@ -87,9 +107,10 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.is_conv1d = bool(Conv1D) and isinstance(base_layer, Conv1D)
+        conv1d = bool(Conv1D) and isinstance(base_layer, Conv1D)
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.is_conv1d else (w.shape[1], w.shape[0])
+        in_f, out_f = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
+        self.__dict__.update(is_conv1d=conv1d, in_features=in_f, out_features=out_f)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
@@ -110,7 +131,7 @@ class LoraEmbedding(LoraLayer):
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
-        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self.__dict__.update(in_features=base_layer.num_embeddings, out_features=base_layer.embedding_dim)
 
     def forward(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer

@@ -77,9 +77,21 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     for k, t in sd.items():
         if not t.is_floating_point():
             raise AdapterWeightsError(f"{path}: tensor {k!r} has dtype {t.dtype}; adapter tensors must be floating point")
-        if not bool(torch.isfinite(t).all()):
-            raise AdapterWeightsError(f"{path}: tensor {k!r} contains NaN or inf")
+    bad = [k for k in _maybe_not_finite(sd) if not bool(torch.isfinite(sd[k]).all())]
+    if bad:
+        raise AdapterWeightsError(f"{path}: tensor {bad[0]!r} contains NaN or inf")
     return sd
+
+
+def _maybe_not_finite(sd: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose tensor may hold NaN/inf, found with one float64 sum per tensor (NaN and
+    inf propagate through a sum; float64 cannot overflow on fp32/bf16/fp16 data). This is
+    several times faster than ``isfinite().all()`` per tensor; callers confirm the few hits."""
+    if not sd:
+        return []
+    keys = list(sd)
+    sums = torch.stack([sd[k].sum(dtype=torch.float64) for k in keys])
+    return [keys[i] for i in (~torch.isfinite(sums)).nonzero().flatten().tolist()]
 
 
 def strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

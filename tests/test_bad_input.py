@@ -417,3 +417,16 @@ def test_save_over_existing_folder_replaces_files(dirs, tmp_path):
     peftcore.load_adapter(reloaded, out)
     assert torch.equal(logits(reloaded), logits(model))
     assert re.search(r'"r": 4\b', (out / CFG).read_text())
+
+
+def test_quantized_target_refused(dirs):
+    """A targeted layer whose weight is not floating point (what a bitsandbytes int8 layer
+    holds) is refused, naming the module, until peftcore has quantized kernels."""
+    m = tiny_opt()
+    q = m.model.decoder.layers[0].self_attn.q_proj
+    q.weight = torch.nn.Parameter(torch.zeros(q.weight.shape, dtype=torch.int8), requires_grad=False)
+    before = [(n, type(x)) for n, x in m.named_modules()]
+    with pytest.raises(peftcore.UnsupportedAdapterError, match=r"model\.decoder\.layers\.0\.self_attn\.q_proj"):
+        peftcore.load_adapter(m, dirs["lora"])
+    assert [(n, type(x)) for n, x in m.named_modules()] == before
+    assert peftcore.active_adapters(m) == []
