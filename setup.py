@@ -55,9 +55,20 @@ def _extensions():
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
     # The wheel runs on CPUs other than the build machine's: no -march=native; the hot
     # kernels carry their own per-ISA clones (see csrc/cpu/lowrank_kernels.cpp).
-    # -fopenmp-simd honours `#pragma omp simd` without linking an OpenMP runtime; -g0
-    # overrides the -g of Python's CFLAGS (a 7 MB .so and slower builds otherwise).
-    cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp-simd", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    # -g0 overrides the -g of Python's CFLAGS (a 7 MB .so and slower builds otherwise).
+    cxx = ["-O3", "-g0", "-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    # at::parallel_for is a header template: compiled without -fopenmp it runs every
+    # range on the calling thread (ATen's OpenMP backend is `#pragma omp parallel` in
+    # ParallelOpenMP.h). Linux torch wheels use libgomp (soname libgomp.so.1, loaded by
+    # torch before peftcore._C), so linking -fopenmp joins torch's one OpenMP runtime.
+    # Elsewhere -fopenmp-simd only honours `#pragma omp simd`, and the kernels run on
+    # one thread.
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    else:
+        cxx.append("-fopenmp-simd")
     kwargs = dict(
         name="peftcore._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
@@ -69,11 +80,12 @@ def _extensions():
         ext = CUDAExtension(
             sources=sources + cu_sources,
             extra_compile_args={"cxx": cxx + ["-DPEFTCORE_WITH_CUDA"], "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
+            extra_link_args=link,
             **kwargs,
         )
     else:
         cuda_reason = f"CUDA OFF ({cuda_reason})"
-        ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, **kwargs)
     import platform
 
     isa = "x86-64 dispatch: avx512/avx2/generic" if platform.machine() in ("x86_64", "AMD64") else f"{platform.machine()}: generic"

@@ -85,4 +85,29 @@ inline void check_same_count(const char* op, const char* a, size_t na, const cha
               " (one per adapter each)");
 }
 
+// The adapter lists of every LoRA op: lora_A[a] is [r_a, a_cols], lora_B[a] is
+// [b_rows, r_a], on `dev`, float32 or the base dtype; one scale per adapter.
+inline void check_adapters(const char* op, at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                           at::DeviceType dev, at::ScalarType base, int64_t a_cols, const char* a_cols_what,
+                           int64_t b_rows, const char* b_rows_what) {
+  check_same_count(op, "lora_A", lora_A.size(), "lora_B", lora_B.size());
+  check_scales(op, scales, lora_A.size());
+  for (size_t a = 0; a < lora_A.size(); ++a) {
+    const std::string an = indexed("lora_A", a), bn = indexed("lora_B", a);
+    const at::Tensor &A = lora_A[a], &B = lora_B[a];
+    check_defined(op, A, an);
+    check_defined(op, B, bn);
+    check_device(op, A, an, dev);
+    check_device(op, B, bn, dev);
+    check_dim(op, A, an, 2);
+    check_dim(op, B, bn, 2);
+    check_size(op, A, an, 1, a_cols, a_cols_what);
+    check_size(op, B, bn, 0, b_rows, b_rows_what);
+    TORCH_CHECK(B.size(1) == A.size(0), "peftcore::", op, ": ", bn, " has shape ", B.sizes(), " but ", an,
+                " has shape ", A.sizes(), " (expected ", bn, " = [", b_rows, ", ", A.size(0), "])");
+    check_adapter_dtype(op, A, an, base);
+    check_adapter_dtype(op, B, bn, base);
+  }
+}
+
 }  // namespace peftcore

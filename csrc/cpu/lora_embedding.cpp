@@ -1,7 +1,7 @@
 // peftcore::lora_embedding on CPU: y[t] = W[idx_t] + Σ_a s_a · A_a[:, idx_t]ᵀ·B_aᵀ, and its backward.
 // Layout: indices int64/int32 [...], W [V, D], A_a [r_a, V], B_a [D, r_a]; y [..., D] contiguous.
-// Forward: gathers the adapters' A columns into T[n, R], then one expand pass per
-// token reads W's row, adds T·Bt in fp32 and writes y (rounded once). Backward:
+// Forward: per thread, gathers the adapters' A columns into T rows, then one expand
+// pass per token reads W's row, adds T·Bt in fp32 and writes y (rounded once). Backward:
 // ATen index_add / GEMMs following reference.lora_embedding_backward.
 // Tests: tests/ops/test_lora_embedding.py, test_opcheck.py, tests/test_autograd.py.
 #include <ATen/ATen.h>
@@ -31,24 +31,8 @@ void check_embedding_args(const char* op, const at::Tensor& indices, const at::T
   const int64_t V = weight.size(0), D = weight.size(1);
   TORCH_CHECK(padding_idx >= -1 && padding_idx < V, "peftcore::", op, ": padding_idx = ", padding_idx,
               " is outside [-1, ", V, ") (num_embeddings = weight.shape[0] = ", V, "; -1 means none)");
-  check_same_count(op, "lora_A", lora_A.size(), "lora_B", lora_B.size());
-  check_scales(op, scales, lora_A.size());
-  for (size_t a = 0; a < lora_A.size(); ++a) {
-    const std::string an = indexed("lora_A", a), bn = indexed("lora_B", a);
-    const at::Tensor &A = lora_A[a], &B = lora_B[a];
-    check_defined(op, A, an);
-    check_defined(op, B, bn);
-    check_device(op, A, an, cpu);
-    check_device(op, B, bn, cpu);
-    check_dim(op, A, an, 2);
-    check_dim(op, B, bn, 2);
-    check_size(op, A, an, 1, V, "weight.shape[0] (num_embeddings)");
-    check_size(op, B, bn, 0, D, "weight.shape[1] (embedding_dim)");
-    TORCH_CHECK(B.size(1) == A.size(0), "peftcore::", op, ": ", bn, " has shape ", B.sizes(), " but ", an,
-                " has shape ", A.sizes(), " (expected ", bn, " = [", D, ", ", A.size(0), "])");
-    check_adapter_dtype(op, A, an, weight.scalar_type());
-    check_adapter_dtype(op, B, bn, weight.scalar_type());
-  }
+  check_adapters(op, lora_A, lora_B, scales, cpu, weight.scalar_type(), V, "weight.shape[0] (num_embeddings)", D,
+                 "weight.shape[1] (embedding_dim)");
 }
 
 // indices as contiguous int64, every one checked to lie in [0, V).
@@ -71,21 +55,25 @@ void lowrank_embedding(const at::Tensor& idx, const at::Tensor& weight, at::Tens
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t n = idx.numel(), D = weight.size(1);
   const int64_t* ip = idx.const_data_ptr<int64_t>();
-  // T[t, offset + k] = A_a[k, idx_t]: the "shrink" of a one-hot input is a gather.
-  at::Tensor T = at::empty({n, R}, weight.options().dtype(acc));
-  acc_t* Tp = T.data_ptr<acc_t>();
+  std::vector<at::Tensor> As, Bs;
+  std::vector<cpu::BView<acc_t>> Bv;
   for (const auto& ad : active) {
-    const at::Tensor A = lora_A[ad.index].to(acc);
-    const acc_t* Ap = A.const_data_ptr<acc_t>();
-    const int64_t s0 = A.stride(0), s1 = A.stride(1);
-    at::parallel_for(0, n, std::max<int64_t>(1, cpu::kMinParallelWork / ad.rank), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t k = 0; k < ad.rank; ++k) Tp[t * R + ad.offset + k] = Ap[k * s0 + ip[t] * s1];
-    });
+    As.push_back(lora_A[ad.index].to(acc));
+    Bs.push_back(lora_B[ad.index].to(acc));
+    Bv.push_back({Bs.back().template const_data_ptr<acc_t>(), Bs.back().stride(0), Bs.back().stride(1)});
   }
+  // T[t, offset + k] = A_a[k, idx_t]: the "shrink" of a one-hot input is a gather.
+  const auto fill_T = [&](int64_t t0, int64_t t1, acc_t* T, int64_t ldt) {
+    for (size_t a = 0; a < active.size(); ++a) {
+      const acc_t* Ap = As[a].template const_data_ptr<acc_t>();
+      const int64_t s0 = As[a].stride(0), s1 = As[a].stride(1);
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t k = 0; k < active[a].rank; ++k) T[(t - t0) * ldt + active[a].offset + k] = Ap[k * s0 + ip[t] * s1];
+    }
+  };
   // W's rows are read straight from the table (no gathered copy): base_rows = idx.
   const at::Tensor W = weight.contiguous();
-  cpu::expand_lowrank<acc_t, wt>(T, lora_B, active, R, W.const_data_ptr<wt>(), D, ip, y.data_ptr<wt>(), n, D);
+  cpu::lowrank_update<acc_t, wt>(n, D, R, R, fill_T, active, Bv, W.const_data_ptr<wt>(), D, ip, y.data_ptr<wt>());
 }
 
 }  // namespace

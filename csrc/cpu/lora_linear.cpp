@@ -1,8 +1,8 @@
 // peftcore::lora_linear on CPU: y = x·Wᵀ + b + Σ_a s_a · (x_a·A_aᵀ)·B_aᵀ, and its backward.
 // Layout: x [..., in] (any strides), W [out, in] (any strides: GPT-2's Conv1D passes
 // a transposed [in, out] view), A_a [r_a, in], B_a [out, r_a]; y [..., out] contiguous.
-// Forward = ATen GEMM for the base + the fused low-rank shrink / expand of lowrank.h
-// (for <= 4 rows the expand uses a BLAS GEMV on B as stored + one add-and-cast pass);
+// Forward = ATen GEMM for the base + the fused low-rank shrink / expand of lowrank.h,
+// threaded in one parallel region by lowrank_parallel.h's lowrank_update;
 // backward = ATen GEMMs following reference.lora_linear_backward.
 // Tests: tests/ops/test_lora_linear.py, test_opcheck.py, tests/test_autograd.py.
 // Benchmark: benchmarks/bench_lora_linear.py.
@@ -48,24 +48,8 @@ LinearDims check_linear_args(const char* op, const at::Tensor& x, const at::Tens
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "peftcore::", op, ": bias has dtype ", bias->scalar_type(),
                 " but x has dtype ", x.scalar_type());
   }
-  check_same_count(op, "lora_A", lora_A.size(), "lora_B", lora_B.size());
-  check_scales(op, scales, lora_A.size());
-  for (size_t a = 0; a < lora_A.size(); ++a) {
-    const std::string an = indexed("lora_A", a), bn = indexed("lora_B", a);
-    const at::Tensor &A = lora_A[a], &B = lora_B[a];
-    check_defined(op, A, an);
-    check_defined(op, B, bn);
-    check_device(op, A, an, cpu);
-    check_device(op, B, bn, cpu);
-    check_dim(op, A, an, 2);
-    check_dim(op, B, bn, 2);
-    check_size(op, A, an, 1, in, "x.shape[-1] (in_features)");
-    check_size(op, B, bn, 0, out, "weight.shape[0] (out_features)");
-    TORCH_CHECK(B.size(1) == A.size(0), "peftcore::", op, ": ", bn, " has shape ", B.sizes(), " but ", an,
-                " has shape ", A.sizes(), " (expected ", bn, " = [", out, ", ", A.size(0), "])");
-    check_adapter_dtype(op, A, an, x.scalar_type());
-    check_adapter_dtype(op, B, bn, x.scalar_type());
-  }
+  check_adapters(op, lora_A, lora_B, scales, cpu, x.scalar_type(), in, "x.shape[-1] (in_features)", out,
+                 "weight.shape[0] (out_features)");
   if (lora_x.has_value()) {
     check_same_count(op, "lora_x", lora_x->size(), "lora_A", lora_A.size());
     for (size_t a = 0; a < lora_x->size(); ++a) {
@@ -92,45 +76,33 @@ void add_lowrank(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora
   const int64_t in = d.in;
 
   // Each adapter's input (x or its dropped-out copy) made contiguous once, and its
-  // A in the accumulation dtype (a no-op for the usual fp32 adapters).
+  // A and B in the accumulation dtype (no-ops for the usual fp32 adapters).
   const at::Tensor xc = x.contiguous();
-  std::vector<at::Tensor> xs, As;
+  std::vector<at::Tensor> xs, As, Bs;
+  std::vector<cpu::BView<acc_t>> Bv;
   for (const auto& ad : active) {
     at::Tensor xa = lora_x.has_value() ? (*lora_x)[ad.index] : xc;
     if (xa.scalar_type() != x.scalar_type()) xa = xa.to(acc);  // odd lora_x dtype: widen exactly, once
     xs.push_back(xa.contiguous());
     As.push_back(lora_A[ad.index].to(acc).contiguous());
+    Bs.push_back(lora_B[ad.index].to(acc));
+    Bv.push_back({Bs.back().template const_data_ptr<acc_t>(), Bs.back().stride(0), Bs.back().stride(1)});
   }
 
-  // Shrink: T[n, R] = [x_a·A_aᵀ]_a. Tasks are (16 rows) × (4 ranks of one adapter),
-  // so a single decode row still spreads its ranks over the threads.
-  struct RankBlock {
-    size_t k;  // index into active
-    int64_t q0, q1;
+  // Shrink, on whichever thread needs the rows: t[i - i0, offset_a + q] = x_a[i]·A_a[q].
+  const auto fill_T = [&](int64_t i0, int64_t i1, acc_t* t, int64_t ldt) {
+    for (size_t k = 0; k < active.size(); ++k) {
+      const acc_t* A = As[k].template const_data_ptr<acc_t>();
+      acc_t* tk = t + active[k].offset;
+      if (xs[k].scalar_type() == x.scalar_type())
+        cpu::shrink(xs[k].template const_data_ptr<xt>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
+      else
+        cpu::shrink(xs[k].template const_data_ptr<acc_t>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
+    }
   };
-  std::vector<RankBlock> blocks;
-  for (size_t k = 0; k < active.size(); ++k)
-    for (int64_t q = 0; q < active[k].rank; q += 4) blocks.push_back({k, q, std::min(q + 4, active[k].rank)});
-  at::Tensor T = at::empty({d.n, R}, x.options().dtype(acc));
-  acc_t* Tp = T.data_ptr<acc_t>();
-  cpu::parallel_tiles(d.n, 16, static_cast<int64_t>(blocks.size()), 1, 4 * in,
-                      [&](int64_t i0, int64_t i1, int64_t b0, int64_t b1) {
-                        for (int64_t b = b0; b < b1; ++b) {
-                          const RankBlock& blk = blocks[b];
-                          const auto& ad = active[blk.k];
-                          const acc_t* A = As[blk.k].template const_data_ptr<acc_t>() + blk.q0 * in;
-                          acc_t* t = Tp + i0 * R + ad.offset + blk.q0;
-                          const at::Tensor& xa = xs[blk.k];
-                          if (xa.scalar_type() == x.scalar_type())
-                            cpu::shrink(xa.template const_data_ptr<xt>() + i0 * in, in, A, in, t, R, i1 - i0, blk.q1 - blk.q0, in);
-                          else
-                            cpu::shrink(xa.template const_data_ptr<acc_t>() + i0 * in, in, A, in, t, R, i1 - i0, blk.q1 - blk.q0, in);
-                        }
-                      });
-
   // Expand: one pass over y, adding the low-rank product to the base output in place.
   xt* yp = y.data_ptr<xt>();
-  cpu::expand_lowrank<acc_t, xt>(T, lora_B, active, R, yp, d.out, nullptr, yp, d.n, d.out);
+  cpu::lowrank_update<acc_t, xt>(d.n, d.out, R, R * in, fill_T, active, Bv, yp, d.out, nullptr, yp);
 }
 
 }  // namespace

@@ -5,8 +5,8 @@
 //   expand: y[i, j] = cast(acc(base[row(i), j]) + Σ_k T[i, k] · Bt[k, j])
 //
 // Every pointer is to row-major data with the given leading dimension (elements).
-// Both functions do one rectangular sub-problem on the calling thread; the callers
-// split the work across threads. Accumulation is float32 (float64 for float64 data).
+// Each function does one rectangular sub-problem on the calling thread; the callers
+// (lowrank_parallel.h) split the work across threads. Accumulation is float32 (float64 for float64 data).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -29,6 +29,7 @@ void shrink(const double* x, int64_t ldx, const double* A, int64_t lda, double* 
 // rows × cols outputs, each the base value plus a rank-R update, rounded once.
 // Row i of the base is base + (base_rows ? base_rows[i] : i) * ld_base: the linear
 // op passes y itself (in place), the embedding op the table W and the token ids.
+// Bt's rows are read up to cols rounded up to a multiple of 16 (see pack_bt).
 void expand(const float* T, int64_t ldt, const float* Bt, int64_t ldb, int64_t R, const float* base,
             int64_t ld_base, const int64_t* base_rows, float* y, int64_t ldy, int64_t rows, int64_t cols);
 void expand(const float* T, int64_t ldt, const float* Bt, int64_t ldb, int64_t R, const c10::BFloat16* base,
@@ -38,15 +39,12 @@ void expand(const float* T, int64_t ldt, const float* Bt, int64_t ldb, int64_t R
 void expand(const double* T, int64_t ldt, const double* Bt, int64_t ldb, int64_t R, const double* base,
             int64_t ld_base, const int64_t* base_rows, double* y, int64_t ldy, int64_t rows, int64_t cols);
 
-// The last pass of the few-row (decode) path, where the low-rank product P = T·Bᵀ
-// comes from a BLAS GEMV on B as stored: y[i, :] = cast(acc(base[row(i), :]) + P[i, :]).
-void add_cast(const float* P, int64_t ldp, const float* base, int64_t ld_base, const int64_t* base_rows, float* y,
-              int64_t ldy, int64_t rows, int64_t cols);
-void add_cast(const float* P, int64_t ldp, const c10::BFloat16* base, int64_t ld_base, const int64_t* base_rows,
-              c10::BFloat16* y, int64_t ldy, int64_t rows, int64_t cols);
-void add_cast(const float* P, int64_t ldp, const c10::Half* base, int64_t ld_base, const int64_t* base_rows,
-              c10::Half* y, int64_t ldy, int64_t rows, int64_t cols);
-void add_cast(const double* P, int64_t ldp, const double* base, int64_t ld_base, const int64_t* base_rows, double* y,
-              int64_t ldy, int64_t rows, int64_t cols);
+// Bt[k, j] = scale · B[j, k] for k < r, j < cols: one adapter's B (out × r, strides
+// s0, s1) transposed and scaled into rows of the packed Bt that `expand` reads. Bt's
+// leading dimension ldbt must be a multiple of 16 and rows readable/writable up to
+// it (the AVX-512 kernels move whole 16-float vectors there).
+void pack_bt(const float* B, int64_t s0, int64_t s1, int64_t r, float scale, float* Bt, int64_t ldbt, int64_t cols);
+void pack_bt(const double* B, int64_t s0, int64_t s1, int64_t r, double scale, double* Bt, int64_t ldbt,
+             int64_t cols);
 
 }  // namespace peftcore::cpu

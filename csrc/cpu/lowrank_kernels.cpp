@@ -1,12 +1,17 @@
-// shrink / expand: the register-blocked inner loops of the fused LoRA forward
-// (declared and specified in lowrank.h). Layout: row-major raw pointers, fp32
-// accumulation (fp64 for fp64 data). Plain C++ that GCC vectorises; each entry
-// point is compiled three times (x86-64-v4 = AVX-512, v3 = AVX2+FMA, baseline)
-// and the loader picks one per CPU. Covered by tests/ops/test_lora_linear.py,
+// shrink / expand / pack_bt: the inner loops of the fused LoRA forward (declared
+// and specified in lowrank.h). Layout: row-major raw pointers, fp32 accumulation
+// (fp64 for fp64 data). On CPUs with AVX-512 F/BW/VL the fp32-accumulating entry
+// points forward to the intrinsics of lowrank_avx512.cpp (checked once, at run
+// time); everywhere else, and for fp64, the plain C++ below, which GCC vectorises
+// and which is compiled three times (x86-64-v4, v3 = AVX2+FMA, baseline) with the
+// loader picking one per CPU. Covered by tests/ops/test_lora_linear.py,
 // tests/ops/test_lora_embedding.py; timed by benchmarks/bench_lora_linear.py.
 #include "lowrank.h"
+#include "lowrank_avx512.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 // target_clones needs GCC >= 11 (x86-64-vN names) or Clang >= 16 and an ELF
 // loader with ifunc; anywhere else the plain code is compiled once.
@@ -160,20 +165,25 @@ PEFTCORE_INLINE void expand_impl(const acc_t* T, int64_t ldt, const acc_t* Bt, i
   }
 }
 
-// add_cast: y = cast(acc(base[row(i), :]) + P[i, :]), the final pass of the few-row path.
-template <typename acc_t, typename ot>
-PEFTCORE_INLINE void add_cast_impl(const acc_t* P, int64_t ldp, const ot* base, int64_t ld_base,
-                                   const int64_t* base_rows, ot* y, int64_t ldy, int64_t rows, int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const ot* b = base + (base_rows ? base_rows[i] : i) * ld_base;
-    const acc_t* p = P + i * ldp;
-    ot* o = y + i * ldy;
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<ot>(static_cast<acc_t>(b[j]) + p[j]);
+// Transposed in 16-column strips: the strip's 16 rows of B (r values each) stay in
+// L1 while each of the r output rows gets one full cache line. (Column by column
+// would either re-read B's lines r times or scatter single writes over r rows
+// ldbt apart, which alias in the L1 sets.)
+template <typename acc_t>
+PEFTCORE_INLINE void pack_bt_impl(const acc_t* B, int64_t s0, int64_t s1, int64_t r, acc_t scale, acc_t* Bt,
+                                  int64_t ldbt, int64_t cols) {
+  for (int64_t jb = 0; jb < cols; jb += 16) {
+    const int64_t je = std::min(cols, jb + 16);
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t j = jb; j < je; ++j) Bt[k * ldbt + j] = scale * B[j * s0 + k * s1];
   }
 }
 
 }  // namespace
+
+// The portable entry points, one target_clones set each (external linkage: GCC
+// builds the ifunc resolvers for those only).
+namespace generic {
 
 #define PEFTCORE_DEFINE_SHRINK(xt, acc_t)                                                                    \
   PEFTCORE_CLONES void shrink(const xt* x, int64_t ldx, const acc_t* A, int64_t lda, acc_t* T, int64_t ldt, \
@@ -198,15 +208,71 @@ PEFTCORE_DEFINE_EXPAND(float, c10::Half)
 PEFTCORE_DEFINE_EXPAND(double, double)
 #undef PEFTCORE_DEFINE_EXPAND
 
-#define PEFTCORE_DEFINE_ADD_CAST(acc_t, ot)                                                              \
-  PEFTCORE_CLONES void add_cast(const acc_t* P, int64_t ldp, const ot* base, int64_t ld_base,            \
-                                const int64_t* base_rows, ot* y, int64_t ldy, int64_t rows, int64_t cols) { \
-    add_cast_impl(P, ldp, base, ld_base, base_rows, y, ldy, rows, cols);                                  \
+#define PEFTCORE_DEFINE_PACK_BT(acc_t)                                                                         \
+  PEFTCORE_CLONES void pack_bt(const acc_t* B, int64_t s0, int64_t s1, int64_t r, acc_t scale, acc_t* Bt,      \
+                               int64_t ldbt, int64_t cols) {                                                   \
+    pack_bt_impl(B, s0, s1, r, scale, Bt, ldbt, cols);                                                         \
   }
-PEFTCORE_DEFINE_ADD_CAST(float, float)
-PEFTCORE_DEFINE_ADD_CAST(float, c10::BFloat16)
-PEFTCORE_DEFINE_ADD_CAST(float, c10::Half)
-PEFTCORE_DEFINE_ADD_CAST(double, double)
-#undef PEFTCORE_DEFINE_ADD_CAST
+PEFTCORE_DEFINE_PACK_BT(float)
+PEFTCORE_DEFINE_PACK_BT(double)
+#undef PEFTCORE_DEFINE_PACK_BT
+
+}  // namespace generic
+
+namespace {
+#if PEFTCORE_HAVE_AVX512
+bool use_avx512() {
+  static const bool yes = [] {
+    // PEFTCORE_CPU_ISA=generic forces the portable kernels (how the tests cover them on
+    // AVX-512 machines, see tests/test_isa_generic.py).
+    const char* isa = std::getenv("PEFTCORE_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "generic") == 0) return false;
+    // __builtin_cpu_supports also checks that the OS saves the zmm state (XCR0).
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
+  return yes;
+}
+#define PEFTCORE_DISPATCH(call) \
+  if (use_avx512()) return avx512::call; \
+  return generic::call
+#else
+#define PEFTCORE_DISPATCH(call) return generic::call
+#endif
+}  // namespace
+
+#define PEFTCORE_DEFINE_DISPATCH(xt)                                                                              \
+  void shrink(const xt* x, int64_t ldx, const float* A, int64_t lda, float* T, int64_t ldt, int64_t rows,       \
+              int64_t ranks, int64_t in) {                                                                      \
+    PEFTCORE_DISPATCH(shrink(x, ldx, A, lda, T, ldt, rows, ranks, in));                                         \
+  }                                                                                                             \
+  void expand(const float* T, int64_t ldt, const float* Bt, int64_t ldb, int64_t R, const xt* base,              \
+              int64_t ld_base, const int64_t* base_rows, xt* y, int64_t ldy, int64_t rows, int64_t cols) {      \
+    PEFTCORE_DISPATCH(expand(T, ldt, Bt, ldb, R, base, ld_base, base_rows, y, ldy, rows, cols));                \
+  }
+PEFTCORE_DEFINE_DISPATCH(float)
+PEFTCORE_DEFINE_DISPATCH(c10::BFloat16)
+PEFTCORE_DEFINE_DISPATCH(c10::Half)
+#undef PEFTCORE_DEFINE_DISPATCH
+
+void shrink(const double* x, int64_t ldx, const double* A, int64_t lda, double* T, int64_t ldt, int64_t rows,
+            int64_t ranks, int64_t in) {
+  generic::shrink(x, ldx, A, lda, T, ldt, rows, ranks, in);
+}
+void expand(const double* T, int64_t ldt, const double* Bt, int64_t ldb, int64_t R, const double* base,
+            int64_t ld_base, const int64_t* base_rows, double* y, int64_t ldy, int64_t rows, int64_t cols) {
+  generic::expand(T, ldt, Bt, ldb, R, base, ld_base, base_rows, y, ldy, rows, cols);
+}
+
+void pack_bt(const float* B, int64_t s0, int64_t s1, int64_t r, float scale, float* Bt, int64_t ldbt, int64_t cols) {
+#if PEFTCORE_HAVE_AVX512
+  if (s1 == 1 && use_avx512()) return avx512::pack_bt(B, s0, r, scale, Bt, ldbt, cols);
+#endif
+  generic::pack_bt(B, s0, s1, r, scale, Bt, ldbt, cols);
+}
+void pack_bt(const double* B, int64_t s0, int64_t s1, int64_t r, double scale, double* Bt, int64_t ldbt,
+             int64_t cols) {
+  generic::pack_bt(B, s0, s1, r, scale, Bt, ldbt, cols);
+}
 
 }  // namespace peftcore::cpu

@@ -1,6 +1,6 @@
 // Host-side plumbing shared by the CPU LoRA forwards: which adapters are active,
-// the per-call Bt scratch (scaled, transposed B's, R_active × out) and the
-// threading of the shrink / expand kernels of lowrank.h over 2-D task grids.
+// and the threading of the shrink / pack_bt / expand kernels of lowrank.h
+// (lowrank_update: one parallel region per call, per-thread scratch).
 // Used by lora_linear.cpp and lora_embedding.cpp.
 #pragma once
 
@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "lowrank.h"
@@ -42,96 +43,85 @@ inline std::vector<ActiveAdapter> active_adapters(const at::Tensor& scales, at::
 // Below this many multiply-adds a thread hand-off costs more than it saves.
 constexpr int64_t kMinParallelWork = 16384;
 
-// Runs f(i0, i1, j0, j1) over a rows × cols grid cut into row_chunk × col_chunk
-// tiles. One flat task list serves both regimes: many rows (prefill) split by rows,
-// one row (decode) still splits by columns so every thread gets work.
-template <typename F>
-void parallel_tiles(int64_t rows, int64_t row_chunk, int64_t cols, int64_t col_chunk, int64_t work_per_cell, F f) {
-  if (rows == 0 || cols == 0) return;
-  const int64_t nr = (rows + row_chunk - 1) / row_chunk;
-  const int64_t nc = (cols + col_chunk - 1) / col_chunk;
-  const int64_t work_per_task = std::max<int64_t>(1, std::min(rows, row_chunk) * std::min(cols, col_chunk) * work_per_cell);
-  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / work_per_task);
-  at::parallel_for(0, nr * nc, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i0 = (t / nc) * row_chunk, j0 = (t % nc) * col_chunk;
-      f(i0, std::min(rows, i0 + row_chunk), j0, std::min(cols, j0 + col_chunk));
-    }
-  });
-}
+// Width of the Bt block a thread packs at a time: about 64 KB of fp32 (R × width),
+// so the block stays in L2 (and mostly L1) while every row tile of y streams past it.
+constexpr int64_t kBtBlockElems = 16384;
 
-// Bt[offset + k, j] = scale · B[j, k] for every active adapter, in acc_t. B may
-// have any strides; one pass, threaded over output columns.
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// One adapter's B [out, r] as the expand reads it (any strides).
 template <typename acc_t>
-at::Tensor pack_bt(at::TensorList lora_B, const std::vector<ActiveAdapter>& active, int64_t out, int64_t R) {
-  at::Tensor Bt = at::empty({R, out}, lora_B[active[0].index].options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* bt = Bt.data_ptr<acc_t>();
-  for (const auto& ad : active) {
-    const at::Tensor& B = lora_B[ad.index];
-    const int64_t s0 = B.stride(0), s1 = B.stride(1);
-    const acc_t scale = static_cast<acc_t>(ad.scale);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, B.scalar_type(), "pack_bt", [&] {
-      const scalar_t* b = B.const_data_ptr<scalar_t>();
-      at::parallel_for(0, out, std::max<int64_t>(1, kMinParallelWork / ad.rank), [&](int64_t j0, int64_t j1) {
-        // A transpose in 16-column strips: the strip's 16 rows of B (r values each)
-        // stay in L1 while each of the r output rows gets one full cache line.
-        // (Column by column would either re-read B's lines r times or scatter single
-        // writes over r rows `out` apart, which alias in the L1 sets.)
-        acc_t* dst = bt + ad.offset * out;
-        for (int64_t jb = j0; jb < j1; jb += 16) {
-          const int64_t je = std::min(j1, jb + 16);
-          for (int64_t k = 0; k < ad.rank; ++k)
-            for (int64_t j = jb; j < je; ++j) dst[k * out + j] = scale * static_cast<acc_t>(b[j * s0 + k * s1]);
-        }
-      });
-    });
+struct BView {
+  const acc_t* data;
+  int64_t s0, s1;
+};
+
+// This thread's scratch, 64-byte aligned, grown as needed and kept between calls
+// (no allocation per call; a few hundred KB at most for usual shapes).
+template <typename acc_t>
+acc_t* thread_scratch(int64_t n) {
+  struct Buf {
+    acc_t* p = nullptr;
+    int64_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  if (buf.n < n) {
+    std::free(buf.p);
+    buf.n = 0;
+    const int64_t want = round_up(n, 64);  // aligned_alloc wants a multiple of the alignment
+    buf.p = static_cast<acc_t*>(std::aligned_alloc(64, want * sizeof(acc_t)));
+    TORCH_CHECK(buf.p != nullptr, "peftcore: cannot allocate ", want * sizeof(acc_t), " bytes of scratch");
+    buf.n = want;
   }
-  return Bt;
+  return buf.p;
 }
 
-// y[i, :] = cast(base[row(i), :] + T[i, :] · Bt), threaded over 16-row × 256-column tiles.
-template <typename acc_t, typename ot>
-void expand_parallel(const acc_t* T, const acc_t* Bt, int64_t R, const ot* base, int64_t ld_base,
-                     const int64_t* base_rows, ot* y, int64_t rows, int64_t cols) {
-  parallel_tiles(rows, 16, cols, 256, R, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    expand(T + i0 * R, R, Bt + j0, cols, R, base_rows ? base + j0 : base + i0 * ld_base + j0, ld_base,
-           base_rows ? base_rows + i0 : nullptr, y + i0 * cols + j0, cols, i1 - i0, j1 - j0);
-  });
-}
-
-// Up to this many rows the expand multiplies by B as stored (a BLAS GEMV per
-// adapter into an fp32 row, then one add-and-cast pass over y) instead of building
-// Bt: transposing B (out × r) costs more than the whole product for one token,
-// and strided B reads do not vectorise without hardware gathers. Above, the
-// transpose is amortised over the rows and the register-blocked `expand` wins.
-constexpr int64_t kDirectMaxRows = 4;
-
-// The whole expand step: y[i, :] = cast(base[row(i), :] + Σ_a s_a · T[i, a's ranks] · B_aᵀ).
-template <typename acc_t, typename ot>
-void expand_lowrank(const at::Tensor& T, at::TensorList lora_B, const std::vector<ActiveAdapter>& active, int64_t R,
-                    const ot* base, int64_t ld_base, const int64_t* base_rows, ot* y, int64_t rows, int64_t cols) {
-  if (rows <= kDirectMaxRows) {
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    at::Tensor P;
-    for (const auto& ad : active) {
-      // s_a folded into T's r_a columns (rows × r_a values), B used as stored.
-      const at::Tensor Ta = T.narrow(1, ad.offset, ad.rank) * ad.scale;
-      const at::Tensor Bt = lora_B[ad.index].to(acc).t();
-      if (P.defined())
-        P.addmm_(Ta, Bt);
-      else
-        P = at::mm(Ta, Bt);
+// The whole low-rank update, in one parallel region:
+//   y[i, :] = cast(base[row(i), :] + Σ_a T[i, a's ranks] · s_a·B_aᵀ)   for i < rows,
+// where fill_T(i0, i1, t, ldt) writes rows [i0, i1) of T (rows × R, acc_t) to t and
+// costs about fill_cost multiply-adds per row. Each thread computes the T rows it
+// needs and packs s_a·B_aᵀ, block by block, into its own scratch, so nothing is
+// shared but the inputs and y, and no thread waits for another.
+//   - rows >= threads (prefill): each thread takes a band of rows and all columns
+//     (the Bt packing, ~R·out values, is repeated per thread: cheap next to the FMAs);
+//   - fewer rows (decode): each thread takes a band of columns and computes all of T
+//     (a few dot products, repeated per thread, instead of a second parallel region).
+template <typename acc_t, typename ot, typename FillT>
+void lowrank_update(int64_t rows, int64_t cols, int64_t R, int64_t fill_cost, const FillT& fill_T,
+                    const std::vector<ActiveAdapter>& active, const std::vector<BView<acc_t>>& Bs, const ot* base,
+                    int64_t ld_base, const int64_t* base_rows, ot* y) {
+  if (rows == 0 || cols == 0 || R == 0) return;
+  const int64_t work = rows * (fill_cost + cols * R);
+  const int64_t nt = std::clamp<int64_t>(work / kMinParallelWork, 1, at::get_num_threads());
+  const bool by_rows = rows >= nt;
+  const int64_t block = std::min(cols, round_up(std::max<int64_t>(64, kBtBlockElems / R), 64));
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t i0 = 0, i1 = rows, j0 = 0, j1 = cols;
+      if (by_rows) {
+        i0 = rows * t / nt;
+        i1 = rows * (t + 1) / nt;
+      } else {  // column bands on 16-column boundaries (whole vectors, whole cache lines)
+        j0 = std::min(cols, round_up(cols * t / nt, 16));
+        j1 = t + 1 == nt ? cols : std::min(cols, round_up(cols * (t + 1) / nt, 16));
+      }
+      if (i0 >= i1 || j0 >= j1) continue;
+      const int64_t ldbt = round_up(std::min(block, j1 - j0), 16);
+      const int64_t t_size = round_up((i1 - i0) * R, 16);
+      acc_t* Tl = thread_scratch<acc_t>(t_size + R * ldbt);
+      acc_t* Bt = Tl + t_size;
+      fill_T(i0, i1, Tl, R);
+      for (int64_t jb = j0; jb < j1; jb += block) {
+        const int64_t w = std::min(block, j1 - jb);
+        for (size_t k = 0; k < active.size(); ++k)
+          pack_bt(Bs[k].data + jb * Bs[k].s0, Bs[k].s0, Bs[k].s1, active[k].rank, static_cast<acc_t>(active[k].scale),
+                  Bt + active[k].offset * ldbt, ldbt, w);
+        expand(Tl, R, Bt, ldbt, R, base_rows ? base + jb : base + i0 * ld_base + jb, ld_base,
+               base_rows ? base_rows + i0 : nullptr, y + i0 * cols + jb, cols, i1 - i0, w);
+      }
     }
-    P = P.contiguous();
-    const acc_t* Pp = P.template const_data_ptr<acc_t>();
-    parallel_tiles(rows, rows, cols, 1024, 1, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-      add_cast(Pp + j0, cols, base + j0, ld_base, base_rows, y + j0, cols, i1 - i0, j1 - j0);
-    });
-    return;
-  }
-  const at::Tensor Bt = pack_bt<acc_t>(lora_B, active, cols, R);
-  expand_parallel<acc_t, ot>(T.template const_data_ptr<acc_t>(), Bt.template const_data_ptr<acc_t>(), R, base, ld_base,
-                             base_rows, y, rows, cols);
+  });
 }
 
 }  // namespace peftcore::cpu
