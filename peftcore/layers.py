@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
 
 try:  # transformers is optional: GPT-2 style Conv1D is supported when it is installed.
     from transformers.pytorch_utils import Conv1D
@@ -59,7 +58,13 @@ class LoraLayer(nn.Module):
         return getattr(self, self.a_name)[name], getattr(self, self.b_name)[name]
 
     def _lists(self):
-        return list(getattr(self, self.a_name).values()), list(getattr(self, self.b_name).values())
+        # Read straight from the dicts' parameter registries: ParameterDict.values() goes
+        # through __getattr__ per entry, a visible cost when called for every layer of
+        # every decode step.
+        return (
+            list(self._modules[self.a_name]._parameters.values()),
+            list(self._modules[self.b_name]._parameters.values()),
+        )
 
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout_p: float) -> None:
         getattr(self, self.a_name)[name] = nn.Parameter(A, requires_grad=False)
@@ -120,7 +125,7 @@ class LoraLinear(LoraLayer):
         if self.training and any(p > 0 for p in self.dropout_p.values()):
             # PEFT drops out the LoRA input only, independently for each adapter.
             lora_x = [F.dropout(x, p, True) if p > 0 else x for p in self.dropout_p.values()]
-        return ops.lora_linear(x, weight, base.bias, lora_A, lora_B, self.lora_scales, lora_x)
+        return torch.ops.peftcore.lora_linear(x, weight, base.bias, lora_A, lora_B, self.lora_scales, lora_x)
 
 
 class LoraEmbedding(LoraLayer):
@@ -137,7 +142,7 @@ class LoraEmbedding(LoraLayer):
         base = self.base_layer
         lora_A, lora_B = self._lists()
         pad = -1 if base.padding_idx is None else base.padding_idx
-        return ops.lora_embedding(input_ids, base.weight, lora_A, lora_B, self.lora_scales, pad)
+        return torch.ops.peftcore.lora_embedding(input_ids, base.weight, lora_A, lora_B, self.lora_scales, pad)
 
 
 class ModulesToSaveWrapper(nn.Module):
