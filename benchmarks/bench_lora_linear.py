@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import env_line, interleaved  # noqa: E402
+from timing import env_line, interleaved, read_bandwidth_gbs  # noqa: E402
 
 import peftcore  # noqa: E402
 from peftcore import reference  # noqa: E402
@@ -74,7 +74,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     args = ap.parse_args()
     print(f"<!-- {env_line()}; peftcore native: {peftcore.native_available('lora_linear')} -->")
-    print(f"torch.get_num_threads() = {torch.get_num_threads()}, r = {RANK}, weights streamed from DRAM\n")
+    print(f"torch.get_num_threads() = {torch.get_num_threads()}, r = {RANK}, weights streamed from DRAM")
+    print(f"read bandwidth (1 GiB sum, best of 5): {read_bandwidth_gbs():.1f} GB/s\n")
     print("| in x out | T | dtype | F.linear ms | eager ref ms | fused ms | fused vs ref | LoRA overhead (fused / ref) |")
     print("|---|---:|---|---:|---:|---:|---:|---|")
     for fin, fout in SHAPES:
@@ -89,6 +90,31 @@ def main():
                     f"{t['fused'] * 1e3:.3f} | {t['ref'] / t['fused']:.2f}x | +{ovh_f:.1f}% / +{ovh_r:.1f}% |",
                     flush=True,
                 )
+    bench_embedding(args.quick)
+
+
+def bench_embedding(quick: bool, V: int = 32000, D: int = 2048):
+    """peftcore::lora_embedding: F.embedding vs the eager reference vs fused, a
+    Llama-sized table (fp32, 262 MB) and T random tokens."""
+    W = torch.randn(V, D)
+    A = [torch.randn(RANK, V)]
+    B = [torch.randn(D, RANK)]
+    scales = torch.tensor([2.0])
+    print(f"\n| lora_embedding {V}x{D} fp32 | T | F.embedding ms | eager ref ms | fused ms | fused vs ref |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for T in TOKENS:
+        idx = torch.randint(0, V, (T,))
+        with torch.inference_mode():
+            t = interleaved(
+                {
+                    "base": lambda: F.embedding(idx, W),
+                    "ref": lambda: reference.lora_embedding(idx, W, A, B, scales),
+                    "fused": lambda: torch.ops.peftcore.lora_embedding(idx, W, A, B, scales, -1),
+                },
+                repeats=15 if quick else 50,
+                warmup=2,
+            )
+        print(f"| | {T} | {t['base'] * 1e3:.3f} | {t['ref'] * 1e3:.3f} | {t['fused'] * 1e3:.3f} | {t['ref'] / t['fused']:.2f}x |")
 
 
 if __name__ == "__main__":
