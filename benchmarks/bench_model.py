@@ -72,7 +72,7 @@ def main():
             print(rows[-1], flush=True)
         del base, pm, ours
     print()
-    print(f"| dtype | tokens | weights GB | base ms | peftcore ms | PEFT ms | peftcore overhead | PEFT overhead |")
+    print("| dtype | tokens | weights GB | base ms | peftcore ms | PEFT ms | peftcore overhead | PEFT overhead |")
     print("|---|---|---|---|---|---|---|---|")
     for dname, T, gb, m in rows:
         print(

@@ -11,7 +11,6 @@ import copy
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -21,8 +20,8 @@ import torch.nn as nn
 from . import hub, inject, peft_format
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterConfigError, AdapterNameError, AdapterWeightsError, PeftcoreError
-from .layers import Conv1D, LoraEmbedding, LoraLayer, ModulesToSaveWrapper, lora_scaling
-from .switching import AdapterState, after_delete, apply_state, get_state
+from .layers import Conv1D, LoraLayer, ModulesToSaveWrapper, lora_scaling
+from .switching import after_delete, apply_state, get_state
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 _RESERVED = {"__base__"}
@@ -147,7 +146,7 @@ def _plan_load(model: nn.Module, name: str, config: LoraConfig, sd: dict, source
 
     for path, module in found:
         n_in, n_out, is_emb = _shape_in_out(module)
-        ka, kb = ("lora_embedding_A", "lora_embedding_B") if is_emb else ("lora_A.weight", "lora_B.weight")
+        ka, kb = peft_format.lora_suffixes(is_emb)
         key_a, key_b = f"{path}.{ka}", f"{path}.{kb}"
         if key_a not in remaining or key_b not in remaining:
             missing = [k for k in (key_a, key_b) if k not in remaining]

@@ -100,9 +100,6 @@ class LoraLayer(nn.Module):
             self.lora_scales.copy_(torch.tensor(vals, dtype=torch.float32))
         self.__dict__["_written"] = vals
 
-    def active_names(self) -> list[str]:
-        return [n for n, s in zip(self.adapter_names, self.lora_scales.tolist()) if s != 0.0]
-
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]} scaling={self.scaling[n]:g}" for n in self.adapter_names)
 
@@ -166,9 +163,6 @@ class ModulesToSaveWrapper(nn.Module):
 
     def set_active(self, active: list[str], enabled: bool) -> None:
         self.active_adapter = next((n for n in active if n in self.modules_to_save), None) if enabled else None
-
-    def active_names(self) -> list[str]:
-        return [] if self.active_adapter is None else [self.active_adapter]
 
     @property
     def adapter_names(self) -> list[str]:

@@ -17,7 +17,6 @@ import pickle
 import re
 import tempfile
 import uuid
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -32,19 +31,9 @@ PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
-def lora_suffixes(layer: LoraLayer) -> tuple[str, str]:
-    return ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, LoraEmbedding) else ("lora_A.weight", "lora_B.weight")
-
-
-LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
-
-
-def split_lora_key(key: str) -> Optional[tuple[str, str]]:
-    """'<path>.lora_A.weight' -> ('<path>', 'lora_A.weight'); None for other keys."""
-    for suf in LORA_SUFFIXES:
-        if key.endswith("." + suf):
-            return key[: -len(suf) - 1], suf
-    return None
+def lora_suffixes(is_embedding: bool) -> tuple[str, str]:
+    """On-disk suffixes of the two LoRA factors of a module."""
+    return ("lora_embedding_A", "lora_embedding_B") if is_embedding else ("lora_A.weight", "lora_B.weight")
 
 
 # ---------------------------------------------------------------- reading
@@ -119,7 +108,7 @@ def adapter_state_dict(model: nn.Module, name: str, config: LoraConfig, targets)
     for path, m in lora_layers:
         if name in m.adapter_names:
             A, B = m.adapter_weights(name)
-            sa, sb = lora_suffixes(m)
+            sa, sb = lora_suffixes(isinstance(m, LoraEmbedding))
             out[f"{path}.{sa}"] = A.detach()
             out[f"{path}.{sb}"] = B.detach()
     for path, m in model.named_modules():

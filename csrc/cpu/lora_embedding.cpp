@@ -124,17 +124,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_em
                          : at::empty({0}, weight.options());
   std::vector<at::Tensor> gA, gB;
   if (want_ad) {
-    int64_t R = 0;
-    const auto active = cpu::active_adapters(scales, lora_A, R);
-    std::vector<double> scale_of(lora_A.size(), 0.0);
-    std::vector<bool> is_active(lora_A.size(), false);
-    for (const auto& ad : active) {
-      scale_of[ad.index] = ad.scale;
-      is_active[ad.index] = true;
-    }
+    const std::vector<double> scale_of = cpu::scale_per_adapter(scales, lora_A);
     for (size_t a = 0; a < lora_A.size(); ++a) {
       const at::Tensor &A = lora_A[a], &B = lora_B[a];
-      if (!is_active[a]) {
+      if (scale_of[a] == 0.0) {
         gA.push_back(at::zeros(A.sizes(), A.options()));
         gB.push_back(at::zeros(B.sizes(), B.options()));
         continue;

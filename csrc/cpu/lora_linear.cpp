@@ -153,19 +153,12 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
   at::Tensor gw = want_w ? at::mm(g.t(), x2.to(f)).to(weight.scalar_type()) : empty();
   at::Tensor gb = want_b ? g.sum(0).to(grad_out.scalar_type()) : empty();
 
-  int64_t R = 0;
-  const auto active = cpu::active_adapters(scales, lora_A, R);
-  std::vector<double> scale_of(lora_A.size(), 0.0);
-  std::vector<bool> is_active(lora_A.size(), false);
-  for (const auto& ad : active) {
-    scale_of[ad.index] = ad.scale;
-    is_active[ad.index] = true;
-  }
+  const std::vector<double> scale_of = cpu::scale_per_adapter(scales, lora_A);
 
   std::vector<at::Tensor> gA, gB, gxa;
   for (size_t a = 0; a < lora_A.size(); ++a) {
     const at::Tensor &A = lora_A[a], &B = lora_B[a];
-    if (!is_active[a]) {  // scale 0 or rank 0: the adapter took no part in the forward
+    if (scale_of[a] == 0.0) {  // scale 0 or rank 0: the adapter took no part in the forward
       if (want_ad) {
         gA.push_back(at::zeros(A.sizes(), A.options()));
         gB.push_back(at::zeros(B.sizes(), B.options()));

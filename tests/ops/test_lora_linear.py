@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from peftcore import reference
 from tests.helpers import assert_no_worse_than_reference, grad_tol, tol
-from tests.op_db import OPS, native_loaded, samples, to_exact
+from tests.op_db import native_loaded, samples, to_exact
 
 FWD = list(samples("lora_linear"))
 BWD = list(samples("lora_linear_backward"))
