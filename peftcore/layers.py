@@ -88,6 +88,14 @@ class LoraLayer(nn.Module):
         self._buffers["lora_scales"] = torch.zeros(n, dtype=torch.float32, device=self.lora_scales.device)
         self.__dict__["_written"] = [0.0] * n
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) / .half() would round the scales (alpha / sqrt(r) is rarely
+        # exact in 8 bits): keep them float32, rebuilt from the exact values written.
+        super()._apply(fn, recurse)
+        if self.lora_scales.dtype != torch.float32:
+            self._buffers["lora_scales"] = torch.tensor(self._written, dtype=torch.float32, device=self.lora_scales.device)
+        return self
+
     @torch.no_grad()
     def set_active(self, active: list[str], enabled: bool) -> None:
         """Write the effective scales in place: ``scaling`` for active adapters, 0 otherwise."""

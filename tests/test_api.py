@@ -14,7 +14,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import peftcore
-from tests._models import assert_unchanged, logits, model_snapshot, peft_adapter_dir, peft_model, tiny_opt
+from tests._models import INPUT_IDS, assert_unchanged, logits, model_snapshot, peft_adapter_dir, peft_model, tiny_opt
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -328,3 +328,44 @@ def test_switching_under_compile_does_not_recompile():
     assert not torch.allclose(outs[2], outs[3], atol=1e-4)  # disabled
     torch.testing.assert_close(outs[4], outs[2], rtol=0, atol=0)  # enabled again: a+b
     torch.testing.assert_close(outs[5], outs[0], rtol=0, atol=0)  # b again
+
+
+def test_dtype_conversion_keeps_exact_scales(tmp_path):
+    """model.to(bfloat16) converts the adapter factors, as PEFT's modules would be, but
+    the per-adapter scales stay float32 and exact (rsLoRA 8/sqrt(6) is not a bf16 value)."""
+    from peftcore.layers import LoraLayer
+
+    base = tiny_opt()
+    d = peft_adapter_dir(tmp_path, base, peft.LoraConfig(r=6, lora_alpha=8, use_rslora=True, target_modules=["q_proj"]))
+    model = tiny_opt()
+    peftcore.load_adapter(model, d)
+    model = model.to(torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    exact = torch.tensor(8 / 6**0.5, dtype=torch.float32).item()  # the fp32 value; bf16 would be 3.265625
+    assert layers
+    for m in layers:
+        assert m.lora_scales.dtype == torch.float32
+        assert m.lora_scales.tolist() == [exact]
+        assert m.lora_A["default"].dtype == torch.bfloat16
+    ref = peft_model(tiny_opt(), {"default": d}).to(torch.bfloat16)
+    torch.testing.assert_close(logits(model).float(), logits(ref).float(), rtol=0.05, atol=0.05)  # bf16 model, coarse
+    peftcore.disable_adapters(model)
+    peftcore.enable_adapters(model)
+    assert [m.lora_scales.tolist() for m in layers] == [[exact]] * len(layers)
+
+
+def test_generate_matches_peft(tmp_path):
+    """Greedy generate with a peftcore adapter gives PEFT's tokens."""
+    base = tiny_opt()
+    d = peft_adapter_dir(tmp_path, base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "fc1"]))
+    model = tiny_opt()
+    peftcore.load_adapter(model, d)
+    ref = peft_model(tiny_opt(), {"default": d})
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=1)
+    with torch.no_grad():
+        ours = model.generate(input_ids=INPUT_IDS[:1], **kw)
+        theirs = ref.generate(input_ids=INPUT_IDS[:1], **kw)
+    assert torch.equal(ours, theirs)
+    with torch.no_grad(), peftcore.adapters_disabled(model):
+        plain = model.generate(input_ids=INPUT_IDS[:1], **kw)
+    assert torch.equal(plain, tiny_opt().generate(input_ids=INPUT_IDS[:1], **kw))
