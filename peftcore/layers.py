@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 try:  # transformers is optional: GPT-2 style Conv1D is supported when it is installed.
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover

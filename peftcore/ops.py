@@ -1,4 +1,7 @@
-"""Typed entry points of the peftcore ops (schemas in ``_ops.py``, math in ``reference.py``)."""
+"""Typed entry points of the peftcore ops (schemas in ``_ops.py``, math in ``reference.py``).
+
+For callers outside the adapter layers; ``layers.py`` calls ``torch.ops.peftcore.*``
+directly, one Python call fewer on every forward."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
