@@ -38,6 +38,22 @@ SCHEMAS = {
         "lora_embedding_backward(Tensor grad_out, Tensor indices, Tensor weight, Tensor[] lora_A, "
         "Tensor[] lora_B, Tensor scales, int padding_idx, bool[2] output_mask) -> (Tensor, Tensor[], Tensor[])"
     ),
+    # bitsandbytes-quantized bases (formats in reference.dequantize_4bit / dequantize_int8)
+    "dequantize_4bit": (
+        "dequantize_4bit(Tensor qweight, Tensor absmax, Tensor code, int blocksize, Tensor? nested_absmax, "
+        "Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, int out_features, int in_features, "
+        "ScalarType dtype) -> Tensor"
+    ),
+    "lora_linear_4bit": (
+        "lora_linear_4bit(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
+        "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, "
+        "int out_features, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, Tensor scales, Tensor[]? lora_x) -> Tensor"
+    ),
+    "dequantize_int8": "dequantize_int8(Tensor weight, Tensor row_scale, ScalarType dtype) -> Tensor",
+    "lora_linear_int8": (
+        "lora_linear_int8(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] lora_A, "
+        "Tensor[] lora_B, Tensor scales, Tensor[]? lora_x) -> Tensor"
+    ),
 }
 for _schema in SCHEMAS.values():
     lib.define(_schema)
@@ -71,6 +87,8 @@ lib.impl(
     "CompositeExplicitAutograd",
 )
 lib.impl("lora_embedding", _fallback("lora_embedding", reference.lora_embedding), "CompositeExplicitAutograd")
+for _name in ("dequantize_4bit", "lora_linear_4bit", "dequantize_int8", "lora_linear_int8"):
+    lib.impl(_name, _fallback(_name, getattr(reference, _name)), "CompositeExplicitAutograd")
 lib.impl(
     "lora_embedding_backward",
     _fallback("lora_embedding_backward", reference.lora_embedding_backward),
@@ -110,6 +128,28 @@ def _lora_embedding_backward_fake(grad_out, indices, weight, lora_A, lora_B, sca
     gA = [A.new_empty(A.shape) for A in lora_A] if want_ad else []
     gB = [B.new_empty(B.shape) for B in lora_B] if want_ad else []
     return gw, gA, gB
+
+
+@torch.library.register_fake("peftcore::dequantize_4bit")
+def _dequantize_4bit_fake(qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                          nested_blocksize, out_features, in_features, dtype):
+    return qweight.new_empty((out_features, in_features), dtype=dtype)
+
+
+@torch.library.register_fake("peftcore::lora_linear_4bit")
+def _lora_linear_4bit_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                           nested_blocksize, out_features, bias, lora_A, lora_B, scales, lora_x):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("peftcore::dequantize_int8")
+def _dequantize_int8_fake(weight, row_scale, dtype):
+    return weight.new_empty(weight.shape, dtype=dtype)
+
+
+@torch.library.register_fake("peftcore::lora_linear_int8")
+def _lora_linear_int8_fake(x, weight, row_scale, bias, lora_A, lora_B, scales, lora_x):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 # -------------------------------------------------------------------- autograd
@@ -176,4 +216,76 @@ def _lora_embedding_backward(ctx, grad):
 
 torch.library.register_autograd(
     "peftcore::lora_embedding", _lora_embedding_backward, setup_context=_lora_embedding_setup
+)
+
+
+# The quantized bases are frozen: gradients flow to x, the bias and the adapters.
+# The backward dequantizes W once (a temporary, as bitsandbytes' own backward does)
+# and reuses lora_linear_backward, so the adapter gradients share one implementation.
+def _quantized_setup(n_before_bias):
+    """setup_context for an op whose inputs are (x, <n_before_bias - 1 quant args>, bias,
+    lora_A, lora_B, scales, lora_x)."""
+
+    def setup(ctx, inputs, output):
+        x, *quant = inputs[:n_before_bias]
+        bias, lora_A, lora_B, scales, lora_x = inputs[n_before_bias:]
+        # The frozen quantized weight: tensors (None allowed) saved, ints kept as attributes.
+        ctx.quant_kinds = [isinstance(q, torch.Tensor) or q is None for q in quant]
+        ctx.quant_ints = [q for q, t in zip(quant, ctx.quant_kinds) if not t]
+        ctx.want = (x.requires_grad, bias is not None and bias.requires_grad,
+                    any(t.requires_grad for t in (*lora_A, *lora_B)))
+        ctx.n_adapters = len(lora_A)
+        ctx.has_lora_x = lora_x is not None
+        ctx.n_quant = n_before_bias - 1
+        ctx.save_for_backward(
+            *[q for q, t in zip(quant, ctx.quant_kinds) if t], x, scales, *lora_A, *lora_B, *(lora_x or ())
+        )
+
+    return setup
+
+
+def _quantized_backward(dequantize):
+    def backward(ctx, grad):
+        n = ctx.n_adapters
+        saved = list(ctx.saved_tensors)
+        n_saved_quant = sum(ctx.quant_kinds)
+        tensors, ints = iter(saved[:n_saved_quant]), iter(ctx.quant_ints)
+        quant = [next(tensors) if t else next(ints) for t in ctx.quant_kinds]
+        x, scales, *rest = saved[n_saved_quant:]
+        lora_A, lora_B, lora_x = rest[:n], rest[n : 2 * n], (rest[2 * n :] if ctx.has_lora_x else None)
+        want_x, want_b, want_ad = ctx.want
+        weight = dequantize(quant, x)
+        gx, _, gb, gA, gB, gxa = torch.ops.peftcore.lora_linear_backward(
+            grad.contiguous(), x, weight, lora_A, lora_B, scales, lora_x, [want_x, False, want_b, want_ad]
+        )
+        return (
+            gx if want_x else None,
+            *([None] * ctx.n_quant),
+            gb if want_b else None,
+            list(gA) if want_ad else [None] * n,
+            list(gB) if want_ad else [None] * n,
+            None,
+            list(gxa) if ctx.has_lora_x else None,
+        )
+
+    return backward
+
+
+def _dequantize_4bit_for(quant, x):
+    qweight, absmax, code, blocksize, n_absmax, n_code, n_offset, n_blocksize, out_features = quant
+    return torch.ops.peftcore.dequantize_4bit(
+        qweight, absmax, code, blocksize, n_absmax, n_code, n_offset, n_blocksize, out_features, x.shape[-1], x.dtype
+    )
+
+
+def _dequantize_int8_for(quant, x):
+    weight, row_scale = quant
+    return torch.ops.peftcore.dequantize_int8(weight, row_scale, x.dtype)
+
+
+torch.library.register_autograd(
+    "peftcore::lora_linear_4bit", _quantized_backward(_dequantize_4bit_for), setup_context=_quantized_setup(10)
+)
+torch.library.register_autograd(
+    "peftcore::lora_linear_int8", _quantized_backward(_dequantize_int8_for), setup_context=_quantized_setup(3)
 )

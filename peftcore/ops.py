@@ -42,3 +42,71 @@ def lora_embedding(
     scales float32 [n]. Returns [..., D] in weight.dtype (``reference.lora_embedding``).
     """
     return torch.ops.peftcore.lora_embedding(indices, weight, list(lora_A), list(lora_B), scales, padding_idx)
+
+
+def dequantize_4bit(
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    nested_offset: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """The [out, in] weight of a bitsandbytes nf4 / fp4 layer, in dtype
+    (``reference.dequantize_4bit`` gives the format)."""
+    return torch.ops.peftcore.dequantize_4bit(
+        qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
+        out_features, in_features, dtype,
+    )
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    out_features: int,
+    bias: Optional[torch.Tensor],
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    lora_x: Optional[Sequence[torch.Tensor]] = None,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    nested_offset: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ)·B_aᵀ)`` over a bitsandbytes 4-bit W,
+    read packed (never dequantized whole). See ``reference.lora_linear_4bit``."""
+    return torch.ops.peftcore.lora_linear_4bit(
+        x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
+        out_features, bias, list(lora_A), list(lora_B), scales, lora_x,
+    )
+
+
+def dequantize_int8(weight: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [out, in] weight of a bitsandbytes LLM.int8 layer (CB, SCB), in dtype."""
+    return torch.ops.peftcore.dequantize_int8(weight, row_scale, dtype)
+
+
+def lora_linear_int8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    lora_x: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ)·B_aᵀ)`` over a bitsandbytes int8 W
+    (CB int8 [out, in], SCB float32 [out]). See ``reference.lora_linear_int8``."""
+    return torch.ops.peftcore.lora_linear_int8(
+        x, weight, row_scale, bias, list(lora_A), list(lora_B), scales, lora_x
+    )

@@ -45,7 +45,12 @@ def lora_linear(
     lora_x: None, or one tensor shaped like x per adapter (the dropped-out LoRA input).
     Adapter tensors are float32 or x.dtype. Returns x.dtype, shape [..., out].
     """
-    out = F.linear(x, weight, bias)
+    return _add_lowrank(F.linear(x, weight, bias), x, lora_A, lora_B, scales, lora_x)
+
+
+def _add_lowrank(out, x, lora_A, lora_B, scales, lora_x):
+    """out (the base output, already in x.dtype) + Σ_a s_a·(x_a·A_aᵀ)·B_aᵀ, summed in
+    float32 (float64 for float64 x) and cast back to x.dtype once."""
     terms = _active(scales, lora_A)
     if not terms:
         return out
@@ -188,3 +193,111 @@ def lora_embedding_backward(
             gA.append(gAt.t().to(A.dtype).contiguous())  # every grad is contiguous (see _ops' fake kernels)
             gB.append(((g.t() @ t) * s).to(B.dtype))
     return gw, gA, gB
+
+
+# ------------------------------------------------------ bitsandbytes-quantized bases
+# The stored formats are bitsandbytes' own (see peft-format / bitsandbytes'
+# functional.py); these functions decode them from the definitions, without calling
+# bitsandbytes, so that bitsandbytes' dequantize can serve as an independent oracle.
+
+
+def dequantize_4bit(
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    nested_offset: Optional[torch.Tensor],
+    nested_blocksize: int,
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The [out, in] weight of a bitsandbytes 4-bit (nf4 / fp4) layer.
+
+    qweight: the packed bytes (any shape / storage dtype; viewed as uint8), row-major
+    W flattened, two codes per byte, the *high* nibble first. code: float32 [16], the
+    value of each 4-bit code. Element i belongs to block i // blocksize (blocks run
+    over the flattened weight, so they may straddle rows) and is code[q_i]·absmax[block].
+    absmax: float32 [n_blocks]; or, with double quantization (nested_* given), uint8
+    codes with absmax[b] = nested_code[q_b]·nested_absmax[b // nested_blocksize] + nested_offset.
+    Computed in float32 (float64 if dtype is float64), returned in dtype.
+    """
+    f = torch.float64 if dtype == torch.float64 else torch.float32
+    n = out_features * in_features
+    q = qweight.reshape(-1).view(torch.uint8)
+    idx = torch.stack([q >> 4, q & 0xF], dim=1).reshape(-1)[:n].long()
+    if nested_absmax is not None:
+        qa = absmax.reshape(-1).long()
+        nb = torch.arange(qa.numel(), device=qa.device) // nested_blocksize
+        scale = nested_code.to(f)[qa] * nested_absmax.to(f).reshape(-1)[nb] + nested_offset.to(f)
+    else:
+        scale = absmax.to(f).reshape(-1)
+    blk = torch.arange(n, device=q.device) // blocksize
+    w = code.to(f)[idx] * scale[blk]
+    return w.reshape(out_features, in_features).to(dtype)
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    nested_offset: Optional[torch.Tensor],
+    nested_blocksize: int,
+    out_features: int,
+    bias: Optional[torch.Tensor],
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    lora_x: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + b + Σ_a scales[a]·((x_a·A_aᵀ)·B_aᵀ) with W = dequantize_4bit(...).
+
+    The specification: the base product is taken against the exact float32 W with
+    float32 accumulation (+ bias in float32) and rounded to x.dtype once; the
+    low-rank terms are then added as in ``lora_linear``. Native kernels may round x
+    and W to bfloat16 for the products when x is bfloat16 / float16 (see the README's
+    accuracy contract); for float32 x they match this to float32 rounding.
+    """
+    f = _acc(x)
+    w = dequantize_4bit(
+        qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
+        out_features, x.shape[-1], f,
+    )
+    base = F.linear(x.to(f), w, None if bias is None else bias.to(f)).to(x.dtype)
+    return _add_lowrank(base, x, lora_A, lora_B, scales, lora_x)
+
+
+def dequantize_int8(weight: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] weight of a bitsandbytes LLM.int8 layer: W[o, i] = CB[o, i]·SCB[o]/127
+    (bitsandbytes multiplies by the float32 constant 1/127 = 7.874015718698502e-3).
+    weight: int8 [out, in]; row_scale: float32 [out] (SCB, each row's absmax)."""
+    f = torch.float64 if dtype == torch.float64 else torch.float32
+    inv127 = torch.tensor(7.874015718698502e-3, dtype=torch.float32).to(f)
+    return (weight.to(f) * row_scale.to(f).reshape(-1, 1) * inv127).to(dtype)
+
+
+def lora_linear_int8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    lora_x: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + b + Σ_a scales[a]·((x_a·A_aᵀ)·B_aᵀ) with W = dequantize_int8(weight, row_scale).
+
+    Same numerics as ``lora_linear_4bit``: exact float32 W, float32 accumulation,
+    one rounding of the base to x.dtype, then the low-rank terms.
+    """
+    f = _acc(x)
+    w = dequantize_int8(weight, row_scale, f)
+    base = F.linear(x.to(f), w, None if bias is None else bias.to(f)).to(x.dtype)
+    return _add_lowrank(base, x, lora_A, lora_B, scales, lora_x)
