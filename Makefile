@@ -19,7 +19,7 @@ $(VENV)/.deps: $(PY) pyproject.toml
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.deps
-	$(PIP) install -q pytest "peft==0.21.2" accelerate
+	$(PIP) install -q pytest "peft==0.21.2" accelerate "bitsandbytes==0.50.2"
 	touch $@
 
 build: $(VENV)/.deps

@@ -5,6 +5,9 @@ Environment:
                                 CUDA_HOME is found; 0: never; 1: required (error if impossible).
   TORCH_CUDA_ARCH_LIST          CUDA archs (default "8.0;9.0a+PTX").
   MAX_JOBS                      parallel compile jobs (read by torch's ninja builder).
+  PEFTCORE_CPU_BASELINE=avx2    an AVX2-only build (no AVX-512 code at all, every
+                                portable kernel compiled once for AVX2 + FMA): how the
+                                AVX2 table of benchmarks/README.md is measured.
 """
 from __future__ import annotations
 
@@ -69,6 +72,8 @@ def _extensions():
         link.append("-fopenmp")
     else:
         cxx.append("-fopenmp-simd")
+    if os.environ.get("PEFTCORE_CPU_BASELINE", "").strip().lower() == "avx2":
+        cxx += ["-DPEFTCORE_NO_AVX512", "-DPEFTCORE_NO_TARGET_CLONES", "-mavx2", "-mfma", "-mf16c"]
     kwargs = dict(
         name="peftcore._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
@@ -89,6 +94,8 @@ def _extensions():
     import platform
 
     isa = "x86-64 dispatch: avx512/avx2/generic" if platform.machine() in ("x86_64", "AMD64") else f"{platform.machine()}: generic"
+    if "-DPEFTCORE_NO_AVX512" in cxx:
+        isa = "x86-64 AVX2-only build"
     return [ext], f"peftcore build: CPU kernels ON ({isa}); {cuda_reason}"
 
 

@@ -33,4 +33,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_em
     const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,
     at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx, std::array<bool, 2> output_mask);
 
+// ---- bitsandbytes-quantized bases (formats: peftcore/reference.py)
+// lora_linear_4bit: y = x·Wᵀ + b + Σ_a s_a·(x_a·A_aᵀ)·B_aᵀ, W nf4/fp4 packed (+ double quant)
+at::Tensor lora_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code,
+                                const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
+                                at::TensorList lora_B, const at::Tensor& scales, std::optional<at::TensorList> lora_x);
+at::Tensor dequantize_4bit_cpu(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,
+                               int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code,
+                               const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                               int64_t out_features, int64_t in_features, at::ScalarType dtype);
+// lora_linear_int8: the same over W = CB·SCB/127 (LLM.int8 weights)
+at::Tensor lora_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
+                                const at::Tensor& scales, std::optional<at::TensorList> lora_x);
+at::Tensor dequantize_int8_cpu(const at::Tensor& weight, const at::Tensor& row_scale, at::ScalarType dtype);
+
 }  // namespace peftcore

@@ -35,6 +35,7 @@ from .api import (  # noqa: E402
     save_pretrained,
 )
 from .config import LoraConfig  # noqa: E402
+from .merge import merge_adapter, merge_and_unload, unload, unmerge_adapter  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterConfigError,
     AdapterFileNotFoundError,
@@ -65,6 +66,10 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "print_trainable_parameters",
+    "merge_adapter",
+    "unmerge_adapter",
+    "merge_and_unload",
+    "unload",
     "get_nb_trainable_parameters",
     "PeftcoreError",
     "AdapterConfigError",

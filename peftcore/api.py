@@ -50,7 +50,8 @@ def _pattern_value(patterns: dict, module_name: str, default):
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # PEFT's default (autocast_adapter_dtype): fp16/bf16 adapters are kept in fp32.
+    # PEFT's default (autocast_adapter_dtype): fp16/bf16 adapters are kept in fp32; so are
+    # adapters on bitsandbytes bases (uint8 / int8 weights).
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
@@ -75,12 +76,8 @@ class _Plan:
 
 def _shape_in_out(module: nn.Module) -> tuple[int, int, bool]:
     base = module.base_layer if isinstance(module, LoraLayer) else module
-    if isinstance(base, nn.Embedding):
-        return base.num_embeddings, base.embedding_dim, True
-    w = base.weight
-    if Conv1D and isinstance(base, Conv1D):
-        return w.shape[0], w.shape[1], False
-    return w.shape[1], w.shape[0], False
+    n_in, n_out = inject.base_shape(base)
+    return n_in, n_out, isinstance(base, nn.Embedding)
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:
@@ -300,6 +297,14 @@ def _mark_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: 
     return changed
 
 
+def _check_not_merged(model: nn.Module, verb: str) -> None:
+    merged = sorted({n for m in model.modules() if isinstance(m, LoraLayer) for n in m.merged_adapters})
+    if merged:
+        raise PeftcoreError(
+            f"{verb}: adapter(s) {merged} are merged into the base weights; call peftcore.unmerge_adapter(model) first"
+        )
+
+
 # ====================================================================== public API
 def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
     """Add a new, trainable LoRA adapter with PEFT's initialisation and make it the active one.
@@ -311,6 +316,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     if not isinstance(config, LoraConfig):
         raise AdapterConfigError(f"config must be a peftcore.LoraConfig, got {type(config).__name__}")
     _check_name(model, adapter_name)
+    _check_not_merged(model, "add_adapter")
     config.check_supported(new=True)
     plan = _plan_new(model, adapter_name, config)
     _commit(model, plan, trainable=True)
@@ -340,6 +346,7 @@ def load_adapter(
     ``AdapterFileNotFoundError`` (a ``FileNotFoundError``) naming the file, key or module,
     and leaves the model exactly as it was."""
     _check_name(model, adapter_name)
+    _check_not_merged(model, "load_adapter")
 
     def resolve(filename, required):
         return hub.resolve_file(
@@ -373,6 +380,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     st = get_state(model)
     if st is None or adapter_name not in st.configs:
         raise AdapterNameError(f"no adapter named {adapter_name!r}; loaded: {sorted(st.configs) if st else []}")
+    merged_in = [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.merged_adapters]
+    if merged_in:
+        raise PeftcoreError(
+            f"adapter {adapter_name!r} is merged into {merged_in[0]!r}" + (f" and {len(merged_in) - 1} more" if len(merged_in) > 1 else "")
+            + "; call peftcore.unmerge_adapter(model) before deleting it"
+        )
     for path, m in list(model.named_modules()):
         if isinstance(m, LoraLayer) and adapter_name in m.adapter_names:
             m.remove(adapter_name)
@@ -438,7 +451,10 @@ def from_pretrained(path_or_repo_id, *, model_class=None, adapter_name: str = "d
     The base comes from ``base_model_name_or_path`` (at the config's ``revision``) through
     transformers: ``model_class`` if given, else the Auto class for ``task_type``, else the
     class in ``auto_mapping``, else ``AutoModelForCausalLM``. ``base_kwargs`` (``torch_dtype``,
-    ``device_map``, ...) go to the base's ``from_pretrained``; ``revision``, ``subfolder`` and
+    ``device_map``, ``quantization_config``, ...) go to the base's ``from_pretrained``, where
+    ``load_in_8bit=True`` / ``load_in_4bit=True`` become a transformers ``BitsAndBytesConfig``
+    (transformers 5 no longer takes them bare; quantized bases must be on CPU, e.g.
+    ``device_map="cpu"``); ``revision``, ``subfolder`` and
     ``is_trainable`` apply to the adapter, ``token``, ``cache_dir`` and ``local_files_only``
     to both. Returns the model with the adapter active."""
     import transformers
@@ -461,11 +477,30 @@ def from_pretrained(path_or_repo_id, *, model_class=None, adapter_name: str = "d
             raise AdapterConfigError(f"{config_path}: transformers has no class {cls_name!r}")
     if config.revision is not None:
         base_kwargs.setdefault("revision", config.revision)
+    _quantization_kwargs(base_kwargs)
     model = model_class.from_pretrained(base_id, **base_kwargs)
     load_adapter(
         model, path_or_repo_id, adapter_name, revision=revision, subfolder=subfolder, is_trainable=is_trainable, **hub_kw
     )
     return model
+
+
+def _quantization_kwargs(base_kwargs: dict) -> None:
+    """transformers 5 refuses the bare ``load_in_8bit`` / ``load_in_4bit`` kwargs (the
+    model's __init__ gets them): turn them into a ``BitsAndBytesConfig``."""
+    l8 = bool(base_kwargs.pop("load_in_8bit", False))
+    l4 = bool(base_kwargs.pop("load_in_4bit", False))
+    if not (l8 or l4):
+        return
+    if l8 and l4:
+        raise PeftcoreError("from_pretrained: pass load_in_8bit=True or load_in_4bit=True, not both")
+    if base_kwargs.get("quantization_config") is not None:
+        raise PeftcoreError(
+            "from_pretrained: pass either quantization_config or load_in_8bit / load_in_4bit, not both"
+        )
+    from transformers import BitsAndBytesConfig
+
+    base_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=l8, load_in_4bit=l4)
 
 
 def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -10,7 +10,17 @@ import torch.nn as nn
 
 from .config import LoraConfig
 from .errors import AdapterConfigError, UnsupportedAdapterError
-from .layers import Conv1D, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
+from .layers import (
+    Conv1D,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    LoraLinear4bit,
+    LoraLinear8bit,
+    ModulesToSaveWrapper,
+    bnb_kind,
+    int8_state,
+)
 
 # PEFT's defaults for target_modules=None, per transformers model_type (LoRA).
 DEFAULT_TARGETS = {
@@ -55,6 +65,7 @@ def _base(module: nn.Module) -> nn.Module:
 
 
 def _is_linear(module: nn.Module) -> bool:
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear: PEFT's "all-linear" takes them too.
     return isinstance(_base(module), nn.Linear) or (bool(Conv1D) and isinstance(_base(module), Conv1D))
 
 
@@ -142,10 +153,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[
                 "transformers Conv1D and nn.Embedding"
             )
         w = getattr(b, "weight", None)
-        if type(b).__module__.startswith("bitsandbytes") or (w is not None and not w.is_floating_point()):
+        kind = bnb_kind(b)
+        if kind is not None:
+            check_quantized(n, b, kind)
+        elif w is not None and not w.is_floating_point():
             raise UnsupportedAdapterError(
-                f"module {n!r} is a quantized {type(b).__module__}.{type(b).__name__}; peftcore does not "
-                "adapt bitsandbytes layers yet"
+                f"module {n!r} is a {type(b).__module__}.{type(b).__name__} with a {w.dtype} weight; peftcore "
+                "adapts floating-point layers and bitsandbytes Linear4bit / Linear8bitLt only"
             )
         if isinstance(b, nn.Embedding) and (b.max_norm is not None or b.sparse or hasattr(b, "embed_scale")):
             raise UnsupportedAdapterError(
@@ -154,10 +168,75 @@ def find_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[
     return targets, found
 
 
+def quantized_device(b: nn.Module) -> torch.device:
+    """Where a bitsandbytes layer's quantized weight lives (a hook the tests patch to fake CUDA)."""
+    return b.weight.device
+
+
+def check_quantized(name: str, b: nn.Module, kind: str) -> None:
+    """Refuse a bitsandbytes layer peftcore cannot run (the model is not touched)."""
+    where = f"module {name!r} ({type(b).__name__})"
+    if kind == "other":
+        raise UnsupportedAdapterError(
+            f"{where} is a bitsandbytes {type(b).__name__}; peftcore adapts bitsandbytes Linear4bit and "
+            "Linear8bitLt only (not quantized embeddings or other bitsandbytes modules)"
+        )
+    w = b.weight
+    dev = quantized_device(b)
+    if dev.type != "cpu":
+        raise UnsupportedAdapterError(
+            f"{where} is quantized and on device {dev}; peftcore's quantized kernels run on CPU only "
+            "(no CUDA kernel yet). Load the base with device_map='cpu'"
+        )
+    if kind == "4bit":
+        qs = getattr(w, "quant_state", None)
+        if qs is None or not getattr(w, "bnb_quantized", True):
+            raise UnsupportedAdapterError(
+                f"{where}: the Params4bit weight is not quantized yet (no quant_state); move the layer to its "
+                "device (bitsandbytes quantizes on .to(device)) before adding adapters"
+            )
+        if qs.quant_type not in ("nf4", "fp4"):
+            raise UnsupportedAdapterError(f"{where}: quant_type {qs.quant_type!r} is not supported (nf4 and fp4 are)")
+        if len(qs.shape) != 2 or tuple(qs.shape) != (b.out_features, b.in_features):
+            raise UnsupportedAdapterError(
+                f"{where}: quantized shape {tuple(qs.shape)} does not match ({b.out_features}, {b.in_features})"
+            )
+    else:
+        if getattr(b.state, "has_fp16_weights", False):
+            raise UnsupportedAdapterError(
+                f"{where} has has_fp16_weights=True: its weights are not int8-quantized (bitsandbytes' mixed "
+                "training mode); peftcore adapts Linear8bitLt with has_fp16_weights=False only"
+            )
+        cb, scb = int8_state(b)
+        if cb.dtype != torch.int8 or scb is None or tuple(cb.shape) != (b.out_features, b.in_features):
+            raise UnsupportedAdapterError(
+                f"{where}: the weight is not quantized yet (weight dtype {cb.dtype}, SCB "
+                f"{'missing' if scb is None else 'present'}); move the layer to its device first"
+            )
+
+
+def base_shape(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a targetable base module."""
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    if bnb_kind(base) in ("4bit", "8bit"):  # the weight is packed: trust the module's sizes
+        return base.in_features, base.out_features
+    w = base.weight
+    if Conv1D and isinstance(base, Conv1D):
+        return w.shape[0], w.shape[1]
+    return w.shape[1], w.shape[0]
+
+
 def new_wrapper(module: nn.Module, device: torch.device) -> LoraLayer:
     """The LoRA layer that will carry adapters for a plain base module (its scale
     tensor on ``device``, the base weight's)."""
-    layer = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
+    kind = bnb_kind(module)
+    if kind == "4bit":
+        layer = LoraLinear4bit(module)
+    elif kind == "8bit":
+        layer = LoraLinear8bit(module)
+    else:
+        layer = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
     if device.type != "cpu":
         layer._buffers["lora_scales"] = layer.lora_scales.to(device)
     return layer

@@ -46,6 +46,7 @@ class LoraLayer(nn.Module):
             r={},  # name -> rank
             dropout_p={},  # name -> LoRA dropout probability (training only)
             _written=[],  # what lora_scales holds, to skip redundant writes
+            merged_adapters=[],  # adapters whose delta is merged into the base weight (scale 0 here)
         )
 
     # Order of adapters = order of the ParameterDict = order of lora_scales entries.
@@ -98,7 +99,9 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def set_active(self, active: list[str], enabled: bool) -> None:
         """Write the effective scales in place: ``scaling`` for active adapters, 0 otherwise."""
-        vals = [self.scaling[n] if enabled and n in active else 0.0 for n in self.scaling]
+        # A merged adapter is already in the base weight: its kernel scale stays 0.
+        merged = self.merged_adapters
+        vals = [self.scaling[n] if enabled and n in active and n not in merged else 0.0 for n in self.scaling]
         if vals == self._written:
             return
         if len(set(vals)) == 1:
@@ -109,6 +112,12 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]} scaling={self.scaling[n]:g}" for n in self.adapter_names)
+
+    def _dropped(self, x: torch.Tensor):
+        """PEFT drops out the LoRA input only, independently for each adapter (training only)."""
+        if self.training and any(p > 0 for p in self.dropout_p.values()):
+            return [F.dropout(x, p, True) if p > 0 else x for p in self.dropout_p.values()]
+        return None
 
 
 class LoraLinear(LoraLayer):
@@ -125,11 +134,147 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         weight = base.weight.t() if self.is_conv1d else base.weight
         lora_A, lora_B = self._lists()
-        lora_x = None
-        if self.training and any(p > 0 for p in self.dropout_p.values()):
-            # PEFT drops out the LoRA input only, independently for each adapter.
-            lora_x = [F.dropout(x, p, True) if p > 0 else x for p in self.dropout_p.values()]
+        lora_x = self._dropped(x)
         return torch.ops.peftcore.lora_linear(x, weight, base.bias, lora_A, lora_B, self.lora_scales, lora_x)
+
+
+# ---------------------------------------------------------------- bitsandbytes bases
+# bitsandbytes is optional: nothing below imports it at module import time.
+def bnb_kind(module: nn.Module) -> str | None:
+    """"4bit" for ``bitsandbytes.nn.Linear4bit``, "8bit" for ``Linear8bitLt``, "other" for any
+    other bitsandbytes module (Embedding4bit, ...), None for a module not from bitsandbytes."""
+    if not type(module).__module__.startswith("bitsandbytes"):
+        return None
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        return "4bit"
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return "8bit"
+    return "other"
+
+
+def unpack_cpu_4bit(base: nn.Module) -> bool:
+    """Undo bitsandbytes' CPU (AVX512-BF16) packed layout of a ``Linear4bit`` weight, exactly.
+
+    bitsandbytes converts a Linear4bit on its first eval-mode no-grad CPU forward
+    (``functional._convert_weight_packed_for_cpu``): the nibbles are interleaved in
+    [N, K/2] tiles, absmax becomes bfloat16 [K/blocksize, N] and double quantization is
+    dropped. Its own inverse re-quantizes absmax (lossy); here the nibbles are
+    un-interleaved bit for bit and ``absmax = packed_absmax.T.reshape(-1).float()``
+    (bf16 -> fp32 is exact), so the layer computes the very weight bitsandbytes used.
+    The result is bitsandbytes' standard layout (non-nested), which bitsandbytes itself
+    still runs (it re-packs on its next eligible forward). Returns True if it converted."""
+    w = base.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is None or not getattr(qs, "packing_format_for_cpu", False):
+        return False
+    packed = w.data.view(torch.uint8)
+    N, K_half = packed.shape
+    K, BLOCK_N = 2 * K_half, 32
+    # packed rows of 32 bytes hold 64 codes: low nibbles are tile entries 0..31, high 32..63.
+    tiles = packed.reshape(-1, 32)
+    codes = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # [-1, 64]
+    codes = codes.reshape(N // BLOCK_N, K_half, BLOCK_N, 2).transpose(1, 2).reshape(N, K)
+    flat = codes.reshape(-1)
+    qweight = ((flat[0::2] << 4) | flat[1::2]).to(torch.uint8)
+    qweight = qweight.reshape(qs.original_qshape)
+    storage = getattr(qs, "original_storage_type", None)
+    if storage is not None:
+        qweight = qweight.view(storage)
+    qs.absmax = qs.absmax.t().reshape(-1).float().contiguous()
+    qs.nested = False
+    qs.state2 = None
+    qs.offset = None
+    qs.dtype = qs.original_dtype
+    qs.packing_format_for_cpu = False
+    w.data = qweight
+    if getattr(base, "quant_state", None) is not None:
+        base.quant_state = qs
+    return True
+
+
+class LoraLinear4bit(LoraLayer):
+    """LoRA on ``bitsandbytes.nn.Linear4bit`` (nf4 / fp4, optional double quantization).
+
+    The forward runs ``peftcore::lora_linear_4bit`` on the layer's packed bytes and
+    quant state (never bitsandbytes' forward, never a dequantized weight). As bitsandbytes
+    does, x is cast to the layer's ``compute_dtype`` for the base product and the result is
+    returned in x's dtype. The LoRA branch sees the *original* x, as in PEFT:
+
+    * compute dtype narrower than x (fp32 x, bf16 compute): the base product reads x rounded
+      to the compute dtype (as bitsandbytes), kept in x's dtype, and the original x goes to
+      the LoRA terms as ``lora_x``; everything is summed at x's precision.
+    * compute dtype wider (bf16 x, fp32 compute): the upcast is exact, so base and LoRA
+      read it, are summed in fp32 and rounded to x's dtype once (PEFT rounds the base and
+      the LoRA output to x's dtype separately before adding: a one-ulp difference).
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        unpack_cpu_4bit(base_layer)  # no-op unless bitsandbytes already ran it on CPU
+        self.__dict__.update(in_features=base_layer.in_features, out_features=base_layer.out_features)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer
+        qs = base.weight.quant_state
+        if getattr(qs, "packing_format_for_cpu", False):  # bnb ran the base directly since
+            unpack_cpu_4bit(base)
+            qs = base.weight.quant_state
+        lora_A, lora_B = self._lists()
+        lora_x = self._dropped(x)
+        in_dtype = x.dtype
+        cdt = base.compute_dtype if getattr(base, "compute_type_is_set", base.compute_dtype is not None) else None
+        xc = x
+        if cdt is not None and cdt != in_dtype and x.is_floating_point():
+            if torch.finfo(cdt).bits < torch.finfo(in_dtype).bits:
+                # bitsandbytes rounds x to the compute dtype for the base product: do the
+                # same, but keep x's dtype so that the LoRA terms (on the original x, as
+                # PEFT feeds them) are added at x's precision.
+                xc = x.to(cdt).to(in_dtype)
+                if lora_x is None:
+                    lora_x = [x] * len(lora_A)
+            else:  # an exact upcast: the LoRA branch may read it
+                xc = x.to(cdt)
+        nested = bool(qs.nested)
+        out = torch.ops.peftcore.lora_linear_4bit(
+            xc, base.weight.data, qs.absmax, qs.code, int(qs.blocksize),
+            qs.state2.absmax if nested else None,
+            qs.state2.code if nested else None,
+            qs.offset.reshape(()).float() if nested else None,
+            int(qs.state2.blocksize) if nested else 0,
+            self.out_features, base.bias, lora_A, lora_B, self.lora_scales, lora_x,
+        )
+        return out.to(in_dtype)
+
+
+def int8_state(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB int8 [out, in], SCB float32 [out]) of a ``Linear8bitLt``: CB is the weight's data;
+    SCB is on the weight until bitsandbytes' first forward moves it to ``state.SCB``."""
+    scb = getattr(base.weight, "SCB", None)
+    if scb is None:
+        scb = base.state.SCB
+    return base.weight.data, scb
+
+
+class LoraLinear8bit(LoraLayer):
+    """LoRA on ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8, ``has_fp16_weights=False``).
+
+    The forward runs ``peftcore::lora_linear_int8`` on CB / SCB in x's dtype. The layer's
+    ``threshold`` (outlier decomposition) plays no part: peftcore computes against the exact
+    dequantized weight CB·SCB/127, which is what the outlier path approximates."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.__dict__.update(in_features=base_layer.in_features, out_features=base_layer.out_features)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer
+        cb, scb = int8_state(base)
+        lora_A, lora_B = self._lists()
+        return torch.ops.peftcore.lora_linear_int8(
+            x, cb, scb, base.bias, lora_A, lora_B, self.lora_scales, self._dropped(x)
+        )
 
 
 class LoraEmbedding(LoraLayer):

@@ -221,19 +221,22 @@ def dequantize_4bit(
     value of each 4-bit code. Element i belongs to block i // blocksize (blocks run
     over the flattened weight, so they may straddle rows) and is code[q_i]·absmax[block].
     absmax: float32 [n_blocks]; or, with double quantization (nested_* given), uint8
-    codes with absmax[b] = nested_code[q_b]·nested_absmax[b // nested_blocksize] + nested_offset.
-    Computed in float32 (float64 if dtype is float64), returned in dtype.
+    codes with absmax[b] = nested_code[q_b]·nested_absmax[b // nested_blocksize] + nested_offset
+    (float32). W = code·absmax in float32 (float64 if dtype is float64), returned in dtype.
     """
     f = torch.float64 if dtype == torch.float64 else torch.float32
     n = out_features * in_features
     q = qweight.reshape(-1).view(torch.uint8)
     idx = torch.stack([q >> 4, q & 0xF], dim=1).reshape(-1)[:n].long()
+    # Block scales are float32 values, as bitsandbytes resolves them (in float32,
+    # multiply then add), whatever the output dtype.
     if nested_absmax is not None:
         qa = absmax.reshape(-1).long()
         nb = torch.arange(qa.numel(), device=qa.device) // nested_blocksize
-        scale = nested_code.to(f)[qa] * nested_absmax.to(f).reshape(-1)[nb] + nested_offset.to(f)
+        scale = nested_code.float()[qa] * nested_absmax.float().reshape(-1)[nb] + nested_offset.float()
     else:
-        scale = absmax.to(f).reshape(-1)
+        scale = absmax.float().reshape(-1)
+    scale = scale.to(f)
     blk = torch.arange(n, device=q.device) // blocksize
     w = code.to(f)[idx] * scale[blk]
     return w.reshape(out_features, in_features).to(dtype)

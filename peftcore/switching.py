@@ -63,6 +63,8 @@ def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]]) -> None:
     unknown = [n for n in names if n not in st.configs]
     if unknown:
         raise AdapterNameError(f"unknown adapter(s) {unknown}; loaded: {sorted(st.configs)}")
+    if names != st.active:
+        _unmerge_first(model, "set_adapter")
     st.active = names
     apply_state(model, st)
 
@@ -85,6 +87,7 @@ def disable_adapters(model: nn.Module) -> None:
     modules_to_save modules run their originals. Biases that an adapter with
     ``bias != "none"`` wrote into the base stay (as in PEFT)."""
     st = _require_state(model)
+    _unmerge_first(model, "disable_adapters")
     st.enabled = False
     apply_state(model, st)
 
@@ -95,12 +98,18 @@ def adapters_disabled(model: nn.Module):
     the previous enabled state."""
     st = _require_state(model)
     prev = st.enabled
-    disable_adapters(model)
+    disable_adapters(model)  # unmerges merged adapters first (as PEFT does)
     try:
         yield model
     finally:
         st.enabled = prev
         apply_state(model, st)
+
+
+def _unmerge_first(model: nn.Module, why: str) -> None:
+    from .merge import unmerge_for_switch  # merge imports this module
+
+    unmerge_for_switch(model, why)
 
 
 def after_delete(model: nn.Module, st: AdapterState, name: str) -> None:

@@ -270,3 +270,111 @@ def perturb_trainable(model: nn.Module, seed: int = 0) -> None:
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|."""
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12)).item()
+
+
+# ---------------------------------------------------------------------- bitsandbytes-quantized bases
+#: Sizes of the quantized tiny models. bitsandbytes' CPU path needs in_features to be a
+#: multiple of the blocksize and out_features a multiple of 32 (its packed CPU layout;
+#: smaller layers crash in bitsandbytes' first eval forward), so these are 4x tiny_*.
+QUANT_SIZES = {
+    "llama": dict(hidden_size=128, intermediate_size=256),
+    "opt": dict(hidden_size=128, ffn_dim=256, word_embed_proj_dim=128),
+}
+
+
+def saved_tiny(tmp_path, arch: str = "llama", seed: int = 0, **overrides) -> str:
+    """Save ``tiny_<arch>(seed, **QUANT_SIZES[arch], **overrides)`` (fp32) to ``tmp_path/base_<arch>``
+    (once) and return the folder, for ``quantized_model`` / ``from_pretrained``."""
+    out = os.path.join(os.fspath(tmp_path), f"base_{arch}_{seed}")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        build = {"llama": tiny_llama, "opt": tiny_opt}[arch]
+        build(seed, **{**QUANT_SIZES[arch], **overrides}).save_pretrained(out)
+    return out
+
+
+def quantized_model(model_dir: str, bits: int = 4, *, quant_type: str = "nf4", double_quant: bool = True,
+                    blocksize: int = 64, compute_dtype=torch.float32, torch_dtype=None, threshold: float = 6.0,
+                    quant_storage=torch.uint8):
+    """The model in ``model_dir`` loaded by transformers with bitsandbytes quantization on
+    CPU (``device_map="cpu"``), in eval mode.
+
+    bits=4: ``Linear4bit`` (quant_type, double quant, compute dtype); transformers always
+    uses blocksize 64, so another ``blocksize`` re-quantizes every Linear4bit from the
+    checkpoint's fp32 weights with it; ``quant_storage`` is the packed bytes' storage dtype. bits=8: ``Linear8bitLt`` (``threshold``)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == 8:
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
+    else:
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
+                                bnb_4bit_quant_storage=quant_storage)
+    kw = {} if torch_dtype is None else {"dtype": torch_dtype}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qc, device_map="cpu", **kw)
+    if bits == 4 and blocksize != 64:
+        import bitsandbytes as bnb
+
+        dense = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+        for name, m in model.named_modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                w = dense[name + ".weight"].to(m.weight.quant_state.dtype)
+                p = bnb.nn.Params4bit(w, requires_grad=False, blocksize=blocksize, compress_statistics=double_quant,
+                                      quant_type=quant_type, quant_storage=m.weight.quant_storage, module=m)
+                m.weight = p.to("cpu")  # bitsandbytes quantizes on .to(device)
+    return model.eval()
+
+
+class DequantLinear(nn.Linear):
+    """Oracle for a bitsandbytes layer: nn.Linear holding bitsandbytes' own dequantization
+    of the layer's weight (float32), optionally rounding x to ``round_to`` first (what
+    Linear4bit does with a narrower ``compute_dtype``)."""
+
+    round_to = None
+
+    def forward(self, x):
+        if self.round_to is not None and self.round_to != x.dtype:
+            x = x.to(self.round_to).to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def bnb_dense_weight(layer: nn.Module) -> torch.Tensor:
+    """bitsandbytes' dequantization (float32) of a Linear4bit / Linear8bitLt weight, read in
+    its standard layout (a packed CPU layout is read through bitsandbytes' dequantizer of
+    a deep copy after bitsandbytes' own inverse conversion)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    if isinstance(layer, bnb.nn.Linear4bit):
+        w = layer.weight
+        qs = w.quant_state
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise ValueError("weight is in bitsandbytes' packed CPU layout; read it before a bnb forward")
+        return bf.dequantize_4bit(w.data, qs).float()
+    scb = getattr(layer.weight, "SCB", None)
+    if scb is None:
+        scb = layer.state.SCB
+    return bf.int8_vectorwise_dequant(layer.weight.data, scb).float()
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of a bitsandbytes-quantized model whose Linear4bit / Linear8bitLt layers
+    are ``DequantLinear`` with bitsandbytes' dequantized weight: the exact oracle peftcore's
+    quantized kernels are specified against. The model's ``is_loaded_in_*`` flags are
+    dropped so that PEFT treats the copies as plain nn.Linear."""
+    import bitsandbytes as bnb
+
+    out = copy.deepcopy(model)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        out.__dict__.pop(flag, None)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            lin = DequantLinear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight = nn.Parameter(bnb_dense_weight(m), requires_grad=False)
+            if m.bias is not None:
+                lin.bias = nn.Parameter(m.bias.detach().float().clone(), requires_grad=False)
+            cdt = getattr(m, "compute_dtype", None)
+            if isinstance(m, bnb.nn.Linear4bit) and cdt is not None:
+                lin.round_to = cdt
+            parent_name, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent_name) if parent_name else out, child, lin)
+    return out.eval()

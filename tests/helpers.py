@@ -62,3 +62,62 @@ def assert_no_worse_than_reference(native: torch.Tensor, ref: torch.Tensor, exac
         f"native max error {err_native:.3e} > {factor} x reference error {err_ref:.3e} + {slack:.3e} "
         f"(dtype {native.dtype})"
     )
+
+
+# ------------------------------------------------ quantized bases (lora_linear_4bit / _int8)
+# Native kernel vs reference.py. The reference multiplies x by the exact float32 W
+# (dequantized) with float32 accumulation; the native kernel
+#   * for float32 x: float32 products and accumulation, in another order (panels of
+#     decoded rows, SIMD lanes): sums of K <= 512 terms differ by ~sqrt(K)·2^-24 ~ 1e-6
+#     relative to the magnitudes summed; 1e-5 leaves margin;
+#   * for bfloat16 / float16 x: x and the dequantized W each rounded to bfloat16 once
+#     (8 significant bits, unit roundoff u = 2^-8), products exact in float32, float32
+#     accumulation. Each product x_k·w_k then errs by at most 2^-8·|x_k·w_k| when x is
+#     already bfloat16 (only w rounded) and 2·2^-8 (+2^-16) when x is float16 (both
+#     rounded), so the sum errs by at most PRODUCT_ERROR·Σ_k |x_k|·|w_k| (a worst case:
+#     random errors typically cancel to ~1/sqrt(K) of it, but the bound never flakes);
+#   * float64 x (gradcheck): float64 throughout, 1e-12.
+# On top, each side rounds to x.dtype up to twice (the base, then base + low-rank
+# branch), each rounding within u_dt = eps_dt / 2 of the value rounded, so both sides
+# together differ by at most eps_dt·(|base| + |y|) there; the low-rank branch itself is
+# float32 on both sides (covered by the accumulation term). Hence, per output element,
+#   |native - reference| <= PRODUCT_ERROR[dt]·S_base + eps_dt·(|base| + |y|) + ACC_ERROR[dt]·S
+# with S_base = |x|·|W|ᵀ + |b| and S = S_base + Σ_a |s_a|·(|x_a|·|A_a|ᵀ)·|B_a|ᵀ (the
+# magnitudes summed), times a 1.1 margin for second-order terms.
+QUANT_PRODUCT_ERROR: dict[torch.dtype, float] = {
+    torch.float32: 0.0,
+    torch.float64: 0.0,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2 * 2.0**-8 + 2.0**-16,
+}
+QUANT_ACC_ERROR: dict[torch.dtype, float] = {
+    torch.float32: 1e-5,
+    torch.float64: 1e-12,
+    torch.bfloat16: 1e-5,
+    torch.float16: 1e-5,
+}
+
+
+def quant_tolerance(dtype: torch.dtype, s_base: torch.Tensor, s_all: torch.Tensor, base: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor:
+    """Per-element bound (float64) on |native - reference| for the quantized ops (see above).
+    float32 / float64 outputs are rounded the same way on both sides to within their
+    accumulation error, so the rounding term only applies to bfloat16 / float16."""
+    rounding = eps(dtype) * (base.double().abs() + y.double().abs()) if dtype in (torch.bfloat16, torch.float16) else 0.0
+    return 1.1 * (QUANT_PRODUCT_ERROR[dtype] * s_base + rounding + QUANT_ACC_ERROR[dtype] * s_all)
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, what: str = ""):
+    """|got - want| <= bound element-wise (float64), with the worst offender in the message."""
+    assert got.shape == want.shape == bound.shape, (got.shape, want.shape, bound.shape)
+    if got.numel() == 0:
+        return
+    err = (got.double() - want.double()).abs()
+    ratio = err / bound.clamp_min(1e-300)
+    i = int(ratio.reshape(-1).argmax())
+    worst = ratio.reshape(-1)[i].item()
+    assert worst <= 1.0, (
+        f"{what}: |got - want| = {err.reshape(-1)[i].item():.3e} at flat index {i} exceeds the bound "
+        f"{bound.reshape(-1)[i].item():.3e} ({worst:.2f}x; got {got.reshape(-1)[i].item():.6g}, "
+        f"want {want.reshape(-1)[i].item():.6g}, dtype {got.dtype})"
+    )

@@ -4,7 +4,11 @@ Every ``peftcore::`` op has an ``OpInfo`` in ``OPS``: the op, its reference.py
 version, and a generator of ``SampleInput``s over small and awkward shapes (rank 1,
 odd in/out, batch 1, empty batch, 3-D inputs, non-contiguous x, transposed weight
 views, 0/1/3 adapters of different ranks, a rank-0 adapter, a scale-0 adapter full of
-NaN, per-adapter lora_x, ...). Generators take the compute dtype, the adapter dtype
+NaN, per-adapter lora_x, ...). The quantized-base ops (``dequantize_4bit``, ``lora_linear_4bit``,
+``dequantize_int8``, ``lora_linear_int8``) get weights quantized by bitsandbytes itself,
+over odd shapes, every blocksize from 32 to 4096 (blocks straddling rows, a block larger
+than the weight), nf4 / fp4, nested statistics or not; without bitsandbytes their
+generators yield nothing. Generators take the compute dtype, the adapter dtype
 (float32 or the compute dtype) and whether the differentiable inputs require grad.
 Samples are deterministic (seeded per case).
 """
@@ -54,6 +58,7 @@ class OpInfo:
     ref: Callable  # reference.<name>
     sample_inputs: Callable[..., Iterator[SampleInput]]
     differentiable: bool  # has an autograd formula (the forward ops)
+    requires: tuple = ()  # optional packages the samples need (none without them)
 
 
 def _gen(name: str, dtype: torch.dtype) -> torch.Generator:
@@ -218,6 +223,262 @@ def sample_lora_embedding_backward(dtype, adapter_dtype=None, requires_grad=Fals
             )
 
 
+# ------------------------------------------------------- bitsandbytes-quantized bases
+# The quantized weights are made by bitsandbytes itself (its own packing, block
+# scales, nested statistics), so the samples test peftcore against the real format.
+# Without bitsandbytes the quantized generators yield nothing (the ops' OpInfo says
+# so in ``requires``) and the rest of this file works as before.
+
+_BNB: list = []
+
+
+def bnb_functional():
+    """``bitsandbytes.functional``, or None when bitsandbytes is not importable."""
+    if not _BNB:
+        import logging
+
+        # bitsandbytes logs at import (e.g. a CPU kernel hub it cannot reach); not our business.
+        logger = logging.getLogger("bitsandbytes")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            import bitsandbytes.functional as bnbF
+        except Exception:  # ImportError, or a broken native library
+            bnbF = None
+        finally:
+            logger.setLevel(level)
+        _BNB.append(bnbF)
+    return _BNB[0]
+
+
+def have_bnb() -> bool:
+    return bnb_functional() is not None
+
+
+def _quant_weight(g, fout, fin, zero_row=False):
+    # A float32 weight with rows of different magnitudes (so row / block scales differ)
+    w = torch.randn(fout, fin, generator=g, dtype=torch.float64) * fin**-0.5
+    w = w * (0.25 + 1.75 * torch.rand(fout, 1, generator=g, dtype=torch.float64))
+    if zero_row and fout > 1:
+        w[fout // 2] = 0.0  # an all-zero row: block scale / row scale 0
+    return w.float()
+
+
+def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, nested: bool, quant_storage=torch.uint8):
+    """bitsandbytes' own 4-bit quantization of w ([out, in] float32), as the op's
+    arguments: dict(qweight, absmax, code, blocksize, nested_absmax, nested_code,
+    nested_offset, nested_blocksize) plus ``state`` (bitsandbytes' QuantState)."""
+    bnbF = bnb_functional()
+    q, st = bnbF.quantize_4bit(
+        w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type, quant_storage=quant_storage
+    )
+    d = dict(qweight=q, absmax=st.absmax, code=st.code, blocksize=st.blocksize, nested_absmax=None,
+             nested_code=None, nested_offset=None, nested_blocksize=256, state=st)
+    if nested:
+        d.update(nested_absmax=st.state2.absmax, nested_code=st.state2.code,
+                 nested_offset=st.offset.reshape(()).float(), nested_blocksize=st.state2.blocksize)
+    return d
+
+
+def quantize_int8(w: torch.Tensor):
+    """bitsandbytes' LLM.int8 row-wise quantization of w: (CB int8 [out, in], SCB float32 [out])."""
+    CB, SCB, _ = bnb_functional().int8_vectorwise_quant(w.half())
+    return CB, SCB
+
+
+def _adapters(g, o, fin, fout, ranks, adapter_dtype, requires_grad):
+    lora_A, lora_B = [], []
+    for a, r in enumerate(ranks):
+        A = _randn(g, r, fin, dtype=adapter_dtype, scale=fin**-0.5)
+        B = _randn(g, fout, r, dtype=adapter_dtype, scale=max(r, 1) ** -0.5)
+        if a in o.get("nan", ()):
+            A.fill_(float("nan"))
+            B.fill_(float("nan"))
+        lora_A.append(A.requires_grad_(requires_grad))
+        lora_B.append(B.requires_grad_(requires_grad))
+    return lora_A, lora_B
+
+
+def _x(g, lead, fin, dtype, o):
+    if o.get("noncontig_x"):
+        x = _randn(g, fin, *lead, dtype=dtype).movedim(0, -1)  # [.., in] with stride(-1) != 1
+        assert not x.is_contiguous()
+        return x
+    return _randn(g, *lead, fin, dtype=dtype)
+
+
+# name: (leading dims of x, in, out, blocksize, quant type, nested, adapter ranks, options)
+# Awkward on purpose: the native kernel has SIMD fast paths (out in multiples of 16/32,
+# in in multiples of 64, blocks inside a row) and generic tails for everything else.
+# "numerics_only": a kernel-path variant (shape / blocksize) that exercises nothing new
+# for the schema, fake kernel or autograd registration: tests/ops/test_opcheck.py skips
+# it (opcheck costs ~0.15 s a sample), the numerical tests run it.
+QUANT4_CASES = {
+    "nf4_5x64x24_bs64": ((5,), 64, 24, 64, "nf4", False, (4,), {}),
+    "fp4_decode_7x13_bs32": ((1,), 7, 13, 32, "fp4", False, (1,), {"bias": False}),
+    "nested_3d_65x33_bs64": ((2, 3), 65, 33, 64, "nf4", True, (8, 2, 5), {}),
+    "tiny_1x1_bs64": ((2,), 1, 1, 64, "nf4", False, (1,), {}),  # blocksize > numel, half a byte
+    "in1_out100_bs32": ((5,), 1, 100, 32, "fp4", False, (2,), {"numerics_only": True}),
+    "straddle_31x3_bs32_fp4_nested": ((5,), 31, 3, 32, "fp4", True, (2,), {"numerics_only": True}),
+    "straddle_63x100_bs128_fp4_nested": ((7,), 63, 100, 128, "fp4", True, (4,), {"numerics_only": True}),
+    "straddle_100x33_bs256": ((16,), 100, 33, 256, "nf4", False, (3, 5), {"zero_row": True, "numerics_only": True}),
+    "straddle_130x13_bs1024_nested": ((2,), 130, 13, 1024, "nf4", True, (2,), {"numerics_only": True}),
+    "bs4096_gt_numel_65x3_fp4": ((5,), 65, 3, 4096, "fp4", False, (2,), {"numerics_only": True}),
+    "bs4096_256x100_nested_33tok": ((33,), 256, 100, 4096, "nf4", True, (16,), {"numerics_only": True}),
+    "nested_800blocks_256x100_bs32": ((5,), 256, 100, 32, "nf4", True, (4,), {"numerics_only": True}),
+    "fast_16x256x64_bs64": ((16,), 256, 64, 64, "nf4", False, (16, 8), {"numerics_only": True}),
+    "fast_3d_512x32_bs128_fp4": ((3, 11), 512, 32, 128, "fp4", False, (8,), {"numerics_only": True}),
+    "storage_bf16_64x24": ((2,), 64, 24, 64, "nf4", True, (4,), {"storage": torch.bfloat16}),
+    "x_1d": ((), 31, 13, 64, "nf4", False, (2,), {}),
+    "empty_batch": ((0,), 64, 16, 64, "nf4", False, (4,), {}),
+    "empty_3d": ((2, 0), 64, 16, 64, "fp4", True, (4, 2), {}),
+    "noncontig_x": ((6,), 64, 33, 64, "nf4", False, (4, 3), {"noncontig_x": True}),
+    "no_adapters": ((3,), 100, 13, 64, "nf4", True, (), {}),
+    "rank0_adapter": ((3,), 64, 24, 64, "fp4", False, (4, 0, 2), {}),
+    "scale0_nan_adapter": ((3,), 64, 24, 128, "nf4", False, (4, 3), {"zero": (1,), "nan": (1,)}),
+    "lora_x": ((2, 3), 64, 24, 64, "nf4", True, (4, 2), {"lora_x": True}),
+    "all_scales_zero": ((5,), 64, 24, 64, "nf4", False, (4, 4), {"zero": (0, 1)}),
+}
+
+
+# The dequantize ops have no autograd and one output: opcheck needs only these
+# (plain, nested, non-uint8 storage, half a byte); the rest is numerics.
+DEQUANT_OPCHECK = {"nf4_5x64x24_bs64", "fp4_decode_7x13_bs32", "nested_3d_65x33_bs64", "tiny_1x1_bs64",
+                   "storage_bf16_64x24", "basic_5x64x24", "decode_7x13", "zero_row_64x16"}
+
+
+def _quant4_case(name, fin, fout, bs, qt, nested, o):
+    # The weight depends on the case only (not the compute dtype): same quantized layer
+    # seen through every dtype.
+    g = _gen("w4:" + name, torch.float32)
+    w = _quant_weight(g, fout, fin, o.get("zero_row", False))
+    return w, quantize_4bit(w, bs, qt, nested, o.get("storage", torch.uint8))
+
+
+def _quant4_args(q, fout):
+    return (q["qweight"], q["absmax"], q["code"], q["blocksize"], q["nested_absmax"], q["nested_code"],
+            q["nested_offset"], q["nested_blocksize"], fout)
+
+
+def sample_lora_linear_4bit(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+    nested_blocksize, out_features, bias, lora_A, lora_B, scales, lora_x)."""
+    if not have_bnb():
+        return
+    adapter_dtype = adapter_dtype or dtype
+    for name, (lead, fin, fout, bs, qt, nested, ranks, o) in QUANT4_CASES.items():
+        w, q = _quant4_case(name, fin, fout, bs, qt, nested, o)
+        g = _gen(name, dtype)
+        x = _x(g, lead, fin, dtype, o)
+        bias = _randn(g, fout, dtype=dtype).requires_grad_(requires_grad) if o.get("bias", True) else None
+        lora_A, lora_B = _adapters(g, o, fin, fout, ranks, adapter_dtype, requires_grad)
+        scales = _scales(g, len(ranks), o.get("zero", ()))
+        lora_x = [_randn(g, *x.shape, dtype=dtype).requires_grad_(requires_grad) for _ in ranks] if o.get("lora_x") else None
+        x.requires_grad_(requires_grad)
+        n_el = x.numel() * (1 + len(ranks) * bool(lora_x)) + (fout if bias is not None else 0) + sum(
+            t.numel() for t in (*lora_A, *lora_B)
+        )
+        yield SampleInput(
+            name,
+            (x, *_quant4_args(q, fout), bias, lora_A, lora_B, scales, lora_x),
+            all_scales_zero=bool(ranks) and len(o.get("zero", ())) == len(ranks),
+            n_elements=n_el,
+            meta=dict(weight=w, state=q["state"], quant_type=qt, in_features=fin,
+                      opcheck=not o.get("numerics_only", False)),
+        )
+
+
+def sample_dequantize_4bit(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+    nested_blocksize, out_features, in_features, dtype); one per distinct quantized weight."""
+    if not have_bnb():
+        return
+    seen = set()
+    for name, (lead, fin, fout, bs, qt, nested, ranks, o) in QUANT4_CASES.items():
+        key = (fin, fout, bs, qt, nested, o.get("storage"), o.get("zero_row", False))
+        if key in seen:
+            continue
+        seen.add(key)
+        w, q = _quant4_case(name, fin, fout, bs, qt, nested, o)
+        yield SampleInput(
+            name,
+            (*_quant4_args(q, fout), fin, dtype),
+            meta=dict(weight=w, state=q["state"], quant_type=qt, in_features=fin, opcheck=name in DEQUANT_OPCHECK),
+        )
+
+
+# name: (leading dims of x, in, out, adapter ranks, options)
+INT8_CASES = {
+    "basic_5x64x24": ((5,), 64, 24, (4,), {}),
+    "decode_7x13": ((1,), 7, 13, (1,), {"bias": False}),
+    "3adapters_3d_65x33": ((2, 3), 65, 33, (8, 2, 5), {}),
+    "tiny_1x1": ((2,), 1, 1, (1,), {"numerics_only": True}),
+    "31x3": ((5,), 31, 3, (2,), {"numerics_only": True}),
+    "63x100_7tok": ((7,), 63, 100, (4,), {"numerics_only": True}),
+    "100x33_16tok": ((16,), 100, 33, (3, 5), {"numerics_only": True}),
+    "130x13": ((2,), 130, 13, (2,), {"numerics_only": True}),
+    "256x100_33tok": ((33,), 256, 100, (16,), {"numerics_only": True}),
+    "fast_16x256x64": ((16,), 256, 64, (16, 8), {"numerics_only": True}),
+    "fast_3d_512x32": ((3, 11), 512, 32, (8,), {"numerics_only": True}),
+    "zero_row_64x16": ((5,), 64, 16, (2,), {"zero_row": True, "numerics_only": True}),
+    "x_1d": ((), 31, 13, (2,), {}),
+    "empty_batch": ((0,), 64, 16, (4,), {}),
+    "empty_3d": ((2, 0), 64, 16, (4, 2), {}),
+    "noncontig_x": ((6,), 64, 33, (4, 3), {"noncontig_x": True}),
+    "no_adapters": ((3,), 100, 13, (), {}),
+    "rank0_adapter": ((3,), 64, 24, (4, 0, 2), {}),
+    "scale0_nan_adapter": ((3,), 64, 24, (4, 3), {"zero": (1,), "nan": (1,)}),
+    "lora_x": ((2, 3), 64, 24, (4, 2), {"lora_x": True}),
+    "all_scales_zero": ((5,), 64, 24, (4, 4), {"zero": (0, 1)}),
+}
+
+
+def _int8_case(name, fin, fout, o):
+    g = _gen("w8:" + name, torch.float32)
+    w = _quant_weight(g, fout, fin, o.get("zero_row", False))
+    return w, *quantize_int8(w)
+
+
+def sample_lora_linear_int8(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, weight_int8, row_scale, bias, lora_A, lora_B, scales, lora_x)."""
+    if not have_bnb():
+        return
+    adapter_dtype = adapter_dtype or dtype
+    for name, (lead, fin, fout, ranks, o) in INT8_CASES.items():
+        w, CB, SCB = _int8_case(name, fin, fout, o)
+        g = _gen(name, dtype)
+        x = _x(g, lead, fin, dtype, o)
+        bias = _randn(g, fout, dtype=dtype).requires_grad_(requires_grad) if o.get("bias", True) else None
+        lora_A, lora_B = _adapters(g, o, fin, fout, ranks, adapter_dtype, requires_grad)
+        scales = _scales(g, len(ranks), o.get("zero", ()))
+        lora_x = [_randn(g, *x.shape, dtype=dtype).requires_grad_(requires_grad) for _ in ranks] if o.get("lora_x") else None
+        x.requires_grad_(requires_grad)
+        n_el = x.numel() * (1 + len(ranks) * bool(lora_x)) + (fout if bias is not None else 0) + sum(
+            t.numel() for t in (*lora_A, *lora_B)
+        )
+        yield SampleInput(
+            name,
+            (x, CB, SCB, bias, lora_A, lora_B, scales, lora_x),
+            all_scales_zero=bool(ranks) and len(o.get("zero", ())) == len(ranks),
+            n_elements=n_el,
+            meta=dict(weight=w, opcheck=not o.get("numerics_only", False)),
+        )
+
+
+def sample_dequantize_int8(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (weight_int8, row_scale, dtype); one per distinct quantized weight."""
+    if not have_bnb():
+        return
+    seen = set()
+    for name, (lead, fin, fout, ranks, o) in INT8_CASES.items():
+        key = (fin, fout, o.get("zero_row", False))
+        if key in seen:
+            continue
+        seen.add(key)
+        w, CB, SCB = _int8_case(name, fin, fout, o)
+        yield SampleInput(name, (CB, SCB, dtype), meta=dict(weight=w, opcheck=name in DEQUANT_OPCHECK))
+
+
 OPS: dict[str, OpInfo] = {
     "lora_linear": OpInfo(
         "lora_linear", torch.ops.peftcore.lora_linear, reference.lora_linear, sample_lora_linear, True
@@ -239,7 +500,33 @@ OPS: dict[str, OpInfo] = {
         sample_lora_embedding_backward,
         False,
     ),
+    "dequantize_4bit": OpInfo(
+        "dequantize_4bit", torch.ops.peftcore.dequantize_4bit, reference.dequantize_4bit, sample_dequantize_4bit,
+        False, requires=("bitsandbytes",),
+    ),
+    "lora_linear_4bit": OpInfo(
+        "lora_linear_4bit", torch.ops.peftcore.lora_linear_4bit, reference.lora_linear_4bit, sample_lora_linear_4bit,
+        True, requires=("bitsandbytes",),
+    ),
+    "dequantize_int8": OpInfo(
+        "dequantize_int8", torch.ops.peftcore.dequantize_int8, reference.dequantize_int8, sample_dequantize_int8,
+        False, requires=("bitsandbytes",),
+    ),
+    "lora_linear_int8": OpInfo(
+        "lora_linear_int8", torch.ops.peftcore.lora_linear_int8, reference.lora_linear_int8, sample_lora_linear_int8,
+        True, requires=("bitsandbytes",),
+    ),
 }
+
+
+def missing_requirements(info: OpInfo) -> list[str]:
+    """The optional packages an op's samples need that are not importable here."""
+    import importlib.util
+
+    def ok(pkg):
+        return have_bnb() if pkg == "bitsandbytes" else importlib.util.find_spec(pkg) is not None
+
+    return [p for p in info.requires if not ok(p)]
 
 
 def to_exact(args: tuple) -> tuple:

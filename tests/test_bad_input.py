@@ -420,8 +420,8 @@ def test_save_over_existing_folder_replaces_files(dirs, tmp_path):
 
 
 def test_quantized_target_refused(dirs):
-    """A targeted layer whose weight is not floating point (what a bitsandbytes int8 layer
-    holds) is refused, naming the module, until peftcore has quantized kernels."""
+    """A targeted plain layer whose weight is not floating point is refused, naming the
+    module (bitsandbytes Linear4bit / Linear8bitLt are adapted: tests/test_quantized.py)."""
     m = tiny_opt()
     q = m.model.decoder.layers[0].self_attn.q_proj
     q.weight = torch.nn.Parameter(torch.zeros(q.weight.shape, dtype=torch.int8), requires_grad=False)

@@ -14,19 +14,14 @@
 #include "../common/checks.h"
 #include "../ops.h"
 #include "lowrank.h"
+#include "linear_common.h"
 #include "lowrank_parallel.h"
 
 namespace peftcore {
 namespace {
 
-struct LinearDims {
-  int64_t n;    // rows: product of x's leading dims
-  int64_t in;   // in_features
-  int64_t out;  // out_features
-};
-
 // All checks of the forward and backward, done once at the boundary.
-LinearDims check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+cpu::LinearDims check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
                              const at::Tensor& scales, const std::optional<at::TensorList>& lora_x) {
   const auto cpu = at::kCPU;
@@ -50,59 +45,8 @@ LinearDims check_linear_args(const char* op, const at::Tensor& x, const at::Tens
   }
   check_adapters(op, lora_A, lora_B, scales, cpu, x.scalar_type(), in, "x.shape[-1] (in_features)", out,
                  "weight.shape[0] (out_features)");
-  if (lora_x.has_value()) {
-    check_same_count(op, "lora_x", lora_x->size(), "lora_A", lora_A.size());
-    for (size_t a = 0; a < lora_x->size(); ++a) {
-      const std::string xn = indexed("lora_x", a);
-      const at::Tensor& xa = (*lora_x)[a];
-      check_defined(op, xa, xn);
-      check_device(op, xa, xn, cpu);
-      check_float_dtype(op, xa, xn);
-      TORCH_CHECK(xa.sizes() == x.sizes(), "peftcore::", op, ": ", xn, " has shape ", xa.sizes(),
-                  " but x has shape ", x.sizes(), " (each lora_x is the adapter's view of x)");
-    }
-  }
-  int64_t n = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) n *= x.size(d);
-  return {n, in, out};
-}
-
-// y += Σ_active s_a · (x_a·A_aᵀ)·B_aᵀ in acc_t, rounded once into y's dtype xt.
-template <typename xt, typename acc_t>
-void add_lowrank(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B,
-                 const std::optional<at::TensorList>& lora_x, const std::vector<cpu::ActiveAdapter>& active,
-                 int64_t R, const LinearDims& d, at::Tensor& y) {
-  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t in = d.in;
-
-  // Each adapter's input (x or its dropped-out copy) made contiguous once, and its
-  // A and B in the accumulation dtype (no-ops for the usual fp32 adapters).
-  const at::Tensor xc = x.contiguous();
-  std::vector<at::Tensor> xs, As, Bs;
-  std::vector<cpu::BView<acc_t>> Bv;
-  for (const auto& ad : active) {
-    at::Tensor xa = lora_x.has_value() ? (*lora_x)[ad.index] : xc;
-    if (xa.scalar_type() != x.scalar_type()) xa = xa.to(acc);  // odd lora_x dtype: widen exactly, once
-    xs.push_back(xa.contiguous());
-    As.push_back(lora_A[ad.index].to(acc).contiguous());
-    Bs.push_back(lora_B[ad.index].to(acc));
-    Bv.push_back({Bs.back().template const_data_ptr<acc_t>(), Bs.back().stride(0), Bs.back().stride(1)});
-  }
-
-  // Shrink, on whichever thread needs the rows: t[i - i0, offset_a + q] = x_a[i]·A_a[q].
-  const auto fill_T = [&](int64_t i0, int64_t i1, acc_t* t, int64_t ldt) {
-    for (size_t k = 0; k < active.size(); ++k) {
-      const acc_t* A = As[k].template const_data_ptr<acc_t>();
-      acc_t* tk = t + active[k].offset;
-      if (xs[k].scalar_type() == x.scalar_type())
-        cpu::shrink(xs[k].template const_data_ptr<xt>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
-      else
-        cpu::shrink(xs[k].template const_data_ptr<acc_t>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
-    }
-  };
-  // Expand: one pass over y, adding the low-rank product to the base output in place.
-  xt* yp = y.data_ptr<xt>();
-  cpu::lowrank_update<acc_t, xt>(d.n, d.out, R, R * in, fill_T, active, Bv, yp, d.out, nullptr, yp);
+  cpu::check_lora_x(op, lora_x, x, lora_A.size());
+  return {cpu::leading_rows(x), in, out};
 }
 
 }  // namespace
@@ -110,7 +54,7 @@ void add_lowrank(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora
 at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                            std::optional<at::TensorList> lora_x) {
-  const LinearDims d = check_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scales, lora_x);
+  const cpu::LinearDims d = check_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scales, lora_x);
   // The base goes through the same ATen call as F.linear, so with no active adapter
   // the result is bit-identical to the frozen layer.
   at::Tensor y = at::linear(x, weight, bias);
@@ -118,13 +62,7 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const auto active = cpu::active_adapters(scales, lora_A, R);
   if (active.empty() || y.numel() == 0) return y;
   if (!y.is_contiguous()) y = y.contiguous();
-  switch (x.scalar_type()) {
-    case at::kFloat: add_lowrank<float, float>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
-    case at::kBFloat16: add_lowrank<c10::BFloat16, float>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
-    case at::kHalf: add_lowrank<c10::Half, float>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
-    case at::kDouble: add_lowrank<double, double>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
-    default: TORCH_CHECK(false, "peftcore::lora_linear: unsupported dtype ", x.scalar_type());
-  }
+  cpu::add_lowrank(x, lora_A, lora_B, lora_x, active, R, d, y);
   return y;
 }
 
@@ -134,7 +72,7 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
                          at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                          std::optional<at::TensorList> lora_x, std::array<bool, 4> output_mask) {
   const char* op = "lora_linear_backward";
-  const LinearDims d = check_linear_args(op, x, weight, std::nullopt, lora_A, lora_B, scales, lora_x);
+  const cpu::LinearDims d = check_linear_args(op, x, weight, std::nullopt, lora_A, lora_B, scales, lora_x);
   check_defined(op, grad_out, "grad_out");
   check_device(op, grad_out, "grad_out", at::kCPU);
   check_float_dtype(op, grad_out, "grad_out");

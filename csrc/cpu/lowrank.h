@@ -16,6 +16,10 @@
 
 namespace peftcore::cpu {
 
+// Whether the AVX-512 (F/BW/VL/DQ) kernels run: checked once at run time;
+// PEFTCORE_CPU_ISA=generic forces the portable kernels (tests/test_isa_generic.py).
+bool use_avx512();
+
 // rows × ranks dot products of length `in`. A and T are in the accumulation type.
 void shrink(const float* x, int64_t ldx, const float* A, int64_t lda, float* T, int64_t ldt, int64_t rows,
             int64_t ranks, int64_t in);

@@ -219,14 +219,15 @@ PEFTCORE_DEFINE_PACK_BT(double)
 
 }  // namespace generic
 
-namespace {
 #if PEFTCORE_HAVE_AVX512
 bool use_avx512() {
   static const bool yes = [] {
     // PEFTCORE_CPU_ISA=generic forces the portable kernels (how the tests cover them on
     // AVX-512 machines, see tests/test_isa_generic.py).
+    // PEFTCORE_CPU_ISA=avx2 likewise keeps AVX-512 off (the quantized ops then run their
+    // AVX2 kernels: how an AVX2-only CPU is emulated, see benchmarks/bench_quant.py).
     const char* isa = std::getenv("PEFTCORE_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "generic") == 0) return false;
+    if (isa != nullptr && (std::strcmp(isa, "generic") == 0 || std::strcmp(isa, "avx2") == 0)) return false;
     // __builtin_cpu_supports also checks that the OS saves the zmm state (XCR0).
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -237,9 +238,9 @@ bool use_avx512() {
   if (use_avx512()) return avx512::call; \
   return generic::call
 #else
+bool use_avx512() { return false; }
 #define PEFTCORE_DISPATCH(call) return generic::call
 #endif
-}  // namespace
 
 #define PEFTCORE_DEFINE_DISPATCH(xt)                                                                              \
   void shrink(const xt* x, int64_t ldx, const float* A, int64_t lda, float* T, int64_t ldt, int64_t rows,       \

@@ -10,4 +10,8 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("lora_linear_backward", &peftcore::lora_linear_backward_cpu);
   m.impl("lora_embedding", &peftcore::lora_embedding_cpu);
   m.impl("lora_embedding_backward", &peftcore::lora_embedding_backward_cpu);
+  m.impl("lora_linear_4bit", &peftcore::lora_linear_4bit_cpu);
+  m.impl("dequantize_4bit", &peftcore::dequantize_4bit_cpu);
+  m.impl("lora_linear_int8", &peftcore::lora_linear_int8_cpu);
+  m.impl("dequantize_int8", &peftcore::dequantize_int8_cpu);
 }

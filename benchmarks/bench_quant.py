@@ -1,0 +1,219 @@
+"""Op-level benchmark of peftcore's quantized-base LoRA ops on CPU (QLoRA-style layers).
+
+Per format (nf4, fp4: bitsandbytes 4-bit with double quantization, blocksize 64; int8:
+LLM.int8) and token count T, a stack of 4096x4096 layers whose weights together exceed
+the last-level cache many times over, so every layer streams its weight from DRAM as in
+a real model. One timed call = one pass over the stack (same x for every layer); the
+report is per layer. Candidates:
+  (a) bnb        bitsandbytes alone: bnb.nn.Linear4bit (compute_dtype bf16, eval mode,
+                 already converted to its packed AVX512-BF16 CPU layout by a warm-up
+                 forward) / bnb.nn.Linear8bitLt (has_fp16_weights=False, threshold 6.0);
+  (b) bnb+PEFT   the same layers wrapped by peft.get_peft_model, LoRA r=16
+                 (init_lora_weights=False, fp32 adapters as PEFT keeps them);
+  (c) peftcore   torch.ops.peftcore.lora_linear_4bit / lora_linear_int8 with one r=16
+                 fp32 adapter, scale 2.0, on bitsandbytes' standard (checkpoint) layout.
+Candidates run interleaved (a b c a b c ...), medians of the repeats, under
+torch.inference_mode(); benchmarks/timing.py measures the read bandwidth in the same run.
+GB/s = bytes of the stored quantized weight (packed codes + block / row scales, as in
+the checkpoint) per layer / time per layer.
+
+Usage: python benchmarks/bench_quant.py [--quick] [--fp32] [--formats nf4,fp4,int8]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import env_line, interleaved, read_bandwidth_gbs  # noqa: E402
+
+import peftcore  # noqa: E402
+
+# bitsandbytes logs per call on CPU (e.g. about float16 inputs / compute dtypes) and at
+# import (a kernel hub it cannot reach): silence all of it.
+logging.disable(logging.WARNING)
+warnings.filterwarnings("ignore")
+import bitsandbytes as bnb  # noqa: E402
+
+DIM = 4096
+RANK = 16
+SCALE = 2.0
+BLOCKSIZE = 64
+TOKENS = [1, 16, 128]
+# (peftcore with adapter) / (bitsandbytes alone) at T = 1 / 16 / 128
+GOALS = {"nf4": (0.90, 0.90, 1.00), "fp4": (0.90, 0.90, 1.00), "int8": (0.75, 0.80, 1.00)}
+GOAL_NOTE = {"fp4": " (nf4's goals)"}
+
+
+class Block(nn.Module):
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+
+class Stack(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(l) for l in layers)
+
+
+def _weight(i: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(DIM, DIM, generator=g) / DIM**0.5
+
+
+def build_4bit(quant_type: str, n_layers: int):
+    """bnb Linear4bit layers (to be packed for CPU), and per layer the standard-layout
+    arguments of peftcore::lora_linear_4bit (cloned before bitsandbytes repacks)."""
+    layers, std = [], []
+    for i in range(n_layers):
+        lin = bnb.nn.Linear4bit(DIM, DIM, bias=False, compute_dtype=torch.bfloat16, quant_type=quant_type,
+                                compress_statistics=True)
+        lin.weight = bnb.nn.Params4bit(_weight(i), requires_grad=False, quant_type=quant_type,
+                                       compress_statistics=True, blocksize=BLOCKSIZE)
+        lin = lin.to("cpu").eval()  # quantizes
+        q, st = lin.weight.data.clone(), copy.deepcopy(lin.weight.quant_state)
+        args = (q, st.absmax, st.code, st.blocksize, st.state2.absmax, st.state2.code,
+                st.offset.reshape(()).float(), st.state2.blocksize, DIM)
+        nbytes = sum(t.numel() * t.element_size() for t in (q, st.absmax, st.state2.absmax, st.state2.code))
+        layers.append(lin)
+        std.append(args)
+    return layers, std, nbytes
+
+
+def build_int8(n_layers: int):
+    layers, std = [], []
+    for i in range(n_layers):
+        lin = bnb.nn.Linear8bitLt(DIM, DIM, bias=False, has_fp16_weights=False, threshold=6.0)
+        lin.weight = bnb.nn.Int8Params(_weight(i), requires_grad=False, has_fp16_weights=False)
+        lin = lin.to("cpu").eval()  # quantizes: CB int8 [out, in], SCB float32 [out]
+        CB, SCB = lin.weight.data, lin.weight.SCB
+        assert CB.dtype == torch.int8
+        layers.append(lin)
+        std.append((CB, SCB))
+    nbytes = CB.numel() * CB.element_size() + SCB.numel() * SCB.element_size()
+    return layers, std, nbytes
+
+
+def adapters(n_layers: int):
+    out = []
+    for i in range(n_layers):
+        g = torch.Generator().manual_seed(10_000 + i)
+        A = torch.randn(RANK, DIM, generator=g) / DIM**0.5
+        B = torch.randn(DIM, RANK, generator=g) / RANK**0.5
+        out.append((A, B))
+    return out
+
+
+def bench_format(fmt: str, n_layers: int, dtypes, repeats: int, rows: list):
+    import peft
+
+    if fmt == "int8":
+        layers, std, nbytes = build_int8(n_layers)
+    else:
+        layers, std, nbytes = build_4bit(fmt, n_layers)
+    ads = adapters(n_layers)
+    scales = torch.tensor([SCALE])
+    total_mib = nbytes * n_layers / 2**20
+    print(f"\n### {fmt}: {n_layers} layers of {DIM}x{DIM}, {nbytes / 2**20:.2f} MiB stored per layer, "
+          f"{total_mib:.0f} MiB in all (cycled)\n", flush=True)
+
+    # (b): PEFT wraps the very same bitsandbytes modules (shared weights).
+    model = Stack(layers)
+    cfg = peft.LoraConfig(target_modules=["proj"], r=RANK, lora_alpha=RANK * SCALE, lora_dropout=0.0,
+                          init_lora_weights=False)
+    pmodel = peft.get_peft_model(model, cfg)
+    wrapped = [b.proj for b in pmodel.base_model.model.blocks]
+    assert all(w.base_layer is l for w, l in zip(wrapped, layers))
+
+    if fmt == "int8":
+        def ours(x, i):
+            A, B = ads[i]
+            return torch.ops.peftcore.lora_linear_int8(x, *std[i], None, [A], [B], scales, None)
+    else:
+        def ours(x, i):
+            A, B = ads[i]
+            return torch.ops.peftcore.lora_linear_4bit(x, *std[i], None, [A], [B], scales, None)
+
+    print("| format | x dtype | T | bnb ms/layer | bnb+PEFT ms/layer | peftcore ms/layer | peftcore / bnb (goal) "
+          "| bnb+PEFT / bnb | bnb GB/s | peftcore GB/s |")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
+    for dtype in dtypes:
+        for ti, T in enumerate(TOKENS):
+            x = torch.randn(T, DIM, generator=torch.Generator().manual_seed(T)).to(dtype)
+            with torch.inference_mode():
+                # warm-up forward: bitsandbytes converts Linear4bit to its packed CPU layout here
+                y_bnb = layers[0](x)
+                y_ours = ours(x, 0)
+                # sanity: same stored weight, so the two agree up to rounding + the adapter
+                A, B = ads[0]
+                lora = ((x.float() @ A.t()) @ B.t()) * SCALE
+                rel = ((y_ours.float() - lora) - y_bnb.float()).norm() / y_bnb.float().norm()
+                assert rel < (0.1 if fmt == "int8" else 0.02), f"{fmt} {dtype} T={T}: peftcore vs bnb rel diff {rel:.3g}"
+
+                def run(fn):
+                    def go():
+                        for i in range(n_layers):
+                            fn(x, i)
+                    return go
+
+                t = interleaved(
+                    {
+                        "bnb": run(lambda x, i: layers[i](x)),
+                        "peft": run(lambda x, i: wrapped[i](x)),
+                        "ours": run(ours),
+                    },
+                    repeats=repeats,
+                    warmup=1,
+                )
+            a, b, c = (t[k] / n_layers for k in ("bnb", "peft", "ours"))
+            if dtype == torch.bfloat16:  # the goals are set for bf16 x, bitsandbytes' fast CPU path
+                goal = GOALS[fmt][ti]
+                verdict = f"<= {goal:.2f}{GOAL_NOTE.get(fmt, '')}: {'met' if c / a <= goal else 'NOT met'}"
+            else:
+                verdict = "no goal for fp32 x"
+            print(
+                f"| {fmt} | {str(dtype)[6:]} | {T} | {a * 1e3:.3f} | {b * 1e3:.3f} | {c * 1e3:.3f} | "
+                f"{c / a:.3f} ({verdict}) | {b / a:.2f} | "
+                f"{nbytes / a / 1e9:.1f} | {nbytes / c / 1e9:.1f} |",
+                flush=True,
+            )
+            rows.append((fmt, dtype, T, a, b, c))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smoke run: few layers (weights may stay in cache), 3 repeats")
+    ap.add_argument("--fp32", action="store_true", help="also time float32 x (bitsandbytes computes in bf16 anyway)")
+    ap.add_argument("--formats", default="nf4,fp4,int8")
+    ap.add_argument("--layers-4bit", type=int, default=24, help="nf4 / fp4 layers (8.3 MiB each)")
+    ap.add_argument("--layers-int8", type=int, default=16, help="int8 layers (16 MiB each)")
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args()
+    n4, n8, reps = (4, 2, 3) if args.quick else (args.layers_4bit, args.layers_int8, args.repeats)
+    dtypes = [torch.bfloat16] + ([torch.float32] if args.fp32 else [])
+
+    print(f"<!-- {env_line()}; bitsandbytes {bnb.__version__}; "
+          f"peftcore native: {peftcore.native_available('lora_linear_4bit')} (4bit), "
+          f"{peftcore.native_available('lora_linear_int8')} (int8) -->")
+    print(f"torch.get_num_threads() = {torch.get_num_threads()}, r = {RANK}, blocksize {BLOCKSIZE} (nested absmax), "
+          f"{'QUICK (weights may stay in cache)' if args.quick else 'weights streamed from DRAM'}")
+    bw = read_bandwidth_gbs()
+    print(f"read bandwidth (1 GiB sum, best of 5): {bw:.1f} GB/s")
+    if not peftcore.native_available("lora_linear_4bit"):
+        print("NOTE: no native quantized kernels in this build: peftcore runs the pure-PyTorch reference (slow).")
+    rows: list = []
+    for fmt in args.formats.split(","):
+        bench_format(fmt, n8 if fmt == "int8" else n4, dtypes, reps, rows)
+    print(f"\nread bandwidth measured: {bw:.1f} GB/s (ceiling for the GB/s columns)")
+
+
+if __name__ == "__main__":
+    main()

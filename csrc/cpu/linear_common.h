@@ -1,0 +1,96 @@
+// Pieces shared by the CPU linear-layer ops (lora_linear and the quantized
+// lora_linear_4bit / lora_linear_int8): the lora_x check and the low-rank update
+// that adds Σ_a s_a·(x_a·A_aᵀ)·B_aᵀ to a base output already in y.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../common/checks.h"
+#include "lowrank.h"
+#include "lowrank_parallel.h"
+
+namespace peftcore::cpu {
+
+struct LinearDims {
+  int64_t n;    // rows: product of x's leading dims
+  int64_t in;   // in_features
+  int64_t out;  // out_features
+};
+
+inline int64_t leading_rows(const at::Tensor& x) {
+  int64_t n = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) n *= x.size(d);
+  return n;
+}
+
+inline void check_lora_x(const char* op, const std::optional<at::TensorList>& lora_x, const at::Tensor& x,
+                         size_t n_adapters) {
+  if (!lora_x.has_value()) return;
+  check_same_count(op, "lora_x", lora_x->size(), "lora_A", n_adapters);
+  for (size_t a = 0; a < lora_x->size(); ++a) {
+    const std::string xn = indexed("lora_x", a);
+    const at::Tensor& xa = (*lora_x)[a];
+    check_defined(op, xa, xn);
+    check_device(op, xa, xn, at::kCPU);
+    check_float_dtype(op, xa, xn);
+    TORCH_CHECK(xa.sizes() == x.sizes(), "peftcore::", op, ": ", xn, " has shape ", xa.sizes(), " but x has shape ",
+                x.sizes(), " (each lora_x is the adapter's view of x)");
+  }
+}
+
+// y += Σ_active s_a · (x_a·A_aᵀ)·B_aᵀ in acc_t, rounded once into y's dtype xt.
+template <typename xt, typename acc_t>
+void add_lowrank_typed(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B,
+                 const std::optional<at::TensorList>& lora_x, const std::vector<ActiveAdapter>& active,
+                 int64_t R, const LinearDims& d, at::Tensor& y) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t in = d.in;
+
+  // Each adapter's input (x or its dropped-out copy) made contiguous once, and its
+  // A and B in the accumulation dtype (no-ops for the usual fp32 adapters).
+  const at::Tensor xc = x.contiguous();
+  std::vector<at::Tensor> xs, As, Bs;
+  std::vector<BView<acc_t>> Bv;
+  for (const auto& ad : active) {
+    at::Tensor xa = lora_x.has_value() ? (*lora_x)[ad.index] : xc;
+    if (xa.scalar_type() != x.scalar_type()) xa = xa.to(acc);  // odd lora_x dtype: widen exactly, once
+    xs.push_back(xa.contiguous());
+    As.push_back(lora_A[ad.index].to(acc).contiguous());
+    Bs.push_back(lora_B[ad.index].to(acc));
+    Bv.push_back({Bs.back().template const_data_ptr<acc_t>(), Bs.back().stride(0), Bs.back().stride(1)});
+  }
+
+  // Shrink, on whichever thread needs the rows: t[i - i0, offset_a + q] = x_a[i]·A_a[q].
+  const auto fill_T = [&](int64_t i0, int64_t i1, acc_t* t, int64_t ldt) {
+    for (size_t k = 0; k < active.size(); ++k) {
+      const acc_t* A = As[k].template const_data_ptr<acc_t>();
+      acc_t* tk = t + active[k].offset;
+      if (xs[k].scalar_type() == x.scalar_type())
+        shrink(xs[k].template const_data_ptr<xt>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
+      else
+        shrink(xs[k].template const_data_ptr<acc_t>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
+    }
+  };
+  // Expand: one pass over y, adding the low-rank product to the base output in place.
+  xt* yp = y.data_ptr<xt>();
+  lowrank_update<acc_t, xt>(d.n, d.out, R, R * in, fill_T, active, Bv, yp, d.out, nullptr, yp);
+}
+
+// y (contiguous, x's dtype, holding the base output) += the active adapters' terms.
+inline void add_lowrank(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B,
+                        const std::optional<at::TensorList>& lora_x, const std::vector<ActiveAdapter>& active,
+                        int64_t R, const LinearDims& d, at::Tensor& y) {
+  switch (x.scalar_type()) {
+    case at::kFloat: add_lowrank_typed<float, float>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
+    case at::kBFloat16: add_lowrank_typed<c10::BFloat16, float>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
+    case at::kHalf: add_lowrank_typed<c10::Half, float>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
+    case at::kDouble: add_lowrank_typed<double, double>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
+    default: TORCH_CHECK(false, "peftcore: unsupported dtype ", x.scalar_type());
+  }
+}
+
+}  // namespace peftcore::cpu

@@ -1,0 +1,404 @@
+// AVX-512 kernels of quant.h: decoding bitsandbytes 4-bit / int8 rows into the
+// per-thread panel buffer, and the panel × x dot products.
+//   4-bit → float32: 32 codes (16 bytes) per step; the block's 16 scaled code values
+//     (code·absmax, float32, exactly bitsandbytes' dequantized values) sit in one zmm
+//     and vpermps looks up 16 codes at once (it reads only the low 4 bits of each
+//     index, so the low nibble needs no masking).
+//   4-bit → bfloat16: 64 codes (32 bytes) per step through vpermw on a 32-entry
+//     table (the 16 values, rounded to bf16 once, twice over: again no masking), or
+//     32 codes per step with 256-bit vpermw when blocks are 32 long.
+//   int8 → float32 / bfloat16: integers are exact in both; row scales come later.
+//   panel_dot: 4 weight rows × up to 6 token rows of accumulators (fp32 FMA, or
+//     vdpbf16ps: bf16 pairs, fp32 accumulation), reduced once per output.
+// Covered by tests/ops/ (quantized samples of tests/op_db.py); timed by
+// benchmarks/bench_quant.py.
+#include "quant_avx512.h"
+
+#if PEFTCORE_HAVE_AVX512
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#define PEFTCORE_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define PEFTCORE_AVX512BF16_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+namespace peftcore::cpu::quant::avx512 {
+namespace {
+
+template <typename T>
+void zero_rows(T* buf, int64_t nr, int64_t Kp) {
+  std::memset(static_cast<void*>(buf + nr * Kp), 0, sizeof(T) * (kPanelRows - nr) * Kp);
+}
+
+template <typename T>
+void zero_tail(T* row, int64_t K, int64_t Kp) {
+  std::memset(static_cast<void*>(row + K), 0, sizeof(T) * (Kp - K));
+}
+
+}  // namespace
+
+PEFTCORE_AVX512_FN void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t b0,
+                                    int64_t chunk, float* buf, int64_t Kp) {
+  // chunk == 32 (chunk_4bit never gives 64 for float32).
+  const __m512 code = _mm512_loadu_ps(w.code);
+  for (int64_t j = 0; j < nr; ++j) {
+    float* row = buf + j * Kp;
+    const int64_t i0 = (n0 + j) * w.K;
+    const uint8_t* q = w.q + i0 / 2;
+    // Block of the current chunk, advanced without a division per chunk.
+    int64_t b = i0 / w.blocksize, left = 0;
+    __m512 table = code;
+    for (int64_t k = 0; k < w.K; k += 32, left -= 32) {
+      if (left == 0) {
+        if (k > 0) ++b;
+        left = k > 0 ? w.blocksize : w.blocksize - i0 % w.blocksize;
+        table = _mm512_mul_ps(code, _mm512_set1_ps(bscale[b - b0]));
+      }
+      const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
+      _mm512_storeu_ps(row + k, _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table));  // even k: high nibbles
+      _mm512_storeu_ps(row + k + 16, _mm512_permutexvar_ps(idx, table));                   // odd k: low nibbles
+    }
+    zero_tail(row, w.K, Kp);
+  }
+  zero_rows(buf, nr, Kp);
+}
+
+PEFTCORE_AVX512BF16_FN void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t b0,
+                                        int64_t chunk, c10::BFloat16* buf, int64_t Kp) {
+  const __m512 code = _mm512_loadu_ps(w.code);
+  for (int64_t j = 0; j < nr; ++j) {
+    auto* row = reinterpret_cast<uint16_t*>(buf + j * Kp);
+    const int64_t i0 = (n0 + j) * w.K;
+    const uint8_t* q = w.q + i0 / 2;
+    int64_t b = i0 / w.blocksize, left = 0;
+    __m256i t16 = _mm256_setzero_si256();
+    for (int64_t k = 0; k < w.K; k += chunk, left -= chunk) {
+      if (left == 0) {
+        if (k > 0) ++b;
+        left = k > 0 ? w.blocksize : w.blocksize - i0 % w.blocksize;
+        // One rounding: bf16(code · absmax), round to nearest even.
+        t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(bscale[b - b0])));
+      }
+      if (chunk == 64) {
+        const __m512i table = _mm512_broadcast_i64x4(t16);
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2)));
+        _mm512_storeu_si512(row + k, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
+        _mm512_storeu_si512(row + k + 32, _mm512_permutexvar_epi16(v, table));
+      } else {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k),
+                            _mm256_permutexvar_epi16(_mm256_srli_epi16(v, 4), t16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k + 16), _mm256_permutexvar_epi16(v, t16));
+      }
+    }
+    zero_tail(buf + j * Kp, w.K, Kp);
+  }
+  zero_rows(buf, nr, Kp);
+}
+
+PEFTCORE_AVX512_FN void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, float* buf, int64_t Kp) {
+  for (int64_t j = 0; j < nr; ++j) {
+    const int8_t* src = cb + (n0 + j) * K;
+    float* row = buf + j * Kp;
+    for (int64_t k = 0; k < K; k += 16) {
+      const int64_t n = std::min<int64_t>(16, K - k);
+      const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      // Masked lanes load zeros: the padding of the row is written here too.
+      const __m128i b = _mm_maskz_loadu_epi8(m, src + k);
+      _mm512_storeu_ps(row + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+    }
+    zero_tail(row, (K + 15) / 16 * 16, Kp);
+  }
+  zero_rows(buf, nr, Kp);
+}
+
+PEFTCORE_AVX512BF16_FN void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, c10::BFloat16* buf,
+                                        int64_t Kp) {
+  for (int64_t j = 0; j < nr; ++j) {
+    const int8_t* src = cb + (n0 + j) * K;
+    auto* row = reinterpret_cast<uint16_t*>(buf + j * Kp);
+    for (int64_t k = 0; k < K; k += 32) {
+      const int64_t n = std::min<int64_t>(32, K - k);
+      const __mmask32 m = n == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
+      const __m256i b = _mm256_maskz_loadu_epi8(m, src + k);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+      _mm512_storeu_si512(row + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // exact: |v| <= 128
+    }
+    zero_tail(buf + j * Kp, (K + 31) / 32 * 32, Kp);
+  }
+  zero_rows(buf, nr, Kp);
+}
+
+namespace {
+
+// MR token rows × 4 weight rows; U independent accumulator sets along k so that
+// small MR still keeps enough FMA chains in flight (latency 4, two ports).
+template <int MR, int U>
+PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void dot_f32(const float* buf, const float* x, int64_t Kp,
+                                                                       float* out) {
+  __m512 acc[U][MR][4];
+#pragma GCC unroll 64
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 4; ++j) acc[u][m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kp; k += 16 * U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const int64_t kk = k + 16 * u;
+      const __m512 w0 = _mm512_loadu_ps(buf + kk), w1 = _mm512_loadu_ps(buf + Kp + kk);
+      const __m512 w2 = _mm512_loadu_ps(buf + 2 * Kp + kk), w3 = _mm512_loadu_ps(buf + 3 * Kp + kk);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m512 v = _mm512_loadu_ps(x + m * Kp + kk);
+        acc[u][m][0] = _mm512_fmadd_ps(w0, v, acc[u][m][0]);
+        acc[u][m][1] = _mm512_fmadd_ps(w1, v, acc[u][m][1]);
+        acc[u][m][2] = _mm512_fmadd_ps(w2, v, acc[u][m][2]);
+        acc[u][m][3] = _mm512_fmadd_ps(w3, v, acc[u][m][3]);
+      }
+    }
+  }
+#pragma GCC unroll 64
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) {
+      __m512 s = acc[0][m][j];
+      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][m][j]);
+      out[m * 4 + j] = _mm512_reduce_add_ps(s);
+    }
+}
+
+template <int MR, int U>
+PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void dot_bf16(const uint16_t* buf, const uint16_t* x,
+                                                                           int64_t Kp, float* out) {
+  __m512 acc[U][MR][4];
+#pragma GCC unroll 64
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 4; ++j) acc[u][m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kp; k += 32 * U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const int64_t kk = k + 32 * u;
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(buf + kk);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(buf + Kp + kk);
+      const __m512bh w2 = (__m512bh)_mm512_loadu_si512(buf + 2 * Kp + kk);
+      const __m512bh w3 = (__m512bh)_mm512_loadu_si512(buf + 3 * Kp + kk);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh v = (__m512bh)_mm512_loadu_si512(x + m * Kp + kk);
+        acc[u][m][0] = _mm512_dpbf16_ps(acc[u][m][0], w0, v);
+        acc[u][m][1] = _mm512_dpbf16_ps(acc[u][m][1], w1, v);
+        acc[u][m][2] = _mm512_dpbf16_ps(acc[u][m][2], w2, v);
+        acc[u][m][3] = _mm512_dpbf16_ps(acc[u][m][3], w3, v);
+      }
+    }
+  }
+#pragma GCC unroll 64
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) {
+      __m512 s = acc[0][m][j];
+      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][m][j]);
+      out[m * 4 + j] = _mm512_reduce_add_ps(s);
+    }
+}
+
+// ---- fused GEMV for 1-2 token rows: decode in registers, no panel buffer.
+
+// 4 rows × M token rows, bf16 products: the 16 code values rounded to bf16 once
+// (vpermw table), each block's partial dot products scaled by its float32 absmax.
+template <int M>
+PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void gemv_4bit_bf16(const Packed4& w, int64_t n0,
+                                                                                 const float* bs_row0,
+                                                                                 const uint16_t* xp, int64_t Kp,
+                                                                                 float* out) {
+  const int64_t K = w.K, bs = w.blocksize, blocks = K / bs;
+  const __m512i table = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w.code)));
+  const uint8_t* q[4];
+  const float* sc[4];
+  for (int r = 0; r < 4; ++r) {
+    q[r] = w.q + (n0 + r) * K / 2;
+    sc[r] = bs_row0 + r * blocks;
+  }
+  __m512 acc[M][4];
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    __m512 p[M][4];
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < 4; ++r) p[m][r] = _mm512_setzero_ps();
+    for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 64) {
+      __m512bh xe[M], xo[M];
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        xe[m] = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k);
+        xo[m] = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k + 32);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + k / 2)));
+        const __m512bh we = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+        const __m512bh wo = (__m512bh)_mm512_permutexvar_epi16(v, table);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          p[m][r] = _mm512_dpbf16_ps(p[m][r], we, xe[m]);
+          p[m][r] = _mm512_dpbf16_ps(p[m][r], wo, xo[m]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m512 s = _mm512_set1_ps(sc[r][blk]);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(p[m][r], s, acc[m][r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 4; ++r) out[m * 4 + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+// 4 rows × M token rows, float32 products of exact values: each block's 16 scaled
+// code values (code·absmax) in one zmm, looked up by vpermps.
+template <int M>
+PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void gemv_4bit_f32(const Packed4& w, int64_t n0,
+                                                                            const float* bs_row0, const float* xp,
+                                                                            int64_t Kp, float* out) {
+  const int64_t K = w.K, bs = w.blocksize, blocks = K / bs;
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const uint8_t* q[4];
+  const float* sc[4];
+  for (int r = 0; r < 4; ++r) {
+    q[r] = w.q + (n0 + r) * K / 2;
+    sc[r] = bs_row0 + r * blocks;
+  }
+  __m512 acc[2][M][4];  // even / odd halves: twice the independent FMA chains
+#pragma GCC unroll 16
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < 4; ++r) acc[h][m][r] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    __m512 t[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) t[r] = _mm512_mul_ps(code, _mm512_set1_ps(sc[r][blk]));
+    for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 32) {
+      __m512 xe[M], xo[M];
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        xe[m] = _mm512_loadu_ps(xp + m * Kp + k);
+        xo[m] = _mm512_loadu_ps(xp + m * Kp + k + 16);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k / 2)));
+        const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t[r]);
+        const __m512 wo = _mm512_permutexvar_ps(v, t[r]);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          acc[0][m][r] = _mm512_fmadd_ps(we, xe[m], acc[0][m][r]);
+          acc[1][m][r] = _mm512_fmadd_ps(wo, xo[m], acc[1][m][r]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 4; ++r) out[m * 4 + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m][r], acc[1][m][r]));
+}
+
+// 4 rows × M token rows of int8 against float32 x (integers exact; row scales later).
+template <int M>
+PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void gemv_int8_f32(const int8_t* cb, int64_t K, int64_t n0,
+                                                                            const float* xp, int64_t Kp, float* out) {
+  const int8_t* q[4];
+  for (int r = 0; r < 4; ++r) q[r] = cb + (n0 + r) * K;
+  __m512 acc[2][M][4];
+#pragma GCC unroll 16
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < 4; ++r) acc[h][m][r] = _mm512_setzero_ps();
+  // Whole 32-value steps, then one masked step (masked lanes load 0; x is zero-padded).
+  for (int64_t k = 0; k < K; k += 32) {
+    const int64_t n = std::min<int64_t>(32, K - k);
+    const __mmask32 mask = n == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
+    __m512 x0[M], x1[M];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      x0[m] = _mm512_loadu_ps(xp + m * Kp + k);
+      x1[m] = _mm512_loadu_ps(xp + m * Kp + k + 16);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m256i b = _mm256_maskz_loadu_epi8(mask, q[r] + k);
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        acc[0][m][r] = _mm512_fmadd_ps(w0, x0[m], acc[0][m][r]);
+        acc[1][m][r] = _mm512_fmadd_ps(w1, x1[m], acc[1][m][r]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 4; ++r) out[m * 4 + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m][r], acc[1][m][r]));
+}
+
+}  // namespace
+
+PEFTCORE_AVX512BF16_FN void gemv_4bit(const Packed4& w, int64_t n0, const float* bs_row0, const c10::BFloat16* xp,
+                                      int64_t M, int64_t Kp, float* out) {
+  const auto* x = reinterpret_cast<const uint16_t*>(xp);
+  if (M == 1) return gemv_4bit_bf16<1>(w, n0, bs_row0, x, Kp, out);
+  gemv_4bit_bf16<2>(w, n0, bs_row0, x, Kp, out);
+}
+PEFTCORE_AVX512_FN void gemv_4bit(const Packed4& w, int64_t n0, const float* bs_row0, const float* xp, int64_t M,
+                                  int64_t Kp, float* out) {
+  if (M == 1) return gemv_4bit_f32<1>(w, n0, bs_row0, xp, Kp, out);
+  gemv_4bit_f32<2>(w, n0, bs_row0, xp, Kp, out);
+}
+PEFTCORE_AVX512_FN void gemv_int8(const int8_t* cb, int64_t K, int64_t n0, const float* xp, int64_t M, int64_t Kp,
+                                  float* out) {
+  if (M == 1) return gemv_int8_f32<1>(cb, K, n0, xp, Kp, out);
+  gemv_int8_f32<2>(cb, K, n0, xp, Kp, out);
+}
+
+// Kp is a multiple of kChunk (64): whole vectors, and an even number of them.
+PEFTCORE_AVX512_FN void panel_dot(const float* buf, const float* xp, int64_t M, int64_t Kp, float* out) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) dot_f32<6, 1>(buf, xp + m * Kp, Kp, out + m * 4);
+  switch (M - m) {
+    case 5: dot_f32<5, 1>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 4: dot_f32<4, 1>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 3: dot_f32<3, 2>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 2: dot_f32<2, 2>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 1: dot_f32<1, 4>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    default: break;
+  }
+}
+
+PEFTCORE_AVX512BF16_FN void panel_dot(const c10::BFloat16* buf_, const c10::BFloat16* xp_, int64_t M, int64_t Kp,
+                                      float* out) {
+  const auto* buf = reinterpret_cast<const uint16_t*>(buf_);
+  const auto* xp = reinterpret_cast<const uint16_t*>(xp_);
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) dot_bf16<6, 1>(buf, xp + m * Kp, Kp, out + m * 4);
+  switch (M - m) {
+    case 5: dot_bf16<5, 1>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 4: dot_bf16<4, 1>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 3: dot_bf16<3, 2>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 2: dot_bf16<2, 2>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 1: dot_bf16<1, 2>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    default: break;
+  }
+}
+
+}  // namespace peftcore::cpu::quant::avx512
+
+#endif  // PEFTCORE_HAVE_AVX512

@@ -1,0 +1,263 @@
+// Portable kernels of quant.h (natural-order buffers, chunk 1) and the run-time
+// choice between them and the AVX-512 ones of quant_avx512.cpp. The plain C++ here is
+// compiled three times (x86-64-v4, v3 = AVX2+FMA, baseline) and the loader picks one
+// per CPU, as in lowrank_kernels.cpp; float64 (gradcheck) always runs here.
+// Covered by tests/ops/ (quantized samples of tests/op_db.py, also with
+// PEFTCORE_CPU_ISA=generic in tests/test_isa_generic.py); timed by
+// benchmarks/bench_quant.py.
+#include "quant.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "lowrank.h"
+#include "quant_avx2.h"
+#include "quant_avx512.h"
+
+#if defined(__x86_64__) && defined(__linux__) && !defined(PEFTCORE_NO_TARGET_CLONES) && \
+    ((defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define PEFTCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PEFTCORE_CLONES
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define PEFTCORE_INLINE inline __attribute__((always_inline))
+#else
+#define PEFTCORE_INLINE inline
+#endif
+
+namespace peftcore::cpu::quant {
+namespace generic {
+
+// W = code·absmax computed in float32 (float64 for double buffers), then rounded
+// once into the buffer's type (bf16: as the SIMD decoder's table).
+template <typename T, typename F = std::conditional_t<std::is_same_v<T, double>, double, float>>
+PEFTCORE_INLINE void decode_4bit_impl(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t b0,
+                                      T* buf, int64_t Kp) {
+  F code[16];
+  for (int i = 0; i < 16; ++i) code[i] = static_cast<F>(w.code[i]);
+  for (int64_t j = 0; j < kPanelRows; ++j) {
+    T* row = buf + j * Kp;
+    if (j >= nr) {
+      std::fill(row, row + Kp, T(0));
+      continue;
+    }
+    const int64_t start = (n0 + j) * w.K;
+    // Walk the row block by block, so the scale is looked up once per block.
+    for (int64_t k = 0; k < w.K;) {
+      const int64_t i = start + k;
+      const int64_t b = i / w.blocksize;
+      const int64_t seg = std::min(w.K - k, (b + 1) * w.blocksize - i);
+      const F s = static_cast<F>(bscale[b - b0]);
+      for (int64_t t = 0; t < seg; ++t) {
+        const int64_t e = i + t;
+        const uint8_t byte = w.q[e >> 1];
+        row[k + t] = static_cast<T>(code[(e & 1) ? (byte & 0xF) : (byte >> 4)] * s);
+      }
+      k += seg;
+    }
+    std::fill(row + w.K, row + Kp, T(0));
+  }
+}
+
+template <typename T>
+PEFTCORE_INLINE void decode_int8_impl(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, T* buf, int64_t Kp) {
+  for (int64_t j = 0; j < kPanelRows; ++j) {
+    T* row = buf + j * Kp;
+    if (j >= nr) {
+      std::fill(row, row + Kp, T(0));
+      continue;
+    }
+    const int8_t* src = cb + (n0 + j) * K;
+    for (int64_t k = 0; k < K; ++k) row[k] = static_cast<T>(src[k]);
+    std::fill(row + K, row + Kp, T(0));
+  }
+}
+
+// Without -ffast-math the compiler may not reorder a sum: `omp simd reduction`
+// grants it for these accumulators only (see lowrank_kernels.cpp).
+template <typename T>
+PEFTCORE_INLINE void panel_dot_impl(const T* buf, const T* xp, int64_t M, int64_t Kp, T* out) {
+  static_assert(kPanelRows == 4, "the accumulators below are written out for 4 rows");
+  const T *w0 = buf, *w1 = buf + Kp, *w2 = buf + 2 * Kp, *w3 = buf + 3 * Kp;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* x = xp + m * Kp;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t k = 0; k < Kp; ++k) {
+      const T v = x[k];
+      s0 += w0[k] * v; s1 += w1[k] * v; s2 += w2[k] * v; s3 += w3[k] * v;
+    }
+    out[m * 4 + 0] = s0; out[m * 4 + 1] = s1; out[m * 4 + 2] = s2; out[m * 4 + 3] = s3;
+  }
+}
+
+PEFTCORE_CLONES void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t b0, float* buf,
+                                 int64_t Kp) {
+  decode_4bit_impl(w, n0, nr, bscale, b0, buf, Kp);
+}
+PEFTCORE_CLONES void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t b0,
+                                 c10::BFloat16* buf, int64_t Kp) {
+  decode_4bit_impl(w, n0, nr, bscale, b0, buf, Kp);
+}
+PEFTCORE_CLONES void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t b0,
+                                 double* buf, int64_t Kp) {
+  decode_4bit_impl(w, n0, nr, bscale, b0, buf, Kp);
+}
+PEFTCORE_CLONES void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, float* buf, int64_t Kp) {
+  decode_int8_impl(cb, K, n0, nr, buf, Kp);
+}
+PEFTCORE_CLONES void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, double* buf, int64_t Kp) {
+  decode_int8_impl(cb, K, n0, nr, buf, Kp);
+}
+PEFTCORE_CLONES void panel_dot(const float* buf, const float* xp, int64_t M, int64_t Kp, float* out) {
+  panel_dot_impl(buf, xp, M, Kp, out);
+}
+PEFTCORE_CLONES void panel_dot(const double* buf, const double* xp, int64_t M, int64_t Kp, double* out) {
+  panel_dot_impl(buf, xp, M, Kp, out);
+}
+
+}  // namespace generic
+
+// ------------------------------------------------------------------ dispatch
+bool simd_available() { return PEFTCORE_HAVE_AVX512 && use_avx512(); }
+
+namespace {
+// AVX2 + FMA kernels where AVX-512 is off (absent, or PEFTCORE_CPU_ISA=avx2) and the
+// CPU has them, unless PEFTCORE_CPU_ISA=generic.
+bool use_avx2() {
+#if PEFTCORE_HAVE_AVX2
+  static const bool yes = [] {
+    const char* isa = std::getenv("PEFTCORE_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "generic") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes && !simd_available();
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+bool bf16_dot_available() {
+#if PEFTCORE_HAVE_AVX512
+  static const bool yes = use_avx512() && __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+int64_t chunk_4bit(int64_t K, int64_t blocksize, bool bf16) {
+  if (use_avx2() && !bf16) return K % 16 == 0 && blocksize % 16 == 0 ? 16 : 1;
+  if (!simd_available()) return 1;
+  // A SIMD chunk must lie inside one absmax block and start on a byte: every row
+  // start (n·K) and block boundary must fall on a chunk boundary.
+  for (int64_t c : {int64_t(64), int64_t(32)}) {
+    if (c == 64 && !bf16) continue;  // the float32 decoder works on 32 codes (one zmm per half)
+    if (K % c == 0 && blocksize % c == 0) return c;
+  }
+  return 1;
+}
+
+void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t b0, int64_t chunk, float* buf,
+                 int64_t Kp) {
+#if PEFTCORE_HAVE_AVX2
+  if (chunk == 16) return avx2::decode_4bit(w, n0, nr, bscale, b0, buf, Kp);
+#endif
+#if PEFTCORE_HAVE_AVX512
+  if (chunk > 1) return avx512::decode_4bit(w, n0, nr, bscale, b0, chunk, buf, Kp);
+#endif
+  TORCH_CHECK(chunk == 1, "peftcore: internal error: chunk ", chunk, " without AVX-512");
+  generic::decode_4bit(w, n0, nr, bscale, b0, buf, Kp);
+}
+void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t b0, int64_t chunk,
+                 c10::BFloat16* buf, int64_t Kp) {
+#if PEFTCORE_HAVE_AVX512
+  if (chunk > 1) return avx512::decode_4bit(w, n0, nr, bscale, b0, chunk, buf, Kp);
+#endif
+  TORCH_CHECK(chunk == 1, "peftcore: internal error: chunk ", chunk, " without AVX-512");
+  generic::decode_4bit(w, n0, nr, bscale, b0, buf, Kp);
+}
+void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t b0, int64_t chunk, double* buf,
+                 int64_t Kp) {
+  TORCH_CHECK(chunk == 1, "peftcore: internal error: chunk ", chunk, " for float64");
+  generic::decode_4bit(w, n0, nr, bscale, b0, buf, Kp);
+}
+
+void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, float* buf, int64_t Kp) {
+#if PEFTCORE_HAVE_AVX512
+  if (simd_available()) return avx512::decode_int8(cb, K, n0, nr, buf, Kp);
+#endif
+#if PEFTCORE_HAVE_AVX2
+  if (use_avx2()) return avx2::decode_int8(cb, K, n0, nr, buf, Kp);
+#endif
+  generic::decode_int8(cb, K, n0, nr, buf, Kp);
+}
+void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, c10::BFloat16* buf, int64_t Kp) {
+#if PEFTCORE_HAVE_AVX512
+  if (bf16_dot_available()) return avx512::decode_int8(cb, K, n0, nr, buf, Kp);
+#endif
+  TORCH_CHECK(false, "peftcore: internal error: bf16 decode without AVX512_BF16");
+}
+void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, double* buf, int64_t Kp) {
+  generic::decode_int8(cb, K, n0, nr, buf, Kp);
+}
+
+namespace {
+bool gemv_4bit_applies(const Packed4& w, int64_t nr, int64_t chunk, int64_t M, int64_t want_chunk) {
+  return simd_available() && nr == kPanelRows && M <= kGemvRows && chunk == want_chunk && w.K % w.blocksize == 0 &&
+         w.blocksize % chunk == 0;
+}
+}  // namespace
+
+bool gemv_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t chunk, const float* xp,
+               int64_t M, int64_t Kp, float* out) {
+#if PEFTCORE_HAVE_AVX512
+  if (gemv_4bit_applies(w, nr, chunk, M, 32)) return avx512::gemv_4bit(w, n0, bscale, xp, M, Kp, out), true;
+#endif
+  return false;
+}
+bool gemv_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t chunk,
+               const c10::BFloat16* xp, int64_t M, int64_t Kp, float* out) {
+#if PEFTCORE_HAVE_AVX512
+  if (gemv_4bit_applies(w, nr, chunk, M, 64)) return avx512::gemv_4bit(w, n0, bscale, xp, M, Kp, out), true;
+#endif
+  return false;
+}
+bool gemv_4bit(const Packed4&, int64_t, int64_t, const float*, int64_t, const double*, int64_t, int64_t, double*) {
+  return false;
+}
+bool gemv_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, const float* xp, int64_t M, int64_t Kp,
+               float* out) {
+#if PEFTCORE_HAVE_AVX512
+  if (simd_available() && nr == kPanelRows && M <= kGemvRows)
+    return avx512::gemv_int8(cb, K, n0, xp, M, Kp, out), true;
+#endif
+  return false;
+}
+
+void panel_dot(const float* buf, const float* xp, int64_t M, int64_t Kp, float* out) {
+#if PEFTCORE_HAVE_AVX512
+  if (simd_available()) return avx512::panel_dot(buf, xp, M, Kp, out);
+#endif
+#if PEFTCORE_HAVE_AVX2
+  if (use_avx2()) return avx2::panel_dot(buf, xp, M, Kp, out);
+#endif
+  generic::panel_dot(buf, xp, M, Kp, out);
+}
+void panel_dot(const c10::BFloat16* buf, const c10::BFloat16* xp, int64_t M, int64_t Kp, float* out) {
+#if PEFTCORE_HAVE_AVX512
+  if (bf16_dot_available()) return avx512::panel_dot(buf, xp, M, Kp, out);
+#endif
+  TORCH_CHECK(false, "peftcore: internal error: bf16 dot without AVX512_BF16");
+}
+void panel_dot(const double* buf, const double* xp, int64_t M, int64_t Kp, double* out) {
+  generic::panel_dot(buf, xp, M, Kp, out);
+}
+
+}  // namespace peftcore::cpu::quant

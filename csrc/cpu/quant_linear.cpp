@@ -1,0 +1,380 @@
+// peftcore::lora_linear_4bit / lora_linear_int8 on CPU, and the dequantize_4bit /
+// dequantize_int8 utilities (backward, merge).
+//   y = x·Wᵀ + b + Σ_a s_a·(x_a·A_aᵀ)·B_aᵀ, with W stored as bitsandbytes stores it:
+//   4-bit: packed nf4/fp4 codes + per-block absmax (optionally double-quantized);
+//   int8: CB [out, in] int8 + SCB [out] (W = CB·SCB/127).
+// The base is one pass over the stored bytes (quant.h: panels of 4 output rows
+// decoded into a per-thread buffer, multiplied by every token row), threaded over
+// panels; the adapters are then added by the same low-rank update as lora_linear.
+// Compute: float32 products for float32 / float16 x; bfloat16 products (x as given,
+// W rounded to bf16 once, float32 accumulation) for bfloat16 x on CPUs with
+// AVX512_BF16; float64 for float64 x. The base is rounded to x's dtype once.
+// Tests: tests/ops/ (quantized samples in tests/op_db.py), tests/test_quantized.py.
+// Benchmark: benchmarks/bench_quant.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../ops.h"
+#include "linear_common.h"
+#include "quant.h"
+
+namespace peftcore {
+namespace {
+
+using cpu::quant::kChunk;
+using cpu::quant::kPanelRows;
+
+// Stored 4-bit weight, checked once at the boundary.
+struct Weight4 {
+  cpu::quant::Packed4 packed;
+  int64_t n_blocks;
+  const float* absmax = nullptr;  // plain absmax, or:
+  const uint8_t* qabsmax = nullptr;
+  const float* ncode = nullptr;
+  const float* nabsmax = nullptr;
+  float noffset = 0.f;
+  int64_t nbs = 0;
+  std::vector<at::Tensor> keep;  // contiguous / float32 copies the pointers refer to
+
+  // Scales of blocks [b0, b1) into out. Baseline-ISA code: the nested product and
+  // sum are rounded separately, as bitsandbytes does (no FMA contraction here).
+  void block_scales(int64_t b0, int64_t b1, float* out) const {
+    if (absmax != nullptr) {
+      std::copy(absmax + b0, absmax + b1, out);
+      return;
+    }
+    int64_t b = b0;
+    for (int64_t g = b0 / nbs; b < b1; ++g) {  // one group of nested blocks at a time
+      const float a2 = nabsmax[g];
+      for (const int64_t e = std::min(b1, (g + 1) * nbs); b < e; ++b) {
+        const float t = ncode[qabsmax[b]] * a2;
+        out[b - b0] = t + noffset;
+      }
+    }
+  }
+};
+
+at::Tensor as_float32(const char* op, const at::Tensor& t, const char* name, std::vector<at::Tensor>& keep) {
+  check_device(op, t, name, at::kCPU);
+  check_float_dtype(op, t, name);
+  keep.push_back(t.to(at::kFloat).contiguous());
+  return keep.back();
+}
+
+Weight4 check_weight4(const char* op, const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,
+                      int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                      const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& nested_offset,
+                      int64_t nested_blocksize, int64_t N, int64_t K) {
+  Weight4 w;
+  check_defined(op, qweight, "qweight");
+  check_device(op, qweight, "qweight", at::kCPU);
+  TORCH_CHECK(N >= 0 && K >= 0, "peftcore::", op, ": out_features (", N, ") and in_features (", K,
+              ") must be >= 0");
+  TORCH_CHECK(blocksize > 0, "peftcore::", op, ": blocksize must be positive but is ", blocksize);
+  TORCH_CHECK(qweight.is_contiguous(), "peftcore::", op, ": qweight must be contiguous (bitsandbytes' packed bytes)");
+  const int64_t bytes = qweight.numel() * qweight.element_size();
+  TORCH_CHECK(bytes == (N * K + 1) / 2, "peftcore::", op, ": qweight holds ", bytes, " bytes but a [", N, ", ", K,
+              "] 4-bit weight needs ", (N * K + 1) / 2, " (shape ", qweight.sizes(), ", dtype ", qweight.scalar_type(),
+              ")");
+  check_defined(op, code, "code");
+  TORCH_CHECK(code.numel() == 16, "peftcore::", op, ": code must hold the 16 values of the 4-bit codes but has shape ",
+              code.sizes());
+  w.n_blocks = (N * K + blocksize - 1) / blocksize;
+  w.packed = {static_cast<const uint8_t*>(qweight.const_data_ptr()),
+              as_float32(op, code, "code", w.keep).const_data_ptr<float>(), blocksize, N, K};
+  const bool nested = nested_absmax.has_value() && nested_absmax->defined();
+  check_defined(op, absmax, "absmax");
+  check_device(op, absmax, "absmax", at::kCPU);
+  TORCH_CHECK(absmax.numel() == w.n_blocks, "peftcore::", op, ": absmax has ", absmax.numel(), " values but a [", N,
+              ", ", K, "] weight in blocks of ", blocksize, " has ", w.n_blocks, " blocks");
+  if (!nested) {
+    w.absmax = as_float32(op, absmax, "absmax", w.keep).const_data_ptr<float>();
+    return w;
+  }
+  TORCH_CHECK(absmax.scalar_type() == at::kByte, "peftcore::", op,
+              ": with nested_absmax (double quantization) absmax must hold uint8 codes but has dtype ",
+              absmax.scalar_type());
+  TORCH_CHECK(nested_code.has_value() && nested_code->defined() && nested_code->numel() == 256, "peftcore::", op,
+              ": double quantization needs nested_code with 256 values");
+  TORCH_CHECK(nested_offset.has_value() && nested_offset->defined() && nested_offset->numel() == 1, "peftcore::", op,
+              ": double quantization needs nested_offset with 1 value");
+  TORCH_CHECK(nested_blocksize > 0, "peftcore::", op, ": nested_blocksize must be positive but is ", nested_blocksize);
+  const int64_t n2 = (w.n_blocks + nested_blocksize - 1) / nested_blocksize;
+  TORCH_CHECK(nested_absmax->numel() == n2, "peftcore::", op, ": nested_absmax has ", nested_absmax->numel(),
+              " values but ", w.n_blocks, " absmax codes in blocks of ", nested_blocksize, " need ", n2);
+  w.keep.push_back(absmax.contiguous());
+  w.qabsmax = w.keep.back().const_data_ptr<uint8_t>();
+  w.ncode = as_float32(op, *nested_code, "nested_code", w.keep).const_data_ptr<float>();
+  w.nabsmax = as_float32(op, *nested_absmax, "nested_absmax", w.keep).const_data_ptr<float>();
+  w.noffset = as_float32(op, *nested_offset, "nested_offset", w.keep).const_data_ptr<float>()[0];
+  w.nbs = nested_blocksize;
+  return w;
+}
+
+void check_int8(const char* op, const at::Tensor& weight, const at::Tensor& row_scale) {
+  check_defined(op, weight, "weight");
+  check_device(op, weight, "weight", at::kCPU);
+  check_dim(op, weight, "weight", 2);
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "peftcore::", op,
+              ": weight must be bitsandbytes' int8 CB but has dtype ", weight.scalar_type());
+  check_defined(op, row_scale, "row_scale");
+  check_device(op, row_scale, "row_scale", at::kCPU);
+  check_float_dtype(op, row_scale, "row_scale");
+  TORCH_CHECK(row_scale.numel() == weight.size(0), "peftcore::", op, ": row_scale (SCB) has ", row_scale.numel(),
+              " values but weight has ", weight.size(0), " rows");
+}
+
+// The base product, threaded over panels of output rows. For each panel,
+// `panel(n0, nr, bscale, x, M, Kp, out)` may compute it directly (the fused GEMV of
+// 1-2 tokens; returns false otherwise), else `decode(n0, nr, bscale, buf)` fills the
+// panel buffer for panel_dot. `row_mult(n)` is the per-output-row factor (int8's
+// SCB/127, else 1).
+template <typename ct, typename acc_t, typename out_t, typename Panel, typename Decode, typename RowMult>
+void base_product(const at::Tensor& xp, int64_t M, int64_t N, int64_t Kp, const acc_t* bias, int64_t scale_span,
+                  const Panel& panel, const Decode& decode, const RowMult& row_mult, out_t* y) {
+  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
+  const ct* x = xp.const_data_ptr<ct>();
+  // Below ~256K multiply-adds a thread hand-off costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, M * Kp * kPanelRows));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<ct> buf(kPanelRows * Kp);
+    std::vector<acc_t> out(M * kPanelRows);
+    std::vector<float> bscale(scale_span);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanelRows, nr = std::min(kPanelRows, N - n0);
+      if (!panel(n0, nr, bscale.data(), x, M, Kp, out.data())) {
+        decode(n0, nr, bscale.data(), buf.data());
+        cpu::quant::panel_dot(buf.data(), x, M, Kp, out.data());
+      }
+      for (int64_t j = 0; j < nr; ++j) {
+        const acc_t f = static_cast<acc_t>(row_mult(n0 + j));
+        const acc_t b = bias != nullptr ? acc_t(bias[n0 + j]) : acc_t(0);
+        for (int64_t m = 0; m < M; ++m) y[m * N + n0 + j] = static_cast<out_t>(out[m * kPanelRows + j] * f + b);
+      }
+    }
+  });
+}
+
+// x as the kernels read it: [M, Kp] in the compute type, zero-padded, and within each
+// chunk the even positions before the odd ones (quant.h, "Buffer layout").
+at::Tensor prepare_x(const at::Tensor& x, int64_t M, int64_t K, int64_t Kp, int64_t chunk, at::ScalarType ct) {
+  at::Tensor xp = x.reshape({M, K}).to(ct);
+  if (Kp != K) xp = at::constant_pad_nd(xp, {0, Kp - K}, 0);
+  if (chunk > 1) xp = xp.view({M, Kp / chunk, chunk / 2, 2}).transpose(-1, -2);
+  return xp.contiguous().view({M, Kp});
+}
+
+at::ScalarType compute_type(const at::Tensor& x) {
+  if (x.scalar_type() == at::kDouble) return at::kDouble;
+  if (x.scalar_type() == at::kBFloat16 && cpu::quant::bf16_dot_available()) return at::kBFloat16;
+  return at::kFloat;
+}
+
+// Runs base_product for compute type ct and x's dtype; Panel and Decode are generic
+// lambdas over the compute type (see base_product).
+template <typename Panel, typename Decode, typename RowMult>
+at::Tensor quantized_linear(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias, at::ScalarType ct,
+                            int64_t chunk, int64_t scale_span, const Panel& panel, const Decode& decode,
+                            const RowMult& row_mult) {
+  const int64_t K = x.size(-1), M = cpu::leading_rows(x);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || N == 0) return y;
+  const int64_t Kp = cpu::round_up(std::max<int64_t>(K, 1), kChunk);
+  const at::Tensor xp = prepare_x(x, M, K, Kp, ct == at::kDouble ? 1 : chunk, ct);
+  // The bias joins the float32 (float64) accumulator before the one rounding.
+  const auto acc = ct == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor bias_acc = bias.has_value() && bias->defined() ? bias->to(acc).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftcore_quantized_linear", [&] {
+    using out_t = scalar_t;
+    out_t* yp = y.data_ptr<out_t>();
+    if (ct == at::kDouble) {
+      const double* bp = bias_acc.defined() ? bias_acc.const_data_ptr<double>() : nullptr;
+      base_product<double, double>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, yp);
+      return;
+    }
+    const float* bp = bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr;
+    if (ct == at::kBFloat16) {
+      base_product<c10::BFloat16, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, yp);
+    } else {
+      base_product<float, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, yp);
+    }
+  });
+  return y;
+}
+
+void check_x_and_bias(const char* op, const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias) {
+  check_defined(op, x, "x");
+  check_device(op, x, "x", at::kCPU);
+  check_float_dtype(op, x, "x");
+  TORCH_CHECK(x.dim() >= 1, "peftcore::", op, ": x must have at least 1 dim (features last) but has shape ", x.sizes());
+  if (bias.has_value() && bias->defined()) {
+    check_device(op, *bias, "bias", at::kCPU);
+    check_float_dtype(op, *bias, "bias");
+    check_dim(op, *bias, "bias", 1);
+    check_size(op, *bias, "bias", 0, N, "out_features");
+  }
+}
+
+at::Tensor finish_with_adapters(const char* op, const at::Tensor& x, at::Tensor y, int64_t N, at::TensorList lora_A,
+                                at::TensorList lora_B, const at::Tensor& scales,
+                                const std::optional<at::TensorList>& lora_x) {
+  int64_t R = 0;
+  const auto active = cpu::active_adapters(scales, lora_A, R);
+  if (active.empty() || y.numel() == 0) return y;
+  const cpu::LinearDims d{cpu::leading_rows(x), x.size(-1), N};
+  cpu::add_lowrank(x, lora_A, lora_B, lora_x, active, R, d, y);
+  return y;
+}
+
+// First block of a panel, after filling bscale with the scales of all its blocks.
+int64_t panel_scales(const Weight4& w, int64_t n0, int64_t nr, float* bscale) {
+  const int64_t K = w.packed.K, bs = w.packed.blocksize;
+  const int64_t b0 = n0 * K / bs, b1 = std::min(w.n_blocks, ((n0 + nr) * K + bs - 1) / bs);
+  w.block_scales(b0, b1, bscale);
+  return b0;
+}
+
+// The panel decoder of a 4-bit weight for any buffer type (float64: natural order).
+auto decoder_4bit(const Weight4& w, int64_t chunk) {
+  return [&w, chunk](int64_t n0, int64_t nr, float* bscale, auto* buf) {
+    const int64_t b0 = panel_scales(w, n0, nr, bscale);
+    const int64_t Kp = cpu::round_up(std::max<int64_t>(w.packed.K, 1), kChunk);
+    const bool generic = std::is_same_v<std::remove_pointer_t<decltype(buf)>, double>;
+    cpu::quant::decode_4bit(w.packed, n0, nr, bscale, b0, generic ? 1 : chunk, buf, Kp);
+  };
+}
+
+// The fused GEMV of a 4-bit panel, where it applies.
+auto gemv_panel_4bit(const Weight4& w, int64_t chunk) {
+  return [&w, chunk](int64_t n0, int64_t nr, float* bscale, const auto* x, int64_t M, int64_t Kp, auto* out) {
+    if (M > cpu::quant::kGemvRows || nr != kPanelRows) return false;
+    panel_scales(w, n0, nr, bscale);
+    return cpu::quant::gemv_4bit(w.packed, n0, nr, bscale, chunk, x, M, Kp, out);
+  };
+}
+
+int64_t scale_span_4bit(int64_t K, int64_t blocksize) { return (kPanelRows * K) / blocksize + 2; }
+
+}  // namespace
+
+at::Tensor lora_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code,
+                                const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
+                                at::TensorList lora_B, const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+  const char* op = "lora_linear_4bit";
+  check_x_and_bias(op, x, out_features, bias);
+  const int64_t K = x.size(-1), N = out_features;
+  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                  nested_blocksize, N, K);
+  check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
+                 "out_features");
+  cpu::check_lora_x(op, lora_x, x, lora_A.size());
+  const at::ScalarType ct = compute_type(x);
+  const int64_t chunk = cpu::quant::chunk_4bit(K, blocksize, ct == at::kBFloat16);
+  at::Tensor y = quantized_linear(x, N, bias, ct, chunk, scale_span_4bit(K, blocksize), gemv_panel_4bit(w, chunk),
+                                  decoder_4bit(w, chunk), [](int64_t) { return 1.0; });
+  return finish_with_adapters(op, x, std::move(y), N, lora_A, lora_B, scales, lora_x);
+}
+
+at::Tensor lora_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
+                                const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+  const char* op = "lora_linear_int8";
+  check_int8(op, weight, row_scale);
+  const int64_t N = weight.size(0);
+  check_x_and_bias(op, x, N, bias);
+  const int64_t K = x.size(-1);
+  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
+                 "weight.shape[0] (out_features)");
+  cpu::check_lora_x(op, lora_x, x, lora_A.size());
+  const at::Tensor cb = weight.contiguous();
+  const at::Tensor scb = row_scale.to(at::kFloat).contiguous();
+  const int8_t* cbp = cb.const_data_ptr<int8_t>();
+  const float* sp = scb.const_data_ptr<float>();
+  const int64_t Kp = cpu::round_up(std::max<int64_t>(K, 1), kChunk);
+  // bitsandbytes' dequantization: CB·SCB, then ·(1/127) in float32.
+  const float inv127 = 7.874015718698502e-3f;
+  // 1-2 tokens: the fused GEMV in float32 (exact products) for every x dtype.
+  const int64_t M = cpu::leading_rows(x);
+  const at::ScalarType ct =
+      x.scalar_type() != at::kDouble && M <= cpu::quant::kGemvRows && cpu::quant::simd_available() ? at::kFloat
+                                                                                                 : compute_type(x);
+  at::Tensor y = quantized_linear(
+      x, N, bias, ct, 1, 1,
+      [&](int64_t n0, int64_t nr, float*, const auto* xp, int64_t Mr, int64_t Kp_, auto* out) {
+        return cpu::quant::gemv_int8(cbp, K, n0, nr, xp, Mr, Kp_, out);
+      },
+      [&](int64_t n0, int64_t nr, float*, auto* buf) { cpu::quant::decode_int8(cbp, K, n0, nr, buf, Kp); },
+      [&](int64_t n) { return double(sp[n]) * double(inv127); });
+  return finish_with_adapters(op, x, std::move(y), N, lora_A, lora_B, scales, lora_x);
+}
+
+at::Tensor dequantize_4bit_cpu(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,
+                               int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code,
+                               const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                               int64_t out_features, int64_t in_features, at::ScalarType dtype) {
+  const char* op = "dequantize_4bit";
+  const int64_t N = out_features, K = in_features;
+  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                  nested_blocksize, N, K);
+  TORCH_CHECK(at::isFloatingType(dtype), "peftcore::", op, ": dtype must be a floating type but is ", dtype);
+  const bool f64 = dtype == at::kDouble;
+  at::Tensor out = at::empty({N, K}, qweight.options().dtype(f64 ? at::kDouble : at::kFloat));
+  if (N == 0 || K == 0) return out.to(dtype);
+  const auto decode = decoder_4bit(w, 1);  // natural order
+  const int64_t Kp = cpu::round_up(K, kChunk);
+  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "peftcore_dequantize_4bit", [&] {
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, panels, std::max<int64_t>(1, 65536 / (kPanelRows * K)), [&](int64_t p0, int64_t p1) {
+      std::vector<scalar_t> buf(kPanelRows * Kp);
+      std::vector<float> bscale(scale_span_4bit(K, blocksize));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * kPanelRows, nr = std::min(kPanelRows, N - n0);
+        decode(n0, nr, bscale.data(), buf.data());
+        for (int64_t j = 0; j < nr; ++j) std::copy(buf.data() + j * Kp, buf.data() + j * Kp + K, op_ + (n0 + j) * K);
+      }
+    });
+  });
+  return out.to(dtype);
+}
+
+at::Tensor dequantize_int8_cpu(const at::Tensor& weight, const at::Tensor& row_scale, at::ScalarType dtype) {
+  const char* op = "dequantize_int8";
+  check_int8(op, weight, row_scale);
+  TORCH_CHECK(at::isFloatingType(dtype), "peftcore::", op, ": dtype must be a floating type but is ", dtype);
+  const at::Tensor cb = weight.contiguous();
+  const at::Tensor scb = row_scale.to(at::kFloat).contiguous();
+  const int64_t N = cb.size(0), K = cb.size(1);
+  const bool f64 = dtype == at::kDouble;
+  at::Tensor out = at::empty({N, K}, weight.options().dtype(f64 ? at::kDouble : at::kFloat));
+  const int8_t* src = cb.const_data_ptr<int8_t>();
+  const float* sp = scb.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "peftcore_dequantize_int8", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    // As bitsandbytes (and reference.dequantize_int8): (CB·SCB)·(1/127), two roundings.
+    const scalar_t inv127 = static_cast<scalar_t>(7.874015718698502e-3f);
+    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const scalar_t s = static_cast<scalar_t>(sp[n]);
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t t = static_cast<scalar_t>(src[n * K + k]) * s;
+          dst[n * K + k] = t * inv127;
+        }
+      }
+    });
+  });
+  return out.to(dtype);
+}
+
+}  // namespace peftcore

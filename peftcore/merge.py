@@ -1,0 +1,244 @@
+"""Merging LoRA adapters into the base weights (PEFT's ``merge_adapter`` family).
+
+``merge_adapter`` adds ``s·B·A`` of each named adapter into the weight of every layer that
+carries it; the layer then keeps the adapter with kernel scale 0 (``lora_scales``), so the
+merged delta is never counted twice, and records it in ``layer.merged_adapters``.
+``unmerge_adapter`` subtracts it again, ``merge_and_unload`` merges and gives back the
+plain model, ``unload`` gives back the plain model without merging.
+
+Floating-point bases (nn.Linear, transformers Conv1D, nn.Embedding): ``W += Δ`` in place,
+with Δ computed in float32 (float64 for float64 adapters) and the sum rounded to the
+weight's dtype once, as PEFT does. Unmerge subtracts the same Δ (exact up to that one
+rounding per direction).
+
+bitsandbytes bases (dequantize -> add -> re-quantize, as PEFT does):
+
+* ``Linear4bit``: ``W = bnb.functional.dequantize_4bit(data, quant_state)``; ``W + Δ`` (fp32)
+  is re-quantized by ``bnb.functional.quantize_4bit`` with the layer's blocksize,
+  quant_type, double quantization (``compress_statistics``) and quant_storage, and the new
+  bytes / quant state are stored back into the same ``Params4bit``.
+* ``Linear8bitLt``: ``W = int8_vectorwise_dequant(CB, SCB)`` (= CB·SCB/127);
+  ``W + Δ`` is rounded to float16 and re-quantized by ``int8_vectorwise_quant`` (what
+  ``Int8Params`` does), and CB / SCB are stored back where the layer keeps them.
+
+The merged quantized model therefore runs ``quant(W + Δ)``, not ``W + Δ``. Unmerge is
+PEFT's: dequantize, subtract Δ, re-quantize. It does not restore the original codes: each
+re-quantization moves every element by up to half a quantization step of its block (4-bit:
+half the largest gap between neighbouring code values times the block's absmax; int8:
+SCB/254 per row), and the block scale itself changes with ``W ± Δ``. After merge +
+unmerge, ``|W_after - W_before| <= g·(a + d)·(1 + g/4)`` per 4-bit block (g: the largest
+code gap, 0.304 for nf4 and 0.333 for fp4 on bitsandbytes' [-1, 1] code tables; a: the
+block's absmax; d: the block's max |Δ|) and ``<= (a + d)·(1/127 + 2**-10)`` per int8
+row (a, d: the row's max |W| and max |Δ|; 2**-10: the float16 rounding, both ways), plus, with double quantization, the 8-bit error of the re-quantized block scales.
+``tests/test_quantized.py`` measures it against these bounds.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import inject
+from .errors import AdapterNameError, PeftcoreError
+from .layers import (
+    LoraEmbedding,
+    LoraLayer,
+    ModulesToSaveWrapper,
+    bnb_kind,
+    int8_state,
+    unpack_cpu_4bit,
+)
+from .switching import _STATE_ATTR, apply_state, get_state
+
+
+def _require_state(model: nn.Module):
+    st = get_state(model)
+    if st is None or not st.configs:
+        raise PeftcoreError(f"{type(model).__name__} has no peftcore adapters; add or load one first")
+    return st
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def is_merged(model: nn.Module) -> bool:
+    """True when some layer has an adapter merged into its base weight."""
+    return any(m.merged_adapters for _, m in lora_layers(model))
+
+
+# ---------------------------------------------------------------- per-layer weights
+def delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:
+    """``scaling·B·A`` of adapter ``name``, in the orientation the base stores its weight
+    ([out, in]; [in, out] for Conv1D; [num_embeddings, dim] for embeddings), float32
+    (float64 for float64 adapters)."""
+    A, B = layer.adapter_weights(name)
+    f = torch.float64 if A.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        d = (B.detach().to(f) @ A.detach().to(f)) * layer.scaling[name]
+    if isinstance(layer, LoraEmbedding) or getattr(layer, "is_conv1d", False):
+        d = d.t()
+    return d
+
+
+def _dense(layer: LoraLayer) -> torch.Tensor:
+    """The base's weight as a float32 dense tensor (a copy for quantized bases)."""
+    base = layer.base_layer
+    kind = bnb_kind(base)
+    if kind == "4bit":
+        import bitsandbytes as bnb
+
+        unpack_cpu_4bit(base)
+        w = base.weight
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if kind == "8bit":
+        import bitsandbytes as bnb
+
+        cb, scb = int8_state(base)
+        return bnb.functional.int8_vectorwise_dequant(cb, scb).float()
+    return base.weight.detach()
+
+
+def _new_weight(layer: LoraLayer, deltas: list[torch.Tensor], sign: float) -> torch.Tensor:
+    """What the dense weight becomes (before re-quantization) after adding ``sign·Σ deltas``."""
+    w = _dense(layer)
+    acc = w.to(deltas[0].dtype) if w.is_floating_point() and w.dtype != deltas[0].dtype else w.clone()
+    for d in deltas:
+        acc = acc + sign * d.to(acc.device)
+    kind = bnb_kind(layer.base_layer)
+    if kind == "8bit":
+        return acc.to(torch.float16)  # what Int8Params quantizes from
+    if kind == "4bit":
+        return acc.float()
+    return acc.to(layer.base_layer.weight.dtype)
+
+
+def _write(layer: LoraLayer, new: torch.Tensor) -> None:
+    base = layer.base_layer
+    kind = bnb_kind(base)
+    if kind == "4bit":
+        import bitsandbytes as bnb
+
+        w = base.weight
+        old = w.quant_state
+        q, qs = bnb.functional.quantize_4bit(
+            new.contiguous(), blocksize=old.blocksize, compress_statistics=w.compress_statistics,
+            quant_type=old.quant_type, quant_storage=w.quant_storage,
+        )
+        qs.dtype = old.dtype  # bitsandbytes returns outputs in this dtype: keep the layer's
+        w.data = q
+        w.quant_state = qs
+        if hasattr(base, "quant_state"):
+            base.quant_state = qs
+    elif kind == "8bit":
+        import bitsandbytes as bnb
+
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(new.contiguous())
+        w = base.weight
+        w.data = cb
+        if getattr(w, "SCB", None) is not None:
+            w.CB, w.SCB = cb, scb
+        else:
+            base.state.CB, base.state.SCB = cb, scb
+        if hasattr(base.state, "reset_grads"):
+            base.state.reset_grads()
+    else:
+        with torch.no_grad():
+            base.weight.copy_(new)
+
+
+def _check_finite(path: str, new: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(new).all():
+        raise PeftcoreError(
+            f"safe_merge: {what} into module {path!r} gives non-finite weights (NaN/inf); nothing was merged"
+        )
+
+
+# ---------------------------------------------------------------- public API
+def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    """Merge adapters into the base weights (default: the active adapters).
+
+    Each merged adapter keeps its factors but runs with kernel scale 0, so outputs do not
+    count it twice; ``unmerge_adapter`` undoes the merge (lossy on quantized bases, see the
+    module docstring). Adapters already merged in a layer are skipped with a warning.
+    ``safe_merge`` checks every new weight for NaN/inf first and raises
+    ``PeftcoreError`` naming the module, leaving the model unchanged."""
+    st = _require_state(model)
+    if not st.enabled:
+        raise PeftcoreError("merge_adapter: adapters are disabled; call peftcore.enable_adapters(model) first")
+    names = list(st.active) if adapter_names is None else (
+        [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+    unknown = [n for n in names if n not in st.configs]
+    if unknown:
+        raise AdapterNameError(f"unknown adapter(s) {unknown}; loaded: {sorted(st.configs)}")
+    work = []
+    already = set()
+    for path, layer in lora_layers(model):
+        todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
+        already.update(n for n in names if n in layer.merged_adapters)
+        if todo:
+            work.append((path, layer, todo))
+    if already:
+        warnings.warn(f"adapter(s) {sorted(already)} already merged in some layers; merging the rest only")
+    if safe_merge:
+        for path, layer, todo in work:
+            new = _new_weight(layer, [delta_weight(layer, n) for n in todo], +1.0)
+            _check_finite(path, new, f"merging {todo}")
+    for path, layer, todo in work:
+        _write(layer, _new_weight(layer, [delta_weight(layer, n) for n in todo], +1.0))
+        layer.merged_adapters.extend(todo)
+    apply_state(model, st)
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights again and give the adapters
+    back their kernel scales. On quantized bases this re-quantizes (lossy, PEFT's method)."""
+    st = _require_state(model)
+    for _, layer in lora_layers(model):
+        if layer.merged_adapters:
+            merged = list(layer.merged_adapters)
+            _write(layer, _new_weight(layer, [delta_weight(layer, n) for n in reversed(merged)], -1.0))
+            layer.merged_adapters.clear()
+    apply_state(model, st)
+
+
+def _unload(model: nn.Module) -> nn.Module:
+    for path, m in list(inject.adapter_modules(model)):
+        if isinstance(m, LoraLayer):
+            parent, child = inject.get_parent(model, path)
+            setattr(parent, child, m.base_layer)
+        elif isinstance(m, ModulesToSaveWrapper):
+            # PEFT keeps the active adapter's trained copy (else the original).
+            keep = m.modules_to_save[m.active_adapter] if m.active_adapter is not None else m.original_module
+            parent, child = inject.get_parent(model, path)
+            setattr(parent, child, keep)
+    model.__dict__.pop(_STATE_ATTR, None)
+    return model
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> nn.Module:
+    """Merge the adapters (default: the active ones) and return the model without any
+    peftcore layer: plain nn.Linear / Conv1D / nn.Embedding, or re-quantized bitsandbytes
+    layers. A modules_to_save module is replaced by the active adapter's copy (PEFT)."""
+    merge_adapter(model, adapter_names, safe_merge)
+    return _unload(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging and return the model with its original modules.
+    As in PEFT, deltas merged earlier with ``merge_adapter`` stay in the weights (call
+    ``unmerge_adapter`` first to take them out)."""
+    _require_state(model)
+    return _unload(model)
+
+
+def unmerge_for_switch(model: nn.Module, why: str) -> None:
+    """PEFT unmerges (with a warning) before switching or disabling adapters."""
+    if is_merged(model):
+        warnings.warn(f"{why}: unmerging the merged adapters first (lossy on quantized bases)")
+        unmerge_adapter(model)
+
+
+__all__ = ["delta_weight", "is_merged", "merge_adapter", "merge_and_unload", "unload", "unmerge_adapter"]
