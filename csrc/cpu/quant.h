@@ -53,12 +53,17 @@ void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, 
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, float* buf, int64_t Kp);
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, c10::BFloat16* buf, int64_t Kp);
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, double* buf, int64_t Kp);
+void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, int16_t* buf, int64_t Kp);
 
 // out[m * kPanelRows + j] = Σ_k buf[j, k] · xp[m, k] for m < M, j < kPanelRows, with
 // float32 accumulation (float64 for double). xp: M rows of Kp values.
 void panel_dot(const float* buf, const float* xp, int64_t M, int64_t Kp, float* out);
 void panel_dot(const c10::BFloat16* buf, const c10::BFloat16* xp, int64_t M, int64_t Kp, float* out);
 void panel_dot(const double* buf, const double* xp, int64_t M, int64_t Kp, double* out);
+// int8 weights × int16 tokens (x quantized per token row, see quant_linear.cpp):
+// exact integer products summed in int32 over segments short enough not to overflow,
+// each segment's sum added to out in float32.
+void panel_dot(const int16_t* buf, const int16_t* xp, int64_t M, int64_t Kp, float* out);
 
 // Up to this many token rows, a full panel skips the buffer: gemv_* decode in
 // registers (AVX-512 only). They return false where they do not apply (then the
@@ -72,6 +77,8 @@ bool gemv_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, in
                int64_t M, int64_t Kp, double* out);
 bool gemv_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, const float* xp, int64_t M, int64_t Kp,
                float* out);
+bool gemv_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, const int16_t* xp, int64_t M, int64_t Kp,
+               float* out);
 template <typename T, typename A>
 bool gemv_int8(const int8_t*, int64_t, int64_t, int64_t, const T*, int64_t, int64_t, A*) {
   return false;  // bf16 / double x: decode + panel_dot
@@ -81,5 +88,7 @@ bool gemv_int8(const int8_t*, int64_t, int64_t, int64_t, const T*, int64_t, int6
 // AVX512_BF16 on top. Both honour PEFTCORE_CPU_ISA=generic.
 bool simd_available();
 bool bf16_dot_available();
+// int8 × int16 dot products (vpdpwssd) need AVX512_VNNI.
+bool int16_dot_available();
 
 }  // namespace peftcore::cpu::quant

@@ -66,6 +66,7 @@ PEFTCORE_AVX2_FN void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, cons
         left = k > 0 ? w.blocksize : w.blocksize - i0 % w.blocksize;
         t = make_table(w.code, bscale[b - b0]);
       }
+      if (k % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(q) + k / 2 + 2 * w.K, _MM_HINT_T0);  // next panel
       __m256 e, o;
       decode16(q + k / 2, t, e, o);
       _mm256_storeu_ps(row + k, e);
@@ -81,9 +82,11 @@ PEFTCORE_AVX2_FN void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64
     const int8_t* src = cb + (n0 + j) * K;
     float* row = buf + j * Kp;
     int64_t k = 0;
-    for (; k + 8 <= K; k += 8)
+    for (; k + 8 <= K; k += 8) {
+      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(src) + k + 4 * K, _MM_HINT_T0);  // next panel
       _mm256_storeu_ps(row + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
                                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k)))));
+    }
     for (; k < K; ++k) row[k] = static_cast<float>(src[k]);
     std::memset(static_cast<void*>(row + K), 0, sizeof(float) * (Kp - K));
   }

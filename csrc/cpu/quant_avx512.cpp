@@ -26,6 +26,7 @@
 
 #define PEFTCORE_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define PEFTCORE_AVX512BF16_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define PEFTCORE_AVX512VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 
 namespace peftcore::cpu::quant::avx512 {
 namespace {
@@ -59,6 +60,7 @@ PEFTCORE_AVX512_FN void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, co
         left = k > 0 ? w.blocksize : w.blocksize - i0 % w.blocksize;
         table = _mm512_mul_ps(code, _mm512_set1_ps(bscale[b - b0]));
       }
+      if (k % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(q) + k / 2 + 2 * w.K, _MM_HINT_T0);  // next panel
       const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
       _mm512_storeu_ps(row + k, _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table));  // even k: high nibbles
       _mm512_storeu_ps(row + k + 16, _mm512_permutexvar_ps(idx, table));                   // odd k: low nibbles
@@ -84,6 +86,7 @@ PEFTCORE_AVX512BF16_FN void decode_4bit(const Packed4& w, int64_t n0, int64_t nr
         // One rounding: bf16(code · absmax), round to nearest even.
         t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(bscale[b - b0])));
       }
+      if (k % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(q) + k / 2 + 2 * w.K, _MM_HINT_T0);  // next panel
       if (chunk == 64) {
         const __m512i table = _mm512_broadcast_i64x4(t16);
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2)));
@@ -108,6 +111,7 @@ PEFTCORE_AVX512_FN void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int
     for (int64_t k = 0; k < K; k += 16) {
       const int64_t n = std::min<int64_t>(16, K - k);
       const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(src) + k + 4 * K, _MM_HINT_T0);  // next panel
       // Masked lanes load zeros: the padding of the row is written here too.
       const __m128i b = _mm_maskz_loadu_epi8(m, src + k);
       _mm512_storeu_ps(row + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
@@ -125,6 +129,7 @@ PEFTCORE_AVX512BF16_FN void decode_int8(const int8_t* cb, int64_t K, int64_t n0,
     for (int64_t k = 0; k < K; k += 32) {
       const int64_t n = std::min<int64_t>(32, K - k);
       const __mmask32 m = n == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
+      _mm_prefetch(reinterpret_cast<const char*>(src) + k + 4 * K, _MM_HINT_T0);  // next panel
       const __m256i b = _mm256_maskz_loadu_epi8(m, src + k);
       const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
       const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
@@ -209,6 +214,17 @@ PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void dot_bf16(const
 
 // ---- fused GEMV for 1-2 token rows: decode in registers, no panel buffer.
 
+// A panel's 4 rows are 4 interleaved streams over one contiguous range (4·K/2 bytes
+// for 4-bit); the hardware prefetchers alone leave a single thread at a fraction of
+// the memory bandwidth. Per 64 codes of each row (2 cache lines of the panel), fetch
+// the matching 2 lines of the next panel: always one panel ahead.
+PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void prefetch_next_panel(const uint8_t* panel, int64_t K,
+                                                                                  int64_t k) {
+  const char* next = reinterpret_cast<const char*>(panel) + 6 * K + 2 * k;
+  _mm_prefetch(next, _MM_HINT_T1);
+  _mm_prefetch(next + 64, _MM_HINT_T1);
+}
+
 // 4 rows × M token rows, bf16 products: the 16 code values rounded to bf16 once
 // (vpermw table), each block's partial dot products scaled by its float32 absmax.
 template <int M>
@@ -234,6 +250,7 @@ PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void gemv_4bit_bf16
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < 4; ++r) p[m][r] = _mm512_setzero_ps();
     for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 64) {
+      prefetch_next_panel(q[0], K, k);
       __m512bh xe[M], xo[M];
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
@@ -288,6 +305,7 @@ PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void gemv_4bit_f32(cons
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) t[r] = _mm512_mul_ps(code, _mm512_set1_ps(sc[r][blk]));
     for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 32) {
+      if (k % 64 == 0) prefetch_next_panel(q[0], K, k);
       __m512 xe[M], xo[M];
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
@@ -327,6 +345,9 @@ PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void gemv_int8_f32(cons
   for (int64_t k = 0; k < K; k += 32) {
     const int64_t n = std::min<int64_t>(32, K - k);
     const __mmask32 mask = n == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
+    // 4 rows × 32 int8 = 2 cache lines per step, one panel (4·K bytes) ahead.
+    _mm_prefetch(reinterpret_cast<const char*>(q[0]) + 4 * K + 4 * k, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(q[0]) + 4 * K + 4 * k + 64, _MM_HINT_T0);
     __m512 x0[M], x1[M];
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
@@ -367,6 +388,117 @@ PEFTCORE_AVX512_FN void gemv_int8(const int8_t* cb, int64_t K, int64_t n0, const
                                   float* out) {
   if (M == 1) return gemv_int8_f32<1>(cb, K, n0, xp, Kp, out);
   gemv_int8_f32<2>(cb, K, n0, xp, Kp, out);
+}
+
+// ---- int8 weights × int16 x (AVX512_VNNI vpdpwssd: 32 exact products per instruction).
+// A lane gains at most 2·127·32767 < 2^23.1 per step: int32 is safe for 128 steps (4096
+// values of k); each such segment is then added to the float32 result.
+constexpr int64_t kInt16Segment = 4096;
+
+PEFTCORE_AVX512VNNI_FN void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, int16_t* buf,
+                                        int64_t Kp) {
+  for (int64_t j = 0; j < nr; ++j) {
+    const int8_t* src = cb + (n0 + j) * K;
+    int16_t* row = buf + j * Kp;
+    for (int64_t k = 0; k < K; k += 32) {
+      const int64_t n = std::min<int64_t>(32, K - k);
+      const __mmask32 m = n == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
+      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(src) + k + 4 * K, _MM_HINT_T0);  // next panel
+      _mm512_storeu_si512(row + k, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, src + k)));
+    }
+    std::memset(static_cast<void*>(row + (K + 31) / 32 * 32), 0, sizeof(int16_t) * (Kp - (K + 31) / 32 * 32));
+  }
+  zero_rows(buf, nr, Kp);
+}
+
+namespace {
+
+template <int MR>
+PEFTCORE_AVX512VNNI_FN inline __attribute__((always_inline)) void dot_i16(const int16_t* buf, const int16_t* x,
+                                                                          int64_t Kp, float* out) {
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) out[m * 4 + j] = 0.f;
+  for (int64_t k0 = 0; k0 < Kp; k0 += kInt16Segment) {
+    __m512i acc[MR][4];
+#pragma GCC unroll 32
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < std::min(Kp, k0 + kInt16Segment); k += 32) {
+      const __m512i w0 = _mm512_loadu_si512(buf + k), w1 = _mm512_loadu_si512(buf + Kp + k);
+      const __m512i w2 = _mm512_loadu_si512(buf + 2 * Kp + k), w3 = _mm512_loadu_si512(buf + 3 * Kp + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m512i v = _mm512_loadu_si512(x + m * Kp + k);
+        acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], w0, v);
+        acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], w1, v);
+        acc[m][2] = _mm512_dpwssd_epi32(acc[m][2], w2, v);
+        acc[m][3] = _mm512_dpwssd_epi32(acc[m][3], w3, v);
+      }
+    }
+#pragma GCC unroll 32
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 4; ++j) out[m * 4 + j] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[m][j]));
+  }
+}
+
+template <int M>
+PEFTCORE_AVX512VNNI_FN inline __attribute__((always_inline)) void gemv_int8_i16(const int8_t* cb, int64_t K,
+                                                                                int64_t n0, const int16_t* xp,
+                                                                                int64_t Kp, float* out) {
+  const int8_t* q[4];
+  for (int r = 0; r < 4; ++r) q[r] = cb + (n0 + r) * K;
+  __m512 facc[M][4];
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 4; ++r) facc[m][r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += kInt16Segment) {
+    __m512i acc[M][4];
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < std::min(K, k0 + kInt16Segment); k += 32) {
+      const int64_t n = std::min<int64_t>(32, K - k);
+      const __mmask32 mask = n == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
+      _mm_prefetch(reinterpret_cast<const char*>(q[0]) + 4 * K + 4 * k, _MM_HINT_T0);  // next panel
+      _mm_prefetch(reinterpret_cast<const char*>(q[0]) + 4 * K + 4 * k + 64, _MM_HINT_T0);
+      __m512i v[M];
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) v[m] = _mm512_loadu_si512(xp + m * Kp + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, q[r] + k));
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], wv, v[m]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < 4; ++r) facc[m][r] = _mm512_add_ps(facc[m][r], _mm512_cvtepi32_ps(acc[m][r]));
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 4; ++r) out[m * 4 + r] = _mm512_reduce_add_ps(facc[m][r]);
+}
+
+}  // namespace
+
+PEFTCORE_AVX512VNNI_FN void gemv_int8(const int8_t* cb, int64_t K, int64_t n0, const int16_t* xp, int64_t M,
+                                      int64_t Kp, float* out) {
+  if (M == 1) return gemv_int8_i16<1>(cb, K, n0, xp, Kp, out);
+  gemv_int8_i16<2>(cb, K, n0, xp, Kp, out);
+}
+
+PEFTCORE_AVX512VNNI_FN void panel_dot(const int16_t* buf, const int16_t* xp, int64_t M, int64_t Kp, float* out) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) dot_i16<6>(buf, xp + m * Kp, Kp, out + m * 4);
+  switch (M - m) {
+    case 5: dot_i16<5>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 4: dot_i16<4>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 3: dot_i16<3>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 2: dot_i16<2>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    case 1: dot_i16<1>(buf, xp + m * Kp, Kp, out + m * 4); break;
+    default: break;
+  }
 }
 
 // Kp is a multiple of kChunk (64): whole vectors, and an even number of them.

@@ -24,6 +24,10 @@ void gemv_4bit(const Packed4& w, int64_t n0, const float* bs_row0, const c10::BF
 void gemv_4bit(const Packed4& w, int64_t n0, const float* bs_row0, const float* xp, int64_t M, int64_t Kp, float* out);
 // int8 against float32 x in natural order, any K.
 void gemv_int8(const int8_t* cb, int64_t K, int64_t n0, const float* xp, int64_t M, int64_t Kp, float* out);
+// AVX512_VNNI: int8 weights × int16 x (quant.h, panel_dot for int16).
+void gemv_int8(const int8_t* cb, int64_t K, int64_t n0, const int16_t* xp, int64_t M, int64_t Kp, float* out);
+void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, int16_t* buf, int64_t Kp);
+void panel_dot(const int16_t* buf, const int16_t* xp, int64_t M, int64_t Kp, float* out);
 void panel_dot(const float* buf, const float* xp, int64_t M, int64_t Kp, float* out);
 void panel_dot(const c10::BFloat16* buf, const c10::BFloat16* xp, int64_t M, int64_t Kp, float* out);
 

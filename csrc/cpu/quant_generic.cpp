@@ -111,13 +111,25 @@ PEFTCORE_CLONES void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const
 PEFTCORE_CLONES void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, float* buf, int64_t Kp) {
   decode_int8_impl(cb, K, n0, nr, buf, Kp);
 }
-PEFTCORE_CLONES void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, double* buf, int64_t Kp) {
+PEFTCORE_CLONES void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, int16_t* buf, int64_t Kp) {
+#if PEFTCORE_HAVE_AVX512
+  if (int16_dot_available()) return avx512::decode_int8(cb, K, n0, nr, buf, Kp);
+#endif
+  TORCH_CHECK(false, "peftcore: internal error: int16 decode without AVX512_VNNI");
+}
+void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, double* buf, int64_t Kp) {
   decode_int8_impl(cb, K, n0, nr, buf, Kp);
 }
 PEFTCORE_CLONES void panel_dot(const float* buf, const float* xp, int64_t M, int64_t Kp, float* out) {
   panel_dot_impl(buf, xp, M, Kp, out);
 }
-PEFTCORE_CLONES void panel_dot(const double* buf, const double* xp, int64_t M, int64_t Kp, double* out) {
+PEFTCORE_CLONES void panel_dot(const int16_t* buf, const int16_t* xp, int64_t M, int64_t Kp, float* out) {
+#if PEFTCORE_HAVE_AVX512
+  if (int16_dot_available()) return avx512::panel_dot(buf, xp, M, Kp, out);
+#endif
+  TORCH_CHECK(false, "peftcore: internal error: int16 dot without AVX512_VNNI");
+}
+void panel_dot(const double* buf, const double* xp, int64_t M, int64_t Kp, double* out) {
   panel_dot_impl(buf, xp, M, Kp, out);
 }
 
@@ -146,6 +158,15 @@ bool use_avx2() {
 bool bf16_dot_available() {
 #if PEFTCORE_HAVE_AVX512
   static const bool yes = use_avx512() && __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+bool int16_dot_available() {
+#if PEFTCORE_HAVE_AVX512
+  static const bool yes = use_avx512() && __builtin_cpu_supports("avx512vnni");
   return yes;
 #else
   return false;
@@ -204,6 +225,12 @@ void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, c10::BFloa
 #endif
   TORCH_CHECK(false, "peftcore: internal error: bf16 decode without AVX512_BF16");
 }
+void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, int16_t* buf, int64_t Kp) {
+#if PEFTCORE_HAVE_AVX512
+  if (int16_dot_available()) return avx512::decode_int8(cb, K, n0, nr, buf, Kp);
+#endif
+  TORCH_CHECK(false, "peftcore: internal error: int16 decode without AVX512_VNNI");
+}
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, double* buf, int64_t Kp) {
   generic::decode_int8(cb, K, n0, nr, buf, Kp);
 }
@@ -241,6 +268,15 @@ bool gemv_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, const float*
   return false;
 }
 
+bool gemv_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, const int16_t* xp, int64_t M, int64_t Kp,
+               float* out) {
+#if PEFTCORE_HAVE_AVX512
+  if (int16_dot_available() && nr == kPanelRows && M <= kGemvRows)
+    return avx512::gemv_int8(cb, K, n0, xp, M, Kp, out), true;
+#endif
+  return false;
+}
+
 void panel_dot(const float* buf, const float* xp, int64_t M, int64_t Kp, float* out) {
 #if PEFTCORE_HAVE_AVX512
   if (simd_available()) return avx512::panel_dot(buf, xp, M, Kp, out);
@@ -255,6 +291,12 @@ void panel_dot(const c10::BFloat16* buf, const c10::BFloat16* xp, int64_t M, int
   if (bf16_dot_available()) return avx512::panel_dot(buf, xp, M, Kp, out);
 #endif
   TORCH_CHECK(false, "peftcore: internal error: bf16 dot without AVX512_BF16");
+}
+void panel_dot(const int16_t* buf, const int16_t* xp, int64_t M, int64_t Kp, float* out) {
+#if PEFTCORE_HAVE_AVX512
+  if (int16_dot_available()) return avx512::panel_dot(buf, xp, M, Kp, out);
+#endif
+  TORCH_CHECK(false, "peftcore: internal error: int16 dot without AVX512_VNNI");
 }
 void panel_dot(const double* buf, const double* xp, int64_t M, int64_t Kp, double* out) {
   generic::panel_dot(buf, xp, M, Kp, out);

@@ -15,6 +15,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common/checks.h"
@@ -135,7 +138,8 @@ void check_int8(const char* op, const at::Tensor& weight, const at::Tensor& row_
 // SCB/127, else 1).
 template <typename ct, typename acc_t, typename out_t, typename Panel, typename Decode, typename RowMult>
 void base_product(const at::Tensor& xp, int64_t M, int64_t N, int64_t Kp, const acc_t* bias, int64_t scale_span,
-                  const Panel& panel, const Decode& decode, const RowMult& row_mult, out_t* y) {
+                  const Panel& panel, const Decode& decode, const RowMult& row_mult, const float* tok_mult,
+                  out_t* y) {
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
   const ct* x = xp.const_data_ptr<ct>();
   // Below ~256K multiply-adds a thread hand-off costs more than it saves.
@@ -153,7 +157,12 @@ void base_product(const at::Tensor& xp, int64_t M, int64_t N, int64_t Kp, const 
       for (int64_t j = 0; j < nr; ++j) {
         const acc_t f = static_cast<acc_t>(row_mult(n0 + j));
         const acc_t b = bias != nullptr ? acc_t(bias[n0 + j]) : acc_t(0);
-        for (int64_t m = 0; m < M; ++m) y[m * N + n0 + j] = static_cast<out_t>(out[m * kPanelRows + j] * f + b);
+        if (tok_mult != nullptr) {  // int16 x: each token row's scale
+          for (int64_t m = 0; m < M; ++m)
+            y[m * N + n0 + j] = static_cast<out_t>(out[m * kPanelRows + j] * acc_t(tok_mult[m]) * f + b);
+        } else {
+          for (int64_t m = 0; m < M; ++m) y[m * N + n0 + j] = static_cast<out_t>(out[m * kPanelRows + j] * f + b);
+        }
       }
     }
   });
@@ -166,6 +175,20 @@ at::Tensor prepare_x(const at::Tensor& x, int64_t M, int64_t K, int64_t Kp, int6
   if (Kp != K) xp = at::constant_pad_nd(xp, {0, Kp - K}, 0);
   if (chunk > 1) xp = xp.view({M, Kp / chunk, chunk / 2, 2}).transpose(-1, -2);
   return xp.contiguous().view({M, Kp});
+}
+
+// x for the int8 × int16 kernels: each token row scaled by a power of two s_m (the
+// smallest with max|x_m| / s_m <= 32767) and rounded to int16. Division by a power of
+// two is exact, so every value within 2^7 of the row's max (all of a bf16 row's
+// significant bits) is kept exactly; the rest are off by at most s_m / 2 = max|x_m|·2^-16.
+std::pair<at::Tensor, at::Tensor> quantize_x_int16(const at::Tensor& x, int64_t M, int64_t K, int64_t Kp) {
+  const at::Tensor xs = x.reshape({M, K}).to(at::kFloat);
+  const at::Tensor amax = xs.abs().amax({1}, true);
+  at::Tensor s = at::exp2(at::ceil(at::log2(amax / 32767.0)));
+  s = at::where(amax > 0, s, at::ones_like(s));
+  at::Tensor xq = xs.div(s).round_().clamp_(-32767, 32767).to(at::kShort);
+  if (Kp != K) xq = at::constant_pad_nd(xq, {0, Kp - K}, 0);
+  return {xq.contiguous(), s.reshape({M}).contiguous()};
 }
 
 at::ScalarType compute_type(const at::Tensor& x) {
@@ -186,7 +209,11 @@ at::Tensor quantized_linear(const at::Tensor& x, int64_t N, const std::optional<
   at::Tensor y = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0 || N == 0) return y;
   const int64_t Kp = cpu::round_up(std::max<int64_t>(K, 1), kChunk);
-  const at::Tensor xp = prepare_x(x, M, K, Kp, ct == at::kDouble ? 1 : chunk, ct);
+  at::Tensor xp, tok_scale;
+  if (ct == at::kShort)
+    std::tie(xp, tok_scale) = quantize_x_int16(x, M, K, Kp);
+  else
+    xp = prepare_x(x, M, K, Kp, ct == at::kDouble ? 1 : chunk, ct);
   // The bias joins the float32 (float64) accumulator before the one rounding.
   const auto acc = ct == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor bias_acc = bias.has_value() && bias->defined() ? bias->to(acc).contiguous() : at::Tensor();
@@ -195,14 +222,17 @@ at::Tensor quantized_linear(const at::Tensor& x, int64_t N, const std::optional<
     out_t* yp = y.data_ptr<out_t>();
     if (ct == at::kDouble) {
       const double* bp = bias_acc.defined() ? bias_acc.const_data_ptr<double>() : nullptr;
-      base_product<double, double>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, yp);
+      base_product<double, double>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, nullptr, yp);
       return;
     }
     const float* bp = bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr;
-    if (ct == at::kBFloat16) {
-      base_product<c10::BFloat16, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, yp);
+    if (ct == at::kShort) {
+      base_product<int16_t, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult,
+                                   tok_scale.const_data_ptr<float>(), yp);
+    } else if (ct == at::kBFloat16) {
+      base_product<c10::BFloat16, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, nullptr, yp);
     } else {
-      base_product<float, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, yp);
+      base_product<float, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, nullptr, yp);
     }
   });
   return y;
@@ -243,19 +273,27 @@ int64_t panel_scales(const Weight4& w, int64_t n0, int64_t nr, float* bscale) {
 // The panel decoder of a 4-bit weight for any buffer type (float64: natural order).
 auto decoder_4bit(const Weight4& w, int64_t chunk) {
   return [&w, chunk](int64_t n0, int64_t nr, float* bscale, auto* buf) {
-    const int64_t b0 = panel_scales(w, n0, nr, bscale);
-    const int64_t Kp = cpu::round_up(std::max<int64_t>(w.packed.K, 1), kChunk);
-    const bool generic = std::is_same_v<std::remove_pointer_t<decltype(buf)>, double>;
-    cpu::quant::decode_4bit(w.packed, n0, nr, bscale, b0, generic ? 1 : chunk, buf, Kp);
+    using T = std::remove_pointer_t<decltype(buf)>;
+    if constexpr (std::is_same_v<T, int16_t>) {
+      TORCH_CHECK(false, "peftcore: internal error: int16 compute for a 4-bit weight");
+    } else {
+      const int64_t b0 = panel_scales(w, n0, nr, bscale);
+      const int64_t Kp = cpu::round_up(std::max<int64_t>(w.packed.K, 1), kChunk);
+      cpu::quant::decode_4bit(w.packed, n0, nr, bscale, b0, std::is_same_v<T, double> ? 1 : chunk, buf, Kp);
+    }
   };
 }
 
 // The fused GEMV of a 4-bit panel, where it applies.
 auto gemv_panel_4bit(const Weight4& w, int64_t chunk) {
   return [&w, chunk](int64_t n0, int64_t nr, float* bscale, const auto* x, int64_t M, int64_t Kp, auto* out) {
-    if (M > cpu::quant::kGemvRows || nr != kPanelRows) return false;
-    panel_scales(w, n0, nr, bscale);
-    return cpu::quant::gemv_4bit(w.packed, n0, nr, bscale, chunk, x, M, Kp, out);
+    if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, int16_t>) {
+      return false;  // never chosen for 4-bit weights
+    } else {
+      if (M > cpu::quant::kGemvRows || nr != kPanelRows) return false;
+      panel_scales(w, n0, nr, bscale);
+      return cpu::quant::gemv_4bit(w.packed, n0, nr, bscale, chunk, x, M, Kp, out);
+    }
   };
 }
 
@@ -303,11 +341,16 @@ at::Tensor lora_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const int64_t Kp = cpu::round_up(std::max<int64_t>(K, 1), kChunk);
   // bitsandbytes' dequantization: CB·SCB, then ·(1/127) in float32.
   const float inv127 = 7.874015718698502e-3f;
-  // 1-2 tokens: the fused GEMV in float32 (exact products) for every x dtype.
+  // Compute. 1-2 tokens (the fused GEMV, bound by decode work): bf16 / fp16 x as int16
+  // against the int8 weights (exact integer products, AVX512_VNNI), else float32
+  // (exact products). More tokens (bound by dot-product throughput, where vdpbf16ps
+  // outruns vpdpwssd here): compute_type's choice (bf16 products for bf16 x). float64
+  // for float64 x.
   const int64_t M = cpu::leading_rows(x);
-  const at::ScalarType ct =
-      x.scalar_type() != at::kDouble && M <= cpu::quant::kGemvRows && cpu::quant::simd_available() ? at::kFloat
-                                                                                                 : compute_type(x);
+  const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  at::ScalarType ct = compute_type(x);
+  if (M <= cpu::quant::kGemvRows && x.scalar_type() != at::kDouble && cpu::quant::simd_available())
+    ct = half && cpu::quant::int16_dot_available() ? at::kShort : at::kFloat;
   at::Tensor y = quantized_linear(
       x, N, bias, ct, 1, 1,
       [&](int64_t n0, int64_t nr, float*, const auto* xp, int64_t Mr, int64_t Kp_, auto* out) {

@@ -101,10 +101,10 @@ def test_dequantize_int8_matches_reference_and_bitsandbytes(dtype, _adt, s):
 
 
 # ------------------------------------------------------------ forward vs reference
-# Under PEFTCORE_CPU_ISA=generic (test_generic_kernels_pass_quantized_op_tests) only the
+# Under PEFTCORE_CPU_ISA=generic / avx2 (test_lower_isa_kernels_pass_quantized_op_tests) only the
 # combos whose base path differs by ISA: float32, bfloat16 and float16 x (float64 always
 # runs the portable kernels; the adapter dtype does not touch the quantized base).
-GENERIC_RUN = os.environ.get("PEFTCORE_CPU_ISA") == "generic"
+GENERIC_RUN = os.environ.get("PEFTCORE_CPU_ISA") in ("generic", "avx2")
 FWD_COMBOS = [(dt, torch.float32) for dt in (torch.float32, torch.bfloat16, torch.float16)] if GENERIC_RUN else None
 FWD4 = list(samples("lora_linear_4bit", combos=FWD_COMBOS))
 FWD8 = list(samples("lora_linear_int8", combos=FWD_COMBOS))
@@ -407,11 +407,13 @@ def test_compile_forward_and_backward(module):
 
 # ------------------------------------------------------------------ portable kernels
 @pytest.mark.skipif(not native_loaded(), reason="native kernels not built")
-@pytest.mark.skipif(os.environ.get("PEFTCORE_CPU_ISA") == "generic", reason="already the portable kernels")
-def test_generic_kernels_pass_quantized_op_tests():
-    """PEFTCORE_CPU_ISA=generic forces the portable (non-AVX-512) kernels: the reference
-    and bitsandbytes comparisons above must hold there too."""
-    env = dict(os.environ, PEFTCORE_CPU_ISA="generic")
+@pytest.mark.skipif(bool(os.environ.get("PEFTCORE_CPU_ISA")), reason="already a forced ISA")
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_lower_isa_kernels_pass_quantized_op_tests(isa):
+    """PEFTCORE_CPU_ISA=generic forces the portable kernels, =avx2 the AVX2 + FMA ones
+    (where the CPU has AVX2; else the portable ones again): the reference and
+    bitsandbytes comparisons above must hold there too."""
+    env = dict(os.environ, PEFTCORE_CPU_ISA=isa)
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__),
          "-k", "(matches_reference or matches_bitsandbytes or no_less_accurate) and not autograd"],
