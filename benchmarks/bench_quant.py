@@ -17,7 +17,16 @@ torch.inference_mode(); benchmarks/timing.py measures the read bandwidth in the 
 GB/s = bytes of the stored quantized weight (packed codes + block / row scales, as in
 the checkpoint) per layer / time per layer.
 
-Usage: python benchmarks/bench_quant.py [--quick] [--fp32] [--formats nf4,fp4,int8]
+AVX2 table (--isa avx2): an AVX2-only CPU, emulated on this AVX-512 machine. The script
+re-runs itself with ATEN_CPU_CAPABILITY=avx2 (torch's own kernels, and bitsandbytes'
+int8 path, which keys on it, take their AVX2 code), ONEDNN_MAX_CPU_ISA=AVX2 and
+MKL_ENABLE_INSTRUCTIONS=AVX2 (the GEMM libraries behind F.linear) and
+PEFTCORE_CPU_ISA=avx2 (peftcore's AVX2 kernels); bitsandbytes' Linear4bit is told the CPU lacks AVX512-BF16 (so it keeps the
+standard layout and dequantizes + runs F.linear, its path on such CPUs; its dequantize
+itself still uses the AVX-512 code it was built with, which favours bitsandbytes). For a
+peftcore build without any AVX-512 code, build with PEFTCORE_CPU_BASELINE=avx2 first.
+
+Usage: python benchmarks/bench_quant.py [--quick] [--fp32] [--formats nf4,fp4,int8] [--isa avx2]
 """
 from __future__ import annotations
 
@@ -27,6 +36,13 @@ import logging
 import os
 import sys
 import warnings
+
+if "--isa" in sys.argv and os.environ.get("PEFTCORE_CPU_ISA") != "avx2":
+    # Before torch is imported: re-run with the AVX2 settings (see the docstring).
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+               PEFTCORE_CPU_ISA="avx2")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+AVX2 = os.environ.get("PEFTCORE_CPU_ISA") == "avx2"
 
 import torch
 import torch.nn as nn
@@ -79,6 +95,8 @@ def build_4bit(quant_type: str, n_layers: int):
         lin.weight = bnb.nn.Params4bit(_weight(i), requires_grad=False, quant_type=quant_type,
                                        compress_statistics=True, blocksize=BLOCKSIZE)
         lin = lin.to("cpu").eval()  # quantizes
+        if AVX2:
+            lin.support_avx512bf16_for_cpu = False  # bitsandbytes' path on CPUs without AVX512-BF16
         q, st = lin.weight.data.clone(), copy.deepcopy(lin.weight.quant_state)
         args = (q, st.absmax, st.code, st.blocksize, st.state2.absmax, st.state2.code,
                 st.offset.reshape(()).float(), st.state2.blocksize, DIM)
@@ -196,6 +214,7 @@ def main():
     ap.add_argument("--layers-4bit", type=int, default=24, help="nf4 / fp4 layers (8.3 MiB each)")
     ap.add_argument("--layers-int8", type=int, default=16, help="int8 layers (16 MiB each)")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--isa", choices=["avx2"], help="emulate an AVX2-only CPU (see the docstring)")
     args = ap.parse_args()
     n4, n8, reps = (4, 2, 3) if args.quick else (args.layers_4bit, args.layers_int8, args.repeats)
     dtypes = [torch.bfloat16] + ([torch.float32] if args.fp32 else [])
@@ -203,6 +222,9 @@ def main():
     print(f"<!-- {env_line()}; bitsandbytes {bnb.__version__}; "
           f"peftcore native: {peftcore.native_available('lora_linear_4bit')} (4bit), "
           f"{peftcore.native_available('lora_linear_int8')} (int8) -->")
+    if AVX2:
+        print(f"AVX2-only emulation: torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+              "PEFTCORE_CPU_ISA=avx2, bitsandbytes Linear4bit without its AVX512-BF16 path")
     print(f"torch.get_num_threads() = {torch.get_num_threads()}, r = {RANK}, blocksize {BLOCKSIZE} (nested absmax), "
           f"{'QUICK (weights may stay in cache)' if args.quick else 'weights streamed from DRAM'}")
     bw = read_bandwidth_gbs()
