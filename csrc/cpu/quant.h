@@ -33,6 +33,11 @@ struct Packed4 {
   int64_t N, K;
 };
 
+// Double quantization: out[b - b0] = ncode[qabsmax[b]] · nabsmax[b / nbs] + offset for
+// b in [b0, b1), rounded after the product and after the sum (no FMA), as bitsandbytes.
+void nested_scales(const uint8_t* qabsmax, const float* ncode, const float* nabsmax, float offset, int64_t nbs,
+                   int64_t b0, int64_t b1, float* out);
+
 // Which decoder layout a panel gets: chunk 64 or 32 (AVX-512) or 16 (AVX2), all
 // de-interleaved, or 1
 // (natural order, any shape). Decided once per call from K and the blocksize.

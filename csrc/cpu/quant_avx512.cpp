@@ -390,6 +390,28 @@ PEFTCORE_AVX512_FN void gemv_int8(const int8_t* cb, int64_t K, int64_t n0, const
   gemv_int8_f32<2>(cb, K, n0, xp, Kp, out);
 }
 
+// ---- double-quantized block scales, 16 at a time (a gather from the 256-entry code).
+// The _round_ intrinsics are builtins the compiler never fuses into an FMA: the product
+// and the sum are rounded separately, exactly as bitsandbytes computes them.
+PEFTCORE_AVX512_FN void nested_scales(const uint8_t* qabsmax, const float* ncode, const float* nabsmax, float offset,
+                                      int64_t nbs, int64_t b0, int64_t b1, float* out) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 off = _mm512_set1_ps(offset);
+  int64_t b = b0;
+  while (b < b1) {
+    const int64_t g = b / nbs, e = std::min(b1, (g + 1) * nbs);  // one nested group: one nested absmax
+    const __m512 a2 = _mm512_set1_ps(nabsmax[g]);
+    for (; b < e; b += 16) {
+      const int64_t n = std::min<int64_t>(16, e - b);
+      const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, qabsmax + b));
+      const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, ncode, 4);
+      const __m512 v = _mm512_add_round_ps(_mm512_mul_round_ps(c, a2, kRound), off, kRound);
+      _mm512_mask_storeu_ps(out + (b - b0), m, v);
+    }
+  }
+}
+
 // ---- int8 weights × int16 x (AVX512_VNNI vpdpwssd: 32 exact products per instruction).
 // A lane gains at most 2·127·32767 < 2^23.1 per step: int32 is safe for 128 steps (4096
 // values of k); each such segment is then added to the float32 result.

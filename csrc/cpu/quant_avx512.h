@@ -27,6 +27,8 @@ void gemv_int8(const int8_t* cb, int64_t K, int64_t n0, const float* xp, int64_t
 // AVX512_VNNI: int8 weights × int16 x (quant.h, panel_dot for int16).
 void gemv_int8(const int8_t* cb, int64_t K, int64_t n0, const int16_t* xp, int64_t M, int64_t Kp, float* out);
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, int16_t* buf, int64_t Kp);
+void nested_scales(const uint8_t* qabsmax, const float* ncode, const float* nabsmax, float offset, int64_t nbs,
+                   int64_t b0, int64_t b1, float* out);
 void panel_dot(const int16_t* buf, const int16_t* xp, int64_t M, int64_t Kp, float* out);
 void panel_dot(const float* buf, const float* xp, int64_t M, int64_t Kp, float* out);
 void panel_dot(const c10::BFloat16* buf, const c10::BFloat16* xp, int64_t M, int64_t Kp, float* out);

@@ -133,6 +133,26 @@ void panel_dot(const double* buf, const double* xp, int64_t M, int64_t Kp, doubl
   panel_dot_impl(buf, xp, M, Kp, out);
 }
 
+// Not cloned, and contraction into an FMA is off (an AVX2 baseline build has FMA):
+// the product and the sum are rounded separately, as bitsandbytes computes them.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void nested_scales(const uint8_t* qabsmax, const float* ncode, const float* nabsmax, float offset, int64_t nbs,
+                   int64_t b0, int64_t b1, float* out) {
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+  int64_t b = b0;
+  for (int64_t g = b0 / nbs; b < b1; ++g) {  // one group of nested blocks at a time
+    const float a2 = nabsmax[g];
+    for (const int64_t e = std::min(b1, (g + 1) * nbs); b < e; ++b) {
+      const float t = ncode[qabsmax[b]] * a2;
+      out[b - b0] = t + offset;
+    }
+  }
+}
+
 }  // namespace generic
 
 // ------------------------------------------------------------------ dispatch
@@ -171,6 +191,14 @@ bool int16_dot_available() {
 #else
   return false;
 #endif
+}
+
+void nested_scales(const uint8_t* qabsmax, const float* ncode, const float* nabsmax, float offset, int64_t nbs,
+                   int64_t b0, int64_t b1, float* out) {
+#if PEFTCORE_HAVE_AVX512
+  if (simd_available()) return avx512::nested_scales(qabsmax, ncode, nabsmax, offset, nbs, b0, b1, out);
+#endif
+  generic::nested_scales(qabsmax, ncode, nabsmax, offset, nbs, b0, b1, out);
 }
 
 int64_t chunk_4bit(int64_t K, int64_t blocksize, bool bf16) {

@@ -43,21 +43,12 @@ struct Weight4 {
   int64_t nbs = 0;
   std::vector<at::Tensor> keep;  // contiguous / float32 copies the pointers refer to
 
-  // Scales of blocks [b0, b1) into out. Baseline-ISA code: the nested product and
-  // sum are rounded separately, as bitsandbytes does (no FMA contraction here).
+  // Scales of blocks [b0, b1) into out.
   void block_scales(int64_t b0, int64_t b1, float* out) const {
-    if (absmax != nullptr) {
+    if (absmax != nullptr)
       std::copy(absmax + b0, absmax + b1, out);
-      return;
-    }
-    int64_t b = b0;
-    for (int64_t g = b0 / nbs; b < b1; ++g) {  // one group of nested blocks at a time
-      const float a2 = nabsmax[g];
-      for (const int64_t e = std::min(b1, (g + 1) * nbs); b < e; ++b) {
-        const float t = ncode[qabsmax[b]] * a2;
-        out[b - b0] = t + noffset;
-      }
-    }
+    else
+      cpu::quant::nested_scales(qabsmax, ncode, nabsmax, noffset, nbs, b0, b1, out);
   }
 };
 
