@@ -36,6 +36,8 @@ bench: build $(VENV)/.test-deps
 	$(PY) benchmarks/bench_lora_linear.py
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_quant.py --fp32
+	$(PY) benchmarks/bench_quant.py --isa avx2
 
 clean:
 	rm -rf build *.egg-info peftcore/_C*.so
