@@ -14,21 +14,11 @@
 #include <cstring>
 #include <type_traits>
 
+#include "clones.h"
 #include "lowrank.h"
 #include "quant_avx2.h"
 #include "quant_avx512.h"
 
-#if defined(__x86_64__) && defined(__linux__) && !defined(PEFTCORE_NO_TARGET_CLONES) && \
-    ((defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
-#define PEFTCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PEFTCORE_CLONES
-#endif
-#if defined(__GNUC__) || defined(__clang__)
-#define PEFTCORE_INLINE inline __attribute__((always_inline))
-#else
-#define PEFTCORE_INLINE inline
-#endif
 
 namespace peftcore::cpu::quant {
 namespace generic {
