@@ -241,7 +241,7 @@ class LoraLinear4bit(LoraLayer):
             xc, base.weight.data, qs.absmax, qs.code, int(qs.blocksize),
             qs.state2.absmax if nested else None,
             qs.state2.code if nested else None,
-            qs.offset.reshape(()).float() if nested else None,
+            qs.offset if nested else None,  # a 0-dim float32 tensor: the kernel reads its one value
             int(qs.state2.blocksize) if nested else 0,
             self.out_features, base.bias, lora_A, lora_B, self.lora_scales, lora_x,
         )
