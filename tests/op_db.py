@@ -328,6 +328,8 @@ QUANT4_CASES = {
     "nested_800blocks_256x100_bs32": ((5,), 256, 100, 32, "nf4", True, (4,), {"numerics_only": True}),
     "fast_16x256x64_bs64": ((16,), 256, 64, 64, "nf4", False, (16, 8), {"numerics_only": True}),
     "fast_3d_512x32_bs128_fp4": ((3, 11), 512, 32, 128, "fp4", False, (8,), {"numerics_only": True}),
+    # 150 token rows of 4096: several row blocks (the kernel blocks x by ~512 KB)
+    "row_blocks_150tok_4096x13": ((150,), 4096, 13, 64, "nf4", True, (4,), {"numerics_only": True}),
     "storage_bf16_64x24": ((2,), 64, 24, 64, "nf4", True, (4,), {"storage": torch.bfloat16}),
     "x_1d": ((), 31, 13, 64, "nf4", False, (2,), {}),
     "empty_batch": ((0,), 64, 16, 64, "nf4", False, (4,), {}),
@@ -420,6 +422,7 @@ INT8_CASES = {
     "256x100_33tok": ((33,), 256, 100, (16,), {"numerics_only": True}),
     "fast_16x256x64": ((16,), 256, 64, (16, 8), {"numerics_only": True}),
     "fast_3d_512x32": ((3, 11), 512, 32, (8,), {"numerics_only": True}),
+    "row_blocks_150tok_4096x13": ((150,), 4096, 13, (4,), {"numerics_only": True}),
     "zero_row_64x16": ((5,), 64, 16, (2,), {"zero_row": True, "numerics_only": True}),
     "x_1d": ((), 31, 13, (2,), {}),
     "empty_batch": ((0,), 64, 16, (4,), {}),

@@ -122,17 +122,16 @@ void check_int8(const char* op, const at::Tensor& weight, const at::Tensor& row_
               " values but weight has ", weight.size(0), " rows");
 }
 
-// The base product, threaded over panels of output rows. For each panel,
-// `panel(n0, nr, bscale, x, M, Kp, out)` may compute it directly (the fused GEMV of
-// 1-2 tokens; returns false otherwise), else `decode(n0, nr, bscale, buf)` fills the
-// panel buffer for panel_dot. `row_mult(n)` is the per-output-row factor (int8's
-// SCB/127, else 1).
+// The base product y = x·Wᵀ (+ b) of a block of token rows, threaded over panels of output rows.
+// For each panel, `panel(n0, nr, bscale, x, M, Kp, out)` may compute it directly (the
+// fused GEMV of 1-2 tokens; returns false otherwise), else `decode(n0, nr, bscale, buf)`
+// fills the panel buffer for panel_dot. `row_mult(n)` is the per-output-row factor
+// (int8's SCB/127, else 1), `tok_mult[m]` the per-token-row one (int16 x) or null.
 template <typename ct, typename acc_t, typename out_t, typename Panel, typename Decode, typename RowMult>
-void base_product(const at::Tensor& xp, int64_t M, int64_t N, int64_t Kp, const acc_t* bias, int64_t scale_span,
-                  const Panel& panel, const Decode& decode, const RowMult& row_mult, const float* tok_mult,
-                  out_t* y) {
+void base_product_rows(const ct* x, int64_t M, int64_t N, int64_t Kp, const acc_t* bias, int64_t scale_span,
+                       const Panel& panel, const Decode& decode, const RowMult& row_mult, const float* tok_mult,
+                       out_t* y) {
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
-  const ct* x = xp.const_data_ptr<ct>();
   // Below ~256K multiply-adds a thread hand-off costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, M * Kp * kPanelRows));
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
@@ -158,6 +157,22 @@ void base_product(const at::Tensor& xp, int64_t M, int64_t N, int64_t Kp, const 
     }
   });
 }
+
+// The base product over all token rows: base_product_rows block by block.
+template <typename ct, typename acc_t, typename out_t, typename Panel, typename Decode, typename RowMult>
+void base_product(const at::Tensor& xp, int64_t M, int64_t N, int64_t Kp, const acc_t* bias, int64_t scale_span,
+                  const Panel& panel, const Decode& decode, const RowMult& row_mult, const float* tok_mult,
+                  out_t* y) {
+  // Token rows in blocks whose x fits in half an L2 (panel_dot streams the whole x block
+  // past each decoded panel); each panel is decoded once per block, a small cost next to
+  // the block's dot products.
+  const int64_t mblock = std::max<int64_t>(6, (int64_t(512) * 1024 / (Kp * int64_t(sizeof(ct)))) / 6 * 6);
+  for (int64_t m0 = 0; m0 < M; m0 += mblock)
+    base_product_rows<ct, acc_t>(xp.const_data_ptr<ct>() + m0 * Kp, std::min(mblock, M - m0), N, Kp, bias,
+                                 scale_span, panel, decode, row_mult, tok_mult == nullptr ? nullptr : tok_mult + m0,
+                                 y + m0 * N);
+}
+
 
 // x as the kernels read it: [M, Kp] in the compute type, zero-padded, and within each
 // chunk the even positions before the odd ones (quant.h, "Buffer layout").
