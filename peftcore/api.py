@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from . import hub, inject, peft_format
+from . import hub, inject, merge, peft_format
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterConfigError, AdapterNameError, AdapterWeightsError, PeftcoreError
 from .layers import Conv1D, LoraLayer, ModulesToSaveWrapper, lora_scaling
@@ -298,7 +298,7 @@ def _mark_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: 
 
 
 def _check_not_merged(model: nn.Module, verb: str) -> None:
-    merged = sorted({n for m in model.modules() if isinstance(m, LoraLayer) for n in m.merged_adapters})
+    merged = sorted(merge.merged_in(model))
     if merged:
         raise PeftcoreError(
             f"{verb}: adapter(s) {merged} are merged into the base weights; call peftcore.unmerge_adapter(model) first"
@@ -380,7 +380,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     st = get_state(model)
     if st is None or adapter_name not in st.configs:
         raise AdapterNameError(f"no adapter named {adapter_name!r}; loaded: {sorted(st.configs) if st else []}")
-    merged_in = [p for p, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.merged_adapters]
+    merged_in = merge.merged_in(model).get(adapter_name)
     if merged_in:
         raise PeftcoreError(
             f"adapter {adapter_name!r} is merged into {merged_in[0]!r}" + (f" and {len(merged_in) - 1} more" if len(merged_in) > 1 else "")

@@ -194,6 +194,19 @@ def unpack_cpu_4bit(base: nn.Module) -> bool:
     return True
 
 
+def stored_4bit(base: nn.Module) -> tuple:
+    """A ``Linear4bit``'s stored weight as the quantized ops take it (standard layout):
+    (qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+    nested_blocksize), the nested entries None / 0 without double quantization."""
+    w = base.weight
+    qs = w.quant_state
+    if qs.nested:  # nested_offset: bitsandbytes' 0-dim float32 tensor, passed as it is
+        nested = (qs.state2.absmax, qs.state2.code, qs.offset, int(qs.state2.blocksize))
+    else:
+        nested = (None, None, None, 0)
+    return (w.data, qs.absmax, qs.code, int(qs.blocksize), *nested)
+
+
 class LoraLinear4bit(LoraLayer):
     """LoRA on ``bitsandbytes.nn.Linear4bit`` (nf4 / fp4, optional double quantization).
 
@@ -217,10 +230,7 @@ class LoraLinear4bit(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
-        qs = base.weight.quant_state
-        if getattr(qs, "packing_format_for_cpu", False):  # bnb ran the base directly since
-            unpack_cpu_4bit(base)
-            qs = base.weight.quant_state
+        unpack_cpu_4bit(base)  # no-op unless bitsandbytes ran the base directly since injection
         lora_A, lora_B = self._lists()
         lora_x = self._dropped(x)
         in_dtype = x.dtype
@@ -236,14 +246,8 @@ class LoraLinear4bit(LoraLayer):
                     lora_x = [x] * len(lora_A)
             else:  # an exact upcast: the LoRA branch may read it
                 xc = x.to(cdt)
-        nested = bool(qs.nested)
         out = torch.ops.peftcore.lora_linear_4bit(
-            xc, base.weight.data, qs.absmax, qs.code, int(qs.blocksize),
-            qs.state2.absmax if nested else None,
-            qs.state2.code if nested else None,
-            qs.offset if nested else None,  # a 0-dim float32 tensor: the kernel reads its one value
-            int(qs.state2.blocksize) if nested else 0,
-            self.out_features, base.bias, lora_A, lora_B, self.lora_scales, lora_x,
+            xc, *stored_4bit(base), self.out_features, base.bias, lora_A, lora_B, self.lora_scales, lora_x
         )
         return out.to(in_dtype)
 

@@ -13,11 +13,11 @@ rounding per direction).
 
 bitsandbytes bases (dequantize -> add -> re-quantize, as PEFT does):
 
-* ``Linear4bit``: ``W = bnb.functional.dequantize_4bit(data, quant_state)``; ``W + Δ`` (fp32)
+* ``Linear4bit``: ``W = dequantize_4bit(data, quant_state)`` (peftcore's op); ``W + Δ`` (fp32)
   is re-quantized by ``bnb.functional.quantize_4bit`` with the layer's blocksize,
   quant_type, double quantization (``compress_statistics``) and quant_storage, and the new
   bytes / quant state are stored back into the same ``Params4bit``.
-* ``Linear8bitLt``: ``W = int8_vectorwise_dequant(CB, SCB)`` (= CB·SCB/127);
+* ``Linear8bitLt``: ``W = dequantize_int8(CB, SCB)`` (= CB·SCB/127, peftcore's op);
   ``W + Δ`` is rounded to float16 and re-quantized by ``int8_vectorwise_quant`` (what
   ``Int8Params`` does), and CB / SCB are stored back where the layer keeps them.
 
@@ -48,20 +48,23 @@ from .layers import (
     ModulesToSaveWrapper,
     bnb_kind,
     int8_state,
+    stored_4bit,
     unpack_cpu_4bit,
 )
-from .switching import _STATE_ATTR, apply_state, get_state
-
-
-def _require_state(model: nn.Module):
-    st = get_state(model)
-    if st is None or not st.configs:
-        raise PeftcoreError(f"{type(model).__name__} has no peftcore adapters; add or load one first")
-    return st
+from .switching import _STATE_ATTR, _require_state, apply_state
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def merged_in(model: nn.Module) -> dict[str, list[str]]:
+    """Adapter name -> paths of the layers whose base weight has it merged."""
+    out: dict[str, list[str]] = {}
+    for path, m in lora_layers(model):
+        for n in m.merged_adapters:
+            out.setdefault(n, []).append(path)
+    return out
 
 
 def is_merged(model: nn.Module) -> bool:
@@ -84,20 +87,20 @@ def delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:
 
 
 def _dense(layer: LoraLayer) -> torch.Tensor:
-    """The base's weight as a float32 dense tensor (a copy for quantized bases)."""
+    """The base's weight as a float32 dense tensor (a copy for quantized bases), decoded by
+    peftcore's own dequantize ops: the weight the forward kernels use. They equal
+    bitsandbytes' dequantize bit for bit, except where bitsandbytes 0.50's CPU decoder is
+    wrong (blocks straddling two rows, tests/ops/test_quantized_ops.py)."""
     base = layer.base_layer
     kind = bnb_kind(base)
     if kind == "4bit":
-        import bitsandbytes as bnb
-
         unpack_cpu_4bit(base)
-        w = base.weight
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+        return torch.ops.peftcore.dequantize_4bit(
+            *stored_4bit(base), base.out_features, base.in_features, torch.float32
+        )
     if kind == "8bit":
-        import bitsandbytes as bnb
-
         cb, scb = int8_state(base)
-        return bnb.functional.int8_vectorwise_dequant(cb, scb).float()
+        return torch.ops.peftcore.dequantize_int8(cb, scb, torch.float32)
     return base.weight.detach()
 
 
