@@ -1,10 +1,15 @@
-"""Whole-model forward cost of LoRA: peftcore vs PEFT, as a ratio to the bare model.
+"""Whole-model forward cost of an adapter: peftcore vs PEFT, as a ratio to the bare model.
 
 Llama-shaped model (hidden 2048, intermediate 5632, 6 layers, ~1.2 GB of fp32 weights, far
-beyond the 32 MiB LLC), LoRA r=16 on all 7 projections, fp32 and bf16, decode-shaped
-(1 token) and prefill-shaped (256 tokens). Medians of interleaved repeats.
+beyond the 32 MiB LLC), fp32 and bf16, decode-shaped (1 token) and prefill-shaped (256
+tokens). Medians of interleaved repeats. Methods:
 
-    python benchmarks/bench_model.py [--repeats N] [--dtypes fp32,bf16] [--tokens 1,256]
+* ``lora``: LoRA r=16 on all 7 projections;
+* ``ia3``: IA3 with PEFT's Llama defaults (k_proj, v_proj, down_proj; down_proj feedforward);
+* ``adalora``: AdaLoRA init_r=12 on all 7 projections, after rank allocation kept 8 of 12
+  triplets per module (what a trained AdaLoRA adapter looks like when loaded).
+
+    python benchmarks/bench_model.py [--method lora|ia3|adalora] [--repeats N] [--dtypes fp32,bf16] [--tokens 1,256]
 """
 from __future__ import annotations
 
@@ -36,8 +41,37 @@ def build(dtype):
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def peft_config(method: str):
+    import peft
+
+    if method == "ia3":
+        return peft.IA3Config(init_ia3_weights=False)
+    if method == "adalora":
+        return peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=32, total_step=100, target_modules=PROJ)
+    return peft.LoraConfig(r=16, lora_alpha=32, target_modules=PROJ, init_lora_weights=False)
+
+
+@torch.no_grad()
+def randomize(pm, method: str) -> None:
+    """Non-trivial adapter values; for AdaLoRA also a rank pattern keeping 8 of 12 triplets
+    per module (as rank allocation leaves it), so the saved file holds rank-8 factors."""
+    g = torch.Generator().manual_seed(0)
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
+    if method == "adalora":
+        pattern = {}
+        for n, p in pm.named_parameters():
+            if ".lora_E." in n:
+                mask = [i < 8 for i in range(p.shape[0])]
+                p.masked_fill_(~torch.tensor(mask).unsqueeze(1), 0.0)
+                pattern[n[len("base_model.model."):]] = mask
+        pm.peft_config["default"].rank_pattern = pattern
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--method", default="lora", choices=["lora", "ia3", "adalora"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--tokens", default="1,256")
@@ -47,16 +81,19 @@ def main():
     import peftcore
 
     print(env_line())
-    print(f"peftcore native kernels: {peftcore.native_available('lora_linear')}")
+    op = {"lora": "lora_linear", "ia3": "ia3_linear", "adalora": "adalora_linear"}[args.method]
+    print(f"method {args.method}; peftcore native kernels: {peftcore.native_available(op)}")
     print(f"read bandwidth (1 GiB sum, best of 5): {read_bandwidth_gbs():.1f} GB/s")
     rows = []
     for dname in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
         base = build(dtype)
-        lcfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=PROJ, init_lora_weights=False)
-        pm = peft.get_peft_model(copy.deepcopy(base), lcfg).eval()
+        pm = peft.get_peft_model(copy.deepcopy(base), peft_config(args.method))
+        randomize(pm, args.method)
         with tempfile.TemporaryDirectory() as d:
             pm.save_pretrained(d)
+            # PEFT runs what it loads (AdaLoRA: the rank-8 factors of the saved file).
+            pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), d).eval()
             ours = copy.deepcopy(base)
             peftcore.load_adapter(ours, d)
         gb = sum(p.numel() * p.element_size() for p in base.parameters()) / 1e9
@@ -72,6 +109,7 @@ def main():
             print(rows[-1], flush=True)
         del base, pm, ours
     print()
+    print(f"method: {args.method}")
     print("| dtype | tokens | weights GB | base ms | peftcore ms | PEFT ms | peftcore overhead | PEFT overhead |")
     print("|---|---|---|---|---|---|---|---|")
     for dname, T, gb, m in rows:

@@ -24,6 +24,16 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
                          at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                          std::optional<at::TensorList> lora_x, std::array<bool, 4> output_mask);
 
+// ---- adalora_linear: y = x·Wᵀ + b + Σ_a s_a · ((x_a·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ
+at::Tensor adalora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              at::TensorList lora_A, at::TensorList lora_E, at::TensorList lora_B,
+                              const at::Tensor& scales, std::optional<at::TensorList> lora_x);
+
+// ---- ia3_linear: y = round(float(x·Wᵀ + b) ⊙ l), or (feedforward) round(float(x) ⊙ l)·Wᵀ + b,
+// l = Π_{active a} ia3_l[a]
+at::Tensor ia3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          at::TensorList ia3_l, const at::Tensor& active, bool feedforward);
+
 // ---- lora_embedding: y = W[idx] + Σ_a s_a · A_aᵀ[idx]·B_aᵀ
 at::Tensor lora_embedding_cpu(const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,
                               at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx);
@@ -50,6 +60,16 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& qweight, const at::Tensor& absm
 at::Tensor lora_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
                                 const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
                                 const at::Tensor& scales, std::optional<at::TensorList> lora_x);
+// ia3_linear_4bit / ia3_linear_int8: ia3_linear's scaling over the same quantized bases
+at::Tensor ia3_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                               const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code,
+                               const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                               int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
+                               const at::Tensor& active, bool feedforward);
+at::Tensor ia3_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                               const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,
+                               bool feedforward);
 at::Tensor dequantize_int8_cpu(const at::Tensor& weight, const at::Tensor& row_scale, at::ScalarType dtype);
 
 }  // namespace peftcore

@@ -1,4 +1,4 @@
-"""peftcore: PEFT-format adapters (LoRA today) run through fused C++ kernels."""
+"""peftcore: PEFT-format adapters (LoRA, AdaLoRA, IA3) run through fused C++ kernels."""
 from __future__ import annotations
 
 import os
@@ -34,7 +34,7 @@ from .api import (  # noqa: E402
     print_trainable_parameters,
     save_pretrained,
 )
-from .config import LoraConfig  # noqa: E402
+from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig  # noqa: E402
 from .merge import merge_adapter, merge_and_unload, unload, unmerge_adapter  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterConfigError,
@@ -54,6 +54,9 @@ from .switching import (  # noqa: E402
 
 __all__ = [
     "LoraConfig",
+    "AdaLoraConfig",
+    "IA3Config",
+    "AdapterConfig",
     "load_adapter",
     "add_adapter",
     "set_adapter",

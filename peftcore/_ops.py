@@ -30,6 +30,13 @@ SCHEMAS = {
         "Tensor scales, Tensor[]? lora_x, bool[4] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor[])"
     ),
+    "adalora_linear": (
+        "adalora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_E, Tensor[] lora_B, "
+        "Tensor scales, Tensor[]? lora_x) -> Tensor"
+    ),
+    "ia3_linear": (
+        "ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] ia3_l, Tensor active, bool feedforward) -> Tensor"
+    ),
     "lora_embedding": (
         "lora_embedding(Tensor indices, Tensor weight, Tensor[] lora_A, Tensor[] lora_B, Tensor scales, "
         "int padding_idx) -> Tensor"
@@ -53,6 +60,15 @@ SCHEMAS = {
     "lora_linear_int8": (
         "lora_linear_int8(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] lora_A, "
         "Tensor[] lora_B, Tensor scales, Tensor[]? lora_x) -> Tensor"
+    ),
+    "ia3_linear_4bit": (
+        "ia3_linear_4bit(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
+        "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, "
+        "int out_features, Tensor? bias, Tensor[] ia3_l, Tensor active, bool feedforward) -> Tensor"
+    ),
+    "ia3_linear_int8": (
+        "ia3_linear_int8(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] ia3_l, Tensor active, "
+        "bool feedforward) -> Tensor"
     ),
 }
 for _schema in SCHEMAS.values():
@@ -87,7 +103,8 @@ lib.impl(
     "CompositeExplicitAutograd",
 )
 lib.impl("lora_embedding", _fallback("lora_embedding", reference.lora_embedding), "CompositeExplicitAutograd")
-for _name in ("dequantize_4bit", "lora_linear_4bit", "dequantize_int8", "lora_linear_int8"):
+for _name in ("adalora_linear", "ia3_linear", "dequantize_4bit", "lora_linear_4bit", "dequantize_int8",
+              "lora_linear_int8", "ia3_linear_4bit", "ia3_linear_int8"):
     lib.impl(_name, _fallback(_name, getattr(reference, _name)), "CompositeExplicitAutograd")
 lib.impl(
     "lora_embedding_backward",
@@ -114,6 +131,27 @@ def _lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, scales, lora
     gB = [B.new_empty(B.shape) for B in lora_B] if want_ad else []
     gxa = [t.new_empty(t.shape) for t in lora_x] if lora_x is not None else []
     return gx, gw, gb, gA, gB, gxa
+
+
+@torch.library.register_fake("peftcore::adalora_linear")
+def _adalora_linear_fake(x, weight, bias, lora_A, lora_E, lora_B, scales, lora_x):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("peftcore::ia3_linear")
+def _ia3_linear_fake(x, weight, bias, ia3_l, active, feedforward):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("peftcore::ia3_linear_4bit")
+def _ia3_linear_4bit_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                          nested_blocksize, out_features, bias, ia3_l, active, feedforward):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("peftcore::ia3_linear_int8")
+def _ia3_linear_int8_fake(x, weight, row_scale, bias, ia3_l, active, feedforward):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("peftcore::lora_embedding")
@@ -288,4 +326,194 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "peftcore::lora_linear_int8", _quantized_backward(_dequantize_int8_for), setup_context=_quantized_setup(3)
+)
+
+
+# AdaLoRA: the backward of lora_linear with A_eff = A ⊙ E (E per rank, broadcast over
+# in_features), then the chain rule: gA = gA_eff ⊙ E, gE = Σ_in gA_eff ⊙ A. Tensor ops
+# only (no reading of scales on the host), so torch.compile traces it.
+def _adalora_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_E, lora_B, scales, lora_x = inputs
+    ctx.want = (
+        x.requires_grad,
+        weight.requires_grad,
+        bias is not None and bias.requires_grad,
+        any(t.requires_grad for t in (*lora_A, *lora_E, *lora_B)),
+    )
+    ctx.n_adapters = len(lora_A)
+    ctx.has_lora_x = lora_x is not None
+    ctx.save_for_backward(x, weight, scales, *lora_A, *lora_E, *lora_B, *(lora_x or ()))
+
+
+def _adalora_backward(ctx, grad):
+    n = ctx.n_adapters
+    x, weight, scales, *rest = ctx.saved_tensors
+    lora_A, lora_E, lora_B = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n]
+    lora_x = rest[3 * n :] if ctx.has_lora_x else None
+    want_x, want_w, want_b, want_ad = ctx.want
+    f = reference._acc(x)  # A_eff in float32 (float64): an adapter dtype every kernel accepts
+    A_eff = [A.to(f) * E.to(f).reshape(-1, 1) for A, E in zip(lora_A, lora_E)]
+    gx, gw, gb, gAe, gB, gxa = torch.ops.peftcore.lora_linear_backward(
+        grad.contiguous(), x, weight, A_eff, lora_B, scales, lora_x, [want_x, want_w, want_b, want_ad]
+    )
+    gA, gE = [None] * n, [None] * n
+    if want_ad:
+        for a in range(n):
+            # An inactive adapter (scale 0, weights possibly NaN) gets zeros, not 0·NaN.
+            A, E = lora_A[a], lora_E[a]
+            on = (scales[a] != 0).to(A.device)
+            gA[a] = torch.where(on, gAe[a] * E.to(f).reshape(-1, 1), 0).to(A.dtype)
+            gE[a] = torch.where(on, (gAe[a] * A.to(f)).sum(1), 0).reshape(E.shape).to(E.dtype)
+    return (
+        gx if want_x else None,
+        gw if want_w else None,
+        gb if want_b else None,
+        gA,
+        gE,
+        list(gB) if want_ad else [None] * n,
+        None,
+        list(gxa) if ctx.has_lora_x else None,
+    )
+
+
+torch.library.register_autograd("peftcore::adalora_linear", _adalora_backward, setup_context=_adalora_setup)
+
+
+# (IA)³: y = s(x) with l = Π_{active a} l_a; feedforward y = base(x ⊙ l), else y = base(x) ⊙ l
+# (each rounding taken as the identity). dL/dl_a = dL/dl ⊙ Π_{active b ≠ a} l_b, zero for an
+# inactive a. The unscaled base output (non-feedforward) is recomputed, not y / l (l may be
+# 0). Tensor ops only (the active mask is a tensor), so torch.compile traces it.
+def _ia3_factors(ia3_l, active, f, device):
+    """Each vector as it enters the product (flattened, in f; ones when inactive, so
+    NaN in an inactive vector never propagates) and their product l (None: no vectors)."""
+    on = (active != 0).to(device)
+    one = torch.ones((), dtype=f, device=device)
+    factors = [torch.where(on[a], t.reshape(-1).to(f), one) for a, t in enumerate(ia3_l)]
+    l = None
+    for t in factors:
+        l = t if l is None else l * t
+    return on, factors, l
+
+
+def _ia3_grads(grad, x, weight, ia3_l, active, feedforward, base, want):
+    """(grad_x, grad_weight, grad_bias, grad_ia3_l[]) in float32 (float64), each cast to
+    its input's dtype and shape; base(x) recomputes the unscaled base output."""
+    want_x, want_w, want_b, want_l = want
+    f = reference._acc(x)
+    out_f, in_f = grad.shape[-1], x.shape[-1]
+    g = grad.reshape(-1, out_f).to(f)
+    x2 = x.reshape(-1, in_f)
+    on, factors, l = _ia3_factors(ia3_l, active, f, x.device)
+    gx = gw = gb = gl = None
+    w = weight.to(f)
+    if feedforward:
+        gxs = g @ w if (want_x or want_l) else None  # dL/dx', x' = x ⊙ l
+        if want_x:
+            gx = gxs if l is None else gxs * l
+        if want_l and l is not None:
+            gl = (gxs * x2.to(f)).sum(0)
+        if want_w:
+            xs = x2 if l is None else (x2.to(f) * l).to(x.dtype)
+            gw = g.t() @ xs.to(f)
+        if want_b:
+            gb = g.sum(0)
+    else:
+        gbase = g if l is None else g * l
+        if want_x:
+            gx = gbase @ w
+        if want_w:
+            gw = gbase.t() @ x2.to(f)
+        if want_b:
+            gb = gbase.sum(0)
+        if want_l and l is not None:
+            gl = (g * base(x).reshape(-1, out_f).to(f)).sum(0)
+    gls = [None] * len(ia3_l)
+    if want_l:
+        for a, t in enumerate(ia3_l):
+            others = None
+            for b, fb in enumerate(factors):
+                if b != a:
+                    others = fb if others is None else others * fb
+            ga = gl if others is None else gl * others
+            gls[a] = torch.where(on[a], ga, 0).reshape(t.shape).to(t.dtype)
+    return (
+        gx.reshape(x.shape).to(x.dtype) if gx is not None else None,
+        gw.to(weight.dtype) if gw is not None else None,
+        gb,
+        gls,
+    )
+
+
+def _ia3_setup(ctx, inputs, output):
+    x, weight, bias, ia3_l, active, feedforward = inputs
+    ctx.want = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+                any(t.requires_grad for t in ia3_l))
+    ctx.n = len(ia3_l)
+    ctx.feedforward = feedforward
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, active, *([bias] if bias is not None else []), *ia3_l)
+
+
+def _ia3_backward(ctx, grad):
+    x, weight, active, *rest = ctx.saved_tensors
+    bias = rest[0] if ctx.has_bias else None
+    ia3_l = rest[1:] if ctx.has_bias else rest
+    gx, gw, gb, gls = _ia3_grads(grad, x, weight, ia3_l, active, ctx.feedforward,
+                                 lambda t: torch.nn.functional.linear(t, weight, bias), ctx.want)
+    return gx, gw, gb.to(bias.dtype) if gb is not None else None, gls, None, None
+
+
+torch.library.register_autograd("peftcore::ia3_linear", _ia3_backward, setup_context=_ia3_setup)
+
+
+def _ia3_quantized_setup(n_before_bias):
+    """setup_context for (x, <n_before_bias - 1 quant args>, bias, ia3_l, active, feedforward)."""
+
+    def setup(ctx, inputs, output):
+        x, *quant = inputs[:n_before_bias]
+        bias, ia3_l, active, feedforward = inputs[n_before_bias:]
+        ctx.quant_kinds = [isinstance(q, torch.Tensor) or q is None for q in quant]
+        ctx.quant_ints = [q for q, t in zip(quant, ctx.quant_kinds) if not t]
+        ctx.want = (x.requires_grad, False, bias is not None and bias.requires_grad,
+                    any(t.requires_grad for t in ia3_l))
+        ctx.n_quant = n_before_bias - 1
+        ctx.n = len(ia3_l)
+        ctx.feedforward = feedforward
+        ctx.has_bias = bias is not None
+        tensors = [q for q, t in zip(quant, ctx.quant_kinds) if t]
+        ctx.save_for_backward(*tensors, x, active, *([bias] if bias is not None else []), *ia3_l)
+
+    return setup
+
+
+def _ia3_quantized_backward(dequantize, base_op):
+    """Frozen quantized W: dequantized once (a temporary), as the LoRA quantized backward;
+    the unscaled base recomputed by the quantized base op itself (the forward's base)."""
+
+    def backward(ctx, grad):
+        saved = list(ctx.saved_tensors)
+        n_saved_quant = sum(ctx.quant_kinds)
+        tensors, ints = iter(saved[:n_saved_quant]), iter(ctx.quant_ints)
+        quant = [next(tensors) if t else next(ints) for t in ctx.quant_kinds]
+        x, active, *rest = saved[n_saved_quant:]
+        bias = rest[0] if ctx.has_bias else None
+        ia3_l = rest[1:] if ctx.has_bias else rest
+        weight = dequantize(quant, x)
+        none = torch.zeros(0)
+        gx, _, gb, gls = _ia3_grads(grad, x, weight, ia3_l, active, ctx.feedforward,
+                                    lambda t: base_op(t, *quant, bias, [], [], none, None), ctx.want)
+        return (gx, *([None] * ctx.n_quant), gb.to(bias.dtype) if gb is not None else None, gls, None, None)
+
+    return backward
+
+
+torch.library.register_autograd(
+    "peftcore::ia3_linear_4bit",
+    _ia3_quantized_backward(_dequantize_4bit_for, torch.ops.peftcore.lora_linear_4bit),
+    setup_context=_ia3_quantized_setup(10),
+)
+torch.library.register_autograd(
+    "peftcore::ia3_linear_int8",
+    _ia3_quantized_backward(_dequantize_int8_for, torch.ops.peftcore.lora_linear_int8),
+    setup_context=_ia3_quantized_setup(3),
 )

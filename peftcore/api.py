@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 
 from . import hub, inject, merge, peft_format
-from .config import CONFIG_NAME, LoraConfig
-from .errors import AdapterConfigError, AdapterNameError, AdapterWeightsError, PeftcoreError
-from .layers import Conv1D, LoraLayer, ModulesToSaveWrapper, lora_scaling
+from .config import CONFIG_NAME, AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
+from .errors import AdapterConfigError, AdapterNameError, AdapterWeightsError, PeftcoreError, UnsupportedAdapterError
+from .layers import AdapterLayer, Conv1D, ModulesToSaveWrapper, adalora_scaling, lora_scaling
 from .switching import after_delete, apply_state, get_state
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
@@ -56,44 +56,46 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 @dataclass
-class _LoraEntry:
+class _Entry:
     path: str
-    module: nn.Module  # what is at `path` now (a plain module, or a LoraLayer)
-    A: torch.Tensor
-    B: torch.Tensor
-    scaling: float
+    module: nn.Module  # what is at `path` now (a plain module, or an AdapterLayer)
+    add_kwargs: dict  # the layer's add(name, **add_kwargs): tensors and per-adapter values
+    feedforward: bool = False  # IA3: input scaling (fixed when the layer is created)
 
 
 @dataclass
 class _Plan:
     name: str
-    config: LoraConfig
+    config: AdapterConfig
     targets: object
-    lora: list[_LoraEntry] = field(default_factory=list)
+    lora: list[_Entry] = field(default_factory=list)
     mts: list[tuple[str, nn.Module, nn.Module]] = field(default_factory=list)  # path, current, new copy
     writes: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # key, param, value
 
 
 def _shape_in_out(module: nn.Module) -> tuple[int, int, bool]:
-    base = module.base_layer if isinstance(module, LoraLayer) else module
+    base = module.base_layer if isinstance(module, AdapterLayer) else module
     n_in, n_out = inject.base_shape(base)
     return n_in, n_out, isinstance(base, nn.Embedding)
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:
-    return (module.base_layer if isinstance(module, LoraLayer) else module).weight
+    return (module.base_layer if isinstance(module, AdapterLayer) else module).weight
 
 
-def _prepare_config(model: nn.Module, config: LoraConfig, found) -> LoraConfig:
-    """PEFT rewrites some fields when it injects: resolved targets, and fan_in_fan_out
-    forced to match the layer type (True for Conv1D). The rewritten config is what is saved."""
+def _prepare_config(model: nn.Module, config: AdapterConfig, found) -> AdapterConfig:
+    """PEFT rewrites some fields when it injects: resolved targets (and IA3's feedforward
+    modules), and fan_in_fan_out forced to match the layer type (True for Conv1D). The
+    rewritten config is what is saved."""
     config = copy.deepcopy(config)
     if config.target_modules is None or (
         isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
     ):
         config.target_modules = inject.resolve_target_modules(model, config)
+    if isinstance(config, IA3Config):
+        config.feedforward_modules = inject.resolve_feedforward_modules(model, config)
     conv1d = any(
-        bool(Conv1D) and isinstance(m.base_layer if isinstance(m, LoraLayer) else m, Conv1D) for _, m in found
+        bool(Conv1D) and isinstance(m.base_layer if isinstance(m, AdapterLayer) else m, Conv1D) for _, m in found
     )
     config.fan_in_fan_out = conv1d
     if config.base_model_name_or_path is None:
@@ -101,88 +103,200 @@ def _prepare_config(model: nn.Module, config: LoraConfig, found) -> LoraConfig:
     return config
 
 
-def _plan_new(model: nn.Module, name: str, config: LoraConfig) -> _Plan:
+def _feedforward(plan: _Plan, path: str, module: nn.Module) -> bool:
+    """IA3: whether ``path`` scales its input; a layer that already has IA3 adapters keeps
+    its kind, so a second adapter that disagrees is refused."""
+    ff = inject.is_feedforward(plan.config.feedforward_modules, path)
+    if isinstance(module, AdapterLayer) and module.is_feedforward != ff:
+        raise AdapterConfigError(
+            f"module {path!r} scales its {'input' if module.is_feedforward else 'output'} for IA3 adapters "
+            f"{module.adapter_names}, but this config makes it {'a feedforward' if ff else 'a non-feedforward'} module"
+        )
+    return ff
+
+
+def _adapter_kw(module: nn.Module) -> dict:
+    w = _base_weight(module)
+    return dict(dtype=_adapter_dtype(w), device=w.device)
+
+
+def _new_lora(config: LoraConfig, path: str, module: nn.Module) -> dict:
+    n_in, n_out, is_emb = _shape_in_out(module)
+    r = _pattern_value(config.rank_pattern, path, config.r)
+    alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
+    kw = _adapter_kw(module)
+    A = torch.empty(r, n_in, **kw)
+    B = torch.empty(n_out, r, **kw)
+    init = config.init_lora_weights
+    if is_emb:  # PEFT: A zero, B standard normal (the reverse of Linear)
+        if init is False:
+            A.normal_(), B.normal_()
+        else:
+            A.zero_(), B.normal_()
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init is False:  # nn.Linear's own init for both factors
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            if init == "gaussian":
+                nn.init.normal_(A, std=1 / r)
+            B.zero_()
+    return dict(A=A, B=B, scaling=lora_scaling(r, alpha, config.use_rslora), dropout_p=config.lora_dropout)
+
+
+def _new_adalora(config: AdaLoraConfig, module: nn.Module) -> dict:
+    # PEFT's order of random draws (A, E, B, then the ranknum placeholder), so a seeded
+    # run starts from PEFT's weights; with init_lora_weights E = 0 (the model is
+    # unchanged) and A, B ~ N(0, 0.02).
+    n_in, n_out, _ = _shape_in_out(module)
+    r = config.init_r
+    A, E, B = torch.randn(r, n_in), torch.randn(r, 1), torch.randn(n_out, r)
+    torch.randn(1)
+    if config.init_lora_weights:
+        E.zero_()
+        nn.init.normal_(A, mean=0.0, std=0.02)
+        nn.init.normal_(B, mean=0.0, std=0.02)
+    kw = _adapter_kw(module)
+    A, E, B = (t.to(**kw) for t in (A, E, B))
+    return dict(A=A, B=B, E=E, scaling=adalora_scaling(config.lora_alpha, r, r), dropout_p=config.lora_dropout,
+                ranknum=float(r))
+
+
+def _new_ia3(config: IA3Config, module: nn.Module, ff: bool) -> dict:
+    n_in, n_out, _ = _shape_in_out(module)
+    l = torch.randn((1, n_in) if ff else (n_out, 1))  # noqa: E741  (PEFT draws, then fills ones)
+    if config.init_ia3_weights:
+        l.fill_(1.0)
+    return dict(l=l.to(**_adapter_kw(module)))
+
+
+def _plan_new(model: nn.Module, name: str, config: AdapterConfig) -> _Plan:
     targets, found = inject.find_targets(model, config)
     plan = _Plan(name, _prepare_config(model, config, found), targets)
     for path, module in found:
-        n_in, n_out, is_emb = _shape_in_out(module)
-        r = _pattern_value(config.rank_pattern, path, config.r)
-        alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
-        w = _base_weight(module)
-        kw = dict(dtype=_adapter_dtype(w), device=w.device)
-        A = torch.empty(r, n_in, **kw)
-        B = torch.empty(n_out, r, **kw)
-        init = config.init_lora_weights
-        if is_emb:  # PEFT: A zero, B standard normal (the reverse of Linear)
-            if init is False:
-                A.normal_(), B.normal_()
-            else:
-                A.zero_(), B.normal_()
+        if isinstance(config, IA3Config):
+            ff = _feedforward(plan, path, module)
+            plan.lora.append(_Entry(path, module, _new_ia3(config, module, ff), ff))
+        elif isinstance(config, AdaLoraConfig):
+            plan.lora.append(_Entry(path, module, _new_adalora(config, module)))
         else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            if init is False:  # nn.Linear's own init for both factors
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            else:
-                if init == "gaussian":
-                    nn.init.normal_(A, std=1 / r)
-                B.zero_()
-        plan.lora.append(_LoraEntry(path, module, A, B, lora_scaling(r, alpha, config.use_rslora)))
-    for path, module in inject.find_modules_to_save(model, config.modules_to_save):
-        src = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-        plan.mts.append((path, module, copy.deepcopy(src)))
+            plan.lora.append(_Entry(path, module, _new_lora(config, path, module)))
+    _plan_modules_to_save(model, plan, None, None)
     if config.modules_to_save and not plan.mts:
         raise AdapterConfigError(f"modules_to_save={config.modules_to_save!r} matched no module")
     return plan
 
 
-def _plan_load(model: nn.Module, name: str, config: LoraConfig, sd: dict, source: str) -> _Plan:
+def _plan_modules_to_save(model: nn.Module, plan: _Plan, remaining: Optional[dict], source: Optional[str]) -> None:
+    """A fresh copy of each modules_to_save module; when loading (``remaining``: the file's
+    unbound tensors) filled from the file's tensors, which are taken out of ``remaining``."""
+    for path, module in inject.find_modules_to_save(model, plan.config.modules_to_save):
+        src = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        new = copy.deepcopy(src)
+        if remaining is not None:
+            want = new.state_dict()
+            prefix = path + "."
+            got = {k[len(prefix):]: remaining.pop(k) for k in [k for k in remaining if k.startswith(prefix)]}
+            if set(got) != set(want):
+                raise AdapterWeightsError(
+                    f"{source}: modules_to_save module {path!r} needs tensors {sorted(prefix + k for k in want)}, "
+                    f"file has {sorted(prefix + k for k in got)}"
+                )
+            for k, t in got.items():
+                if t.shape != want[k].shape:
+                    raise AdapterWeightsError(
+                        f"{source}: {prefix + k} has shape {tuple(t.shape)}, module expects {tuple(want[k].shape)}"
+                    )
+            new.load_state_dict({k: t.to(want[k].dtype) for k, t in got.items()})
+        plan.mts.append((path, module, new))
+
+
+def _take(remaining: dict, source: str, path: str, suffixes) -> list[torch.Tensor]:
+    """Pop ``<path>.<suffix>`` for each suffix, or raise naming the missing keys."""
+    keys = [f"{path}.{k}" for k in suffixes]
+    missing = [k for k in keys if k not in remaining]
+    if missing:
+        raise AdapterWeightsError(
+            f"{source}: no weights for targeted module {path!r} (missing {[peft_format.PREFIX + k for k in missing]})"
+        )
+    return [remaining.pop(k) for k in keys]
+
+
+def _bind_lora(config: LoraConfig, path: str, module: nn.Module, remaining: dict, source: str) -> dict:
+    n_in, n_out, is_emb = _shape_in_out(module)
+    ka, kb = peft_format.lora_suffixes(is_emb)
+    A, B = _take(remaining, source, path, (ka, kb))
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] < 1 or A.shape[1] != n_in or B.shape != (n_out, A.shape[0]):
+        raise AdapterWeightsError(
+            f"{source}: module {path!r} expects {ka} of shape (r, {n_in}) and {kb} of shape ({n_out}, r) "
+            f"with r >= 1, got {tuple(A.shape)} and {tuple(B.shape)}"
+        )
+    r = A.shape[0]  # the tensors decide the rank (rank_pattern order is not reliable, see PEFT's sort_keys)
+    alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
+    kw = _adapter_kw(module)
+    return dict(A=A.to(**kw), B=B.to(**kw), scaling=lora_scaling(r, alpha, config.use_rslora),
+                dropout_p=config.lora_dropout)
+
+
+def _bind_adalora(config: AdaLoraConfig, path: str, module: nn.Module, remaining: dict, source: str) -> dict:
+    """AdaLoRA tensors as PEFT saves them: kept triplets only (rank = the mask's count,
+    possibly 0), keys without '.weight', and (older PEFT) a ``ranknum`` entry."""
+    n_in, n_out, _ = _shape_in_out(module)
+    ka, kb, ke = peft_format.adalora_suffixes()
+    A, B, E = _take(remaining, source, path, (ka, kb, ke))
+    r = A.shape[0] if A.dim() == 2 else -1
+    if A.dim() != 2 or A.shape[1] != n_in or B.shape != (n_out, r) or E.shape != (r, 1):
+        raise AdapterWeightsError(
+            f"{source}: module {path!r} expects {ka} (r, {n_in}), {kb} ({n_out}, r) and {ke} (r, 1), "
+            f"got {tuple(A.shape)}, {tuple(B.shape)} and {tuple(E.shape)}"
+        )
+    mask = config.pattern_mask(path)
+    if mask is not None and r != sum(mask):
+        if r != len(mask):
+            raise AdapterWeightsError(
+                f"{source}: module {path!r} has rank {r}, but its rank_pattern keeps {sum(mask)} of {len(mask)}"
+            )
+        keep = torch.tensor(mask)  # a file saved before pruning: keep the pattern's triplets
+        A, E, B = A[keep], E[keep], B[:, keep]
+        r = int(keep.sum())
+    ranknum = float(config.init_r)
+    legacy = remaining.pop(f"{path}.ranknum", None)
+    if legacy is not None:
+        if legacy.numel() != 1:
+            raise AdapterWeightsError(f"{source}: {peft_format.PREFIX}{path}.ranknum has shape {tuple(legacy.shape)}, expected (1,)")
+        ranknum = float(legacy.reshape(()))
+    kw = _adapter_kw(module)
+    return dict(A=A.to(**kw), B=B.to(**kw), E=E.to(**kw), scaling=adalora_scaling(config.lora_alpha, r, ranknum),
+                dropout_p=config.lora_dropout, ranknum=ranknum)
+
+
+def _bind_ia3(path: str, module: nn.Module, ff: bool, remaining: dict, source: str) -> dict:
+    n_in, n_out, _ = _shape_in_out(module)
+    (l,) = _take(remaining, source, path, (peft_format.IA3_SUFFIX,))  # noqa: E741
+    want = (1, n_in) if ff else (n_out, 1)
+    if tuple(l.shape) != want:
+        raise AdapterWeightsError(
+            f"{source}: module {path!r} is {'a feedforward' if ff else 'a non-feedforward'} IA3 module and expects "
+            f"{peft_format.IA3_SUFFIX} of shape {want}, got {tuple(l.shape)}"
+        )
+    return dict(l=l.to(**_adapter_kw(module)))
+
+
+def _plan_load(model: nn.Module, name: str, config: AdapterConfig, sd: dict, source: str) -> _Plan:
     """Bind every tensor of ``sd`` (prefix already stripped) to the model, or raise."""
     targets, found = inject.find_targets(model, config)
     plan = _Plan(name, _prepare_config(model, config, found), targets)
     remaining = dict(sd)
 
     for path, module in found:
-        n_in, n_out, is_emb = _shape_in_out(module)
-        ka, kb = peft_format.lora_suffixes(is_emb)
-        key_a, key_b = f"{path}.{ka}", f"{path}.{kb}"
-        if key_a not in remaining or key_b not in remaining:
-            missing = [k for k in (key_a, key_b) if k not in remaining]
-            raise AdapterWeightsError(
-                f"{source}: no weights for targeted module {path!r} (missing {[peft_format.PREFIX + k for k in missing]})"
-            )
-        A, B = remaining.pop(key_a), remaining.pop(key_b)
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] < 1 or A.shape[1] != n_in or B.shape != (n_out, A.shape[0]):
-            raise AdapterWeightsError(
-                f"{source}: module {path!r} expects {ka} of shape (r, {n_in}) and {kb} of shape ({n_out}, r) "
-                f"with r >= 1, got {tuple(A.shape)} and {tuple(B.shape)}"
-            )
-        r = A.shape[0]  # the tensors decide the rank (rank_pattern order is not reliable, see PEFT's sort_keys)
-        alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
-        w = _base_weight(module)
-        dt = _adapter_dtype(w)
-        plan.lora.append(
-            _LoraEntry(path, module, A.to(device=w.device, dtype=dt), B.to(device=w.device, dtype=dt),
-                       lora_scaling(r, alpha, config.use_rslora))
-        )
-
-    for path, module in inject.find_modules_to_save(model, config.modules_to_save):
-        src = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-        new = copy.deepcopy(src)
-        want = new.state_dict()
-        prefix = path + "."
-        got = {k[len(prefix):]: remaining.pop(k) for k in [k for k in remaining if k.startswith(prefix)]}
-        if set(got) != set(want):
-            raise AdapterWeightsError(
-                f"{source}: modules_to_save module {path!r} needs tensors {sorted(prefix + k for k in want)}, "
-                f"file has {sorted(prefix + k for k in got)}"
-            )
-        for k, t in got.items():
-            if t.shape != want[k].shape:
-                raise AdapterWeightsError(
-                    f"{source}: {prefix + k} has shape {tuple(t.shape)}, module expects {tuple(want[k].shape)}"
-                )
-        new.load_state_dict({k: t.to(want[k].dtype) for k, t in got.items()})
-        plan.mts.append((path, module, new))
+        if isinstance(config, IA3Config):
+            ff = _feedforward(plan, path, module)
+            plan.lora.append(_Entry(path, module, _bind_ia3(path, module, ff, remaining, source), ff))
+        elif isinstance(config, AdaLoraConfig):
+            plan.lora.append(_Entry(path, module, _bind_adalora(config, path, module, remaining, source)))
+        else:
+            plan.lora.append(_Entry(path, module, _bind_lora(config, path, module, remaining, source)))
+    _plan_modules_to_save(model, plan, remaining, source)
 
     # Remaining keys must be base tensors the config says the adapter carries.
     if remaining:
@@ -195,12 +309,13 @@ def _plan_load(model: nn.Module, name: str, config: LoraConfig, sd: dict, source
         emb_paths = set()
         if peft_format.embedding_is_targeted(model, plan.config, targets):
             emb_paths = {p for p, m in found if re.match(rf"(.*\.)?({'|'.join(peft_format.EMBEDDING_LAYER_NAMES)})$", p)}
+        bias = getattr(config, "bias", "none")
         for k in list(remaining):
             ck = k.replace(".base_layer.", ".")
             owner = ck.rpartition(".")[0]
             allowed = (
-                (config.bias == "all" and ck.endswith(".bias"))
-                or (config.bias == "lora_only" and ck.endswith(".bias") and owner in target_paths)
+                (bias == "all" and ck.endswith(".bias"))
+                or (bias == "lora_only" and ck.endswith(".bias") and owner in target_paths)
                 or (".base_layer." in k and owner in emb_paths)
             )
             p = canonical.get(ck)
@@ -214,7 +329,7 @@ def _plan_load(model: nn.Module, name: str, config: LoraConfig, sd: dict, source
         keys = sorted(remaining)
         raise AdapterWeightsError(
             f"{source}: {len(keys)} tensor(s) bind to nothing in {type(model).__name__} "
-            f"under this adapter_config (target_modules={plan.config.target_modules!r}, bias={config.bias!r}, "
+            f"under this adapter_config (target_modules={plan.config.target_modules!r}, bias={getattr(config, 'bias', 'none')!r}, "
             f"modules_to_save={config.modules_to_save!r}): {[peft_format.PREFIX + k for k in keys[:5]]}"
             + (" ..." if len(keys) > 5 else "")
         )
@@ -228,12 +343,12 @@ def _commit(model: nn.Module, plan: _Plan, *, trainable: bool) -> None:
     try:
         for e in plan.lora:
             layer = e.module
-            if not isinstance(layer, LoraLayer):
-                layer = inject.new_wrapper(e.module, _base_weight(e.module).device)
+            if not isinstance(layer, AdapterLayer):
+                layer = inject.new_wrapper(e.module, _base_weight(e.module).device, plan.config.peft_type, e.feedforward)
                 parent, child = inject.get_parent(model, e.path)
                 setattr(parent, child, layer)
                 undo.append(lambda p=parent, c=child, m=e.module: setattr(p, c, m))
-            layer.add(plan.name, e.A, e.B, e.scaling, plan.config.lora_dropout)
+            layer.add(plan.name, **e.add_kwargs)
             undo.append(lambda l=layer: l.remove(plan.name))
         for path, current, new in plan.mts:
             wrapper = current
@@ -268,25 +383,28 @@ def _commit(model: nn.Module, plan: _Plan, *, trainable: bool) -> None:
         raise
 
 
-def _mark_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: bool) -> list[nn.Parameter]:
+def _mark_trainable(model: nn.Module, name: str, config: AdapterConfig, trainable: bool) -> list[nn.Parameter]:
     """PEFT's rule on every add / load: the base model is frozen, other adapters keep
     their flags, and when ``trainable`` adapter ``name`` trains: its LoRA factors, its
     modules_to_save copies and the biases ``config.bias`` names. Returns the parameters
     whose flag it flipped (for the undo log)."""
     want: dict[int, bool] = {}
     params: dict[int, nn.Parameter] = {}
+    adapter_ids = {id(p) for m in model.modules() if isinstance(m, AdapterLayer)
+                   for n in m.adapter_names for p in m.adapter_params(n).values()}
+    bias = getattr(config, "bias", "none")
     for k, p in model.named_parameters():
         params[id(p)] = p
-        if ".lora_" not in k and ".modules_to_save." not in k:
+        if id(p) not in adapter_ids and ".modules_to_save." not in k:
             want[id(p)] = False
-        if trainable and config.bias == "all" and k.endswith(".bias") and ".original_module." not in k:
+        if trainable and bias == "all" and k.endswith(".bias") and ".original_module." not in k:
             want[id(p)] = True
     if trainable:
         for m in model.modules():
-            if isinstance(m, LoraLayer) and name in m.adapter_names:
-                for t in m.adapter_weights(name):
+            if isinstance(m, AdapterLayer) and name in m.adapter_names:
+                for t in m.adapter_params(name).values():
                     want[id(t)] = True
-                if config.bias == "lora_only" and getattr(m.base_layer, "bias", None) is not None:
+                if bias == "lora_only" and getattr(m.base_layer, "bias", None) is not None:
                     want[id(m.base_layer.bias)] = True
             elif isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save:
                 for t in m.modules_to_save[name].parameters():
@@ -306,18 +424,47 @@ def _check_not_merged(model: nn.Module, verb: str) -> None:
 
 
 # ====================================================================== public API
-def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
-    """Add a new, trainable LoRA adapter with PEFT's initialisation and make it the active one.
+def _check_method(model: nn.Module, config: AdapterConfig, verb: str, trainable: bool) -> None:
+    """Adapters on one model share a method (the transformers guide); only one AdaLoRA
+    adapter trains at a time (PEFT's rule: rank allocation follows one adapter)."""
+    st = get_state(model)
+    if st is None or not st.configs:
+        return
+    other = {n: c.peft_type for n, c in st.configs.items() if c.peft_type != config.peft_type}
+    if other:
+        raise UnsupportedAdapterError(
+            f"{verb}: the model has adapters of another method {other}; adapters on one model share a method, "
+            f"so a {config.peft_type} adapter cannot be added (delete those first)"
+        )
+    if trainable and config.peft_type == "ADALORA":
+        busy = sorted({n for m in model.modules() if isinstance(m, AdapterLayer) for n in m.adapter_names
+                       if any(p.requires_grad for p in m.adapter_params(n).values())})
+        if busy:
+            raise AdapterConfigError(
+                f"{verb}: AdaLoRA adapter(s) {busy} are trainable; only one AdaLoRA adapter can train at a time "
+                "(load this one with is_trainable=False, or delete the other first)"
+            )
 
-    ``init_lora_weights``: True (A Kaiming-uniform, B zero: the model's output is unchanged
-    until training), "gaussian" (A ~ N(0, 1/r)), False (random A and B, for tests). As in
-    PEFT, every parameter except this adapter's (and the biases / modules_to_save its
-    config names) is frozen. Raises (model unchanged) for invalid names or configs."""
-    if not isinstance(config, LoraConfig):
-        raise AdapterConfigError(f"config must be a peftcore.LoraConfig, got {type(config).__name__}")
+
+def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+    """Add a new, trainable adapter (``LoraConfig``, ``AdaLoraConfig`` or ``IA3Config``) with
+    PEFT's initialisation and make it the active one.
+
+    LoRA ``init_lora_weights``: True (A Kaiming-uniform, B zero: the model's output is
+    unchanged until training), "gaussian" (A ~ N(0, 1/r)), False (random A and B, for
+    tests). AdaLoRA: E = 0, A and B ~ N(0, 0.02) (False: all random), rank ``init_r``.
+    IA3: vectors of ones (``init_ia3_weights=False``: random). As in PEFT, every parameter
+    except this adapter's (and the biases / modules_to_save its config names) is frozen.
+    All adapters on one model use one method. Raises (model unchanged) for invalid names
+    or configs."""
+    if not isinstance(config, AdapterConfig):
+        raise AdapterConfigError(
+            f"config must be a peftcore.LoraConfig, AdaLoraConfig or IA3Config, got {type(config).__name__}"
+        )
     _check_name(model, adapter_name)
     _check_not_merged(model, "add_adapter")
     config.check_supported(new=True)
+    _check_method(model, config, "add_adapter", True)
     plan = _plan_new(model, adapter_name, config)
     _commit(model, plan, trainable=True)
 
@@ -334,12 +481,13 @@ def load_adapter(
     local_files_only: bool = False,
     is_trainable: bool = False,
 ) -> None:
-    """Load a PEFT-saved LoRA adapter from a folder or a Hub repo id; it becomes the active adapter.
+    """Load a PEFT-saved adapter (LoRA, AdaLoRA or IA3) from a folder or a Hub repo id; it
+    becomes the active adapter.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (else
     ``adapter_model.bin`` through ``torch.load(weights_only=True)``). Adapter tensors are kept
     in float32 (float64 on a float64 base), as PEFT does. Each module's rank comes from its
-    tensors. With ``is_trainable`` the adapter's parameters require grad and the rest of the
+    tensors (AdaLoRA: the kept triplets of ``rank_pattern``, possibly none). With ``is_trainable`` the adapter's parameters require grad and the rest of the
     model is frozen; otherwise they are frozen.
 
     Every failure raises a ``peftcore.PeftcoreError`` (a ``ValueError``) or
@@ -358,6 +506,7 @@ def load_adapter(
     config = peft_format.read_config(config_path)
     try:
         config.check_supported()
+        _check_method(model, config, "load_adapter", is_trainable)
     except PeftcoreError as e:
         raise type(e)(f"{config_path}: {e}") from None
     try:
@@ -387,7 +536,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             + "; call peftcore.unmerge_adapter(model) before deleting it"
         )
     for path, m in list(model.named_modules()):
-        if isinstance(m, LoraLayer) and adapter_name in m.adapter_names:
+        if isinstance(m, AdapterLayer) and adapter_name in m.adapter_names:
             m.remove(adapter_name)
             if not m.adapter_names:
                 parent, child = inject.get_parent(model, path)
@@ -407,7 +556,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def get_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors PEFT would save for ``adapter_name``, under PEFT's on-disk keys
-    (``base_model.model.<module>.lora_A.weight``, ...). Tensors are shared with the model."""
+    (``base_model.model.<module>.lora_A.weight``, ``...ia3_l``, ...). Tensors are shared
+    with the model, except AdaLoRA factors cut down to the ``rank_pattern``'s triplets."""
     st = get_state(model)
     if st is None or adapter_name not in st.configs:
         raise AdapterNameError(f"no adapter named {adapter_name!r}; loaded: {sorted(st.configs) if st else []}")

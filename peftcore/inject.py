@@ -8,12 +8,18 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import LoraConfig
+from .config import AdapterConfig
 from .errors import AdapterConfigError, UnsupportedAdapterError
 from .layers import (
+    AdaLoraLinear,
+    AdaLoraLinear4bit,
+    AdaLoraLinear8bit,
+    AdapterLayer,
     Conv1D,
+    Ia3Linear,
+    Ia3Linear4bit,
+    Ia3Linear8bit,
     LoraEmbedding,
-    LoraLayer,
     LoraLinear,
     LoraLinear4bit,
     LoraLinear8bit,
@@ -22,7 +28,7 @@ from .layers import (
     int8_state,
 )
 
-# PEFT's defaults for target_modules=None, per transformers model_type (LoRA).
+# PEFT's defaults for target_modules=None, per transformers model_type and method.
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
@@ -44,8 +50,60 @@ DEFAULT_TARGETS = {
     "t5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
 }
-
-_INTERNAL_CHILDREN = ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+IA3_DEFAULT_TARGETS = {
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "bert": ["key", "value", "output.dense"],
+    "roberta": ["key", "value", "output.dense"],
+    "t5": ["k", "v", "wo"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+}
+# The feedforward subset of IA3_DEFAULT_TARGETS (input scaling).
+IA3_DEFAULT_FEEDFORWARD = {
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "opt": ["fc2"],
+    "gpt2": ["mlp.c_proj"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "gptj": ["fc_out"],
+    "falcon": ["dense_4h_to_h"],
+    "bert": ["output.dense"],
+    "roberta": ["output.dense"],
+    "t5": ["wo"],
+    "bart": ["fc2"],
+}
+ADALORA_DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+_DEFAULTS = {"LORA": DEFAULT_TARGETS, "ADALORA": ADALORA_DEFAULT_TARGETS, "IA3": IA3_DEFAULT_TARGETS}
 
 
 def adapter_modules(model: nn.Module):
@@ -55,13 +113,13 @@ def adapter_modules(model: nn.Module):
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in skip):
             continue
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
             skip.append(name + ".")
         yield name, module
 
 
 def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, LoraLayer) else module
+    return module.base_layer if isinstance(module, AdapterLayer) else module
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -69,23 +127,28 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(_base(module), nn.Linear) or (bool(Conv1D) and isinstance(_base(module), Conv1D))
 
 
-def resolve_target_modules(model: nn.Module, config: LoraConfig):
-    """The effective ``target_modules``: the per-architecture default for None, and the
-    full module names for ``"all-linear"`` (PEFT leaves out the output head)."""
+def _model_type(model: nn.Module):
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def resolve_target_modules(model: nn.Module, config: AdapterConfig):
+    """The effective ``target_modules``: the per-architecture default of the method for
+    None, and the full module names for ``"all-linear"`` (PEFT leaves out the output head)."""
     tm = config.target_modules
     if tm is None:
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        if mt not in DEFAULT_TARGETS:
+        mt = _model_type(model)
+        defaults = _DEFAULTS[config.peft_type]
+        if mt not in defaults:
             raise AdapterConfigError(
-                f"target_modules is not set and peftcore knows no default for model_type={mt!r}; "
-                "name the modules to adapt"
+                f"target_modules is not set and peftcore knows no {config.peft_type} default for "
+                f"model_type={mt!r}; name the modules to adapt"
             )
-        return list(DEFAULT_TARGETS[mt])
+        return list(defaults[mt])
     if isinstance(tm, str) and tm.lower() == "all-linear":
         names = {n for n, m in adapter_modules(model) if n and _is_linear(m)}
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is not None:
-            names -= {n for n, m in model.named_modules() if m is head or (isinstance(m, LoraLayer) and m.base_layer is head)}
+            names -= {n for n, m in model.named_modules() if m is head or (isinstance(m, AdapterLayer) and m.base_layer is head)}
         elif config.task_type == "SEQ_CLS":
             for h in ("classifier", "score"):
                 if isinstance(getattr(model, h, None), nn.Module):
@@ -95,7 +158,30 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig):
     return tm
 
 
-def _layer_index_ok(config: LoraConfig, key: str) -> bool:
+def resolve_feedforward_modules(model: nn.Module, config) -> object:
+    """IA3's effective ``feedforward_modules``: as given, or (None) PEFT's per-architecture
+    default, whatever target_modules is (PEFT's rule; [] means none)."""
+    if config.feedforward_modules is not None:
+        return config.feedforward_modules
+    mt = _model_type(model)
+    if mt not in IA3_DEFAULT_FEEDFORWARD:
+        raise AdapterConfigError(
+            f"feedforward_modules is not set and peftcore knows no IA3 default for model_type={mt!r}; "
+            "name them (an empty list for none)"
+        )
+    return list(IA3_DEFAULT_FEEDFORWARD[mt])
+
+
+def is_feedforward(feedforward, key: str) -> bool:
+    """PEFT's rule: a regex string is a full match; a list entry is a plain ``endswith``."""
+    if not feedforward:
+        return False
+    if isinstance(feedforward, str):
+        return re.fullmatch(feedforward, key) is not None
+    return any(key.endswith(t) for t in feedforward)
+
+
+def _layer_index_ok(config: AdapterConfig, key: str) -> bool:
     idxs = config.layers_to_transform
     if idxs is None or (isinstance(idxs, list) and not idxs):
         return True
@@ -114,7 +200,7 @@ def _layer_index_ok(config: LoraConfig, key: str) -> bool:
     return i == idxs if isinstance(idxs, int) else i in idxs
 
 
-def is_target(config: LoraConfig, targets, key: str) -> bool:
+def is_target(config: AdapterConfig, targets, key: str) -> bool:
     """PEFT's ``check_target_module_exists`` for a resolved target list / regex."""
     ex = config.exclude_modules
     if ex:
@@ -132,7 +218,7 @@ def is_target(config: LoraConfig, targets, key: str) -> bool:
     return any(key.endswith("." + t) for t in targets) and _layer_index_ok(config, key)
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[tuple[str, nn.Module]]]:
+def find_targets(model: nn.Module, config: AdapterConfig) -> tuple[list[str], list[tuple[str, nn.Module]]]:
     """Resolved target_modules and the (name, module) pairs they select.
 
     Raises if nothing matches, or a matched module is of a type peftcore cannot adapt."""
@@ -145,12 +231,25 @@ def find_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[
         )
     for n, m in found:
         if isinstance(m, ModulesToSaveWrapper):
-            raise AdapterConfigError(f"module {n!r} is a modules_to_save module of another adapter; it cannot also get LoRA")
-        b = _base(m)
-        if not (_is_linear(m) or isinstance(b, nn.Embedding)):
+            raise AdapterConfigError(
+                f"module {n!r} is a modules_to_save module of another adapter; it cannot also get {config.peft_type}"
+            )
+        if isinstance(m, AdapterLayer) and m.peft_type != config.peft_type:
             raise UnsupportedAdapterError(
-                f"module {n!r} is a {type(b).__name__}; peftcore's LoRA supports nn.Linear, "
-                "transformers Conv1D and nn.Embedding"
+                f"module {n!r} carries {m.peft_type} adapters {m.adapter_names}; adapters of one module share a "
+                f"method, so it cannot also get {config.peft_type}"
+            )
+        b = _base(m)
+        if config.peft_type == "LORA":
+            if not (_is_linear(m) or isinstance(b, nn.Embedding)):
+                raise UnsupportedAdapterError(
+                    f"module {n!r} is a {type(b).__name__}; peftcore's LoRA supports nn.Linear, "
+                    "transformers Conv1D and nn.Embedding"
+                )
+        elif not _is_linear(m):
+            raise UnsupportedAdapterError(
+                f"module {n!r} is a {type(b).__name__}; peftcore's {config.peft_type} supports nn.Linear, "
+                "transformers Conv1D and bitsandbytes Linear4bit / Linear8bitLt"
             )
         w = getattr(b, "weight", None)
         kind = bnb_kind(b)
@@ -227,18 +326,24 @@ def base_shape(base: nn.Module) -> tuple[int, int]:
     return w.shape[1], w.shape[0]
 
 
-def new_wrapper(module: nn.Module, device: torch.device) -> LoraLayer:
-    """The LoRA layer that will carry adapters for a plain base module (its scale
-    tensor on ``device``, the base weight's)."""
-    kind = bnb_kind(module)
-    if kind == "4bit":
-        layer = LoraLinear4bit(module)
-    elif kind == "8bit":
-        layer = LoraLinear8bit(module)
+_WRAPPERS = {  # method -> base kind -> layer class
+    "LORA": {"4bit": LoraLinear4bit, "8bit": LoraLinear8bit, None: LoraLinear},
+    "ADALORA": {"4bit": AdaLoraLinear4bit, "8bit": AdaLoraLinear8bit, None: AdaLoraLinear},
+    "IA3": {"4bit": Ia3Linear4bit, "8bit": Ia3Linear8bit, None: Ia3Linear},
+}
+
+
+def new_wrapper(module: nn.Module, device: torch.device, peft_type: str = "LORA", feedforward: bool = False) -> AdapterLayer:
+    """The adapter layer of method ``peft_type`` that will carry adapters for a plain base
+    module (its state tensor on ``device``, the base weight's). ``feedforward``: IA3's
+    input scaling."""
+    if peft_type == "LORA" and isinstance(module, nn.Embedding):
+        layer = LoraEmbedding(module)
     else:
-        layer = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
+        cls = _WRAPPERS[peft_type][bnb_kind(module)]
+        layer = cls(module, feedforward) if peft_type == "IA3" else cls(module)
     if device.type != "cpu":
-        layer._buffers["lora_scales"] = layer.lora_scales.to(device)
+        layer._buffers[layer.state_name] = layer._buffers[layer.state_name].to(device)
     return layer
 
 
@@ -249,8 +354,8 @@ def find_modules_to_save(model: nn.Module, names: Optional[list[str]]) -> list[t
     out = []
     for n, m in adapter_modules(model):
         if n and any(n.endswith(k) for k in names):
-            if isinstance(m, LoraLayer):
-                raise AdapterConfigError(f"modules_to_save entry matches {n!r}, which already carries LoRA adapters")
+            if isinstance(m, AdapterLayer):
+                raise AdapterConfigError(f"modules_to_save entry matches {n!r}, which already carries {m.peft_type} adapters")
             out.append((n, m))
     # Nested matches (a parent and its child both matching) keep the outermost.
     out = [(n, m) for n, m in out if not any(n.startswith(o + ".") for o, _ in out)]

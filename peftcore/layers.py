@@ -1,10 +1,17 @@
 """Adapter layers: a base module plus the adapters attached to it.
 
-All adapter state lives in tensors: per-adapter ``lora_A`` / ``lora_B`` parameters and one
-float32 ``lora_scales`` buffer holding each adapter's effective scale (0 when it is inactive
-or adapters are disabled). Switching adapters writes that buffer in place, so it never
-rebuilds modules and never makes a ``torch.compile``d model recompile; the fused kernel
-skips adapters whose scale is 0, so the base output is exact when none is active.
+All adapter state lives in tensors: per-adapter parameters (LoRA's ``lora_A`` / ``lora_B``,
+AdaLoRA's ``lora_A`` / ``lora_E`` / ``lora_B``, IA3's ``ia3_l``) and one float32 buffer per
+layer saying what each adapter contributes: ``lora_scales`` (the adapter's effective
+scale, 0 when it is inactive or adapters are disabled) or ``ia3_active`` (1 / 0).
+Switching adapters writes that buffer in place, so it never rebuilds modules and never
+makes a ``torch.compile``d model recompile; the fused kernels skip adapters whose entry is
+0, so the base output is exact when none is active.
+
+Layers by method and base: ``LoraLinear`` / ``LoraLinear4bit`` / ``LoraLinear8bit`` /
+``LoraEmbedding``, ``AdaLoraLinear`` / ``AdaLoraLinear4bit`` / ``AdaLoraLinear8bit``,
+``Ia3Linear`` / ``Ia3Linear4bit`` / ``Ia3Linear8bit`` (Linear: ``nn.Linear`` or
+transformers ``Conv1D``; 4bit / 8bit: bitsandbytes ``Linear4bit`` / ``Linear8bitLt``).
 """
 from __future__ import annotations
 
@@ -25,11 +32,16 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class LoraLayer(nn.Module):
-    """Common state of LoRA layers. ``a_name`` / ``b_name`` are the parameter dicts' names."""
+class AdapterLayer(nn.Module):
+    """What every adapter layer has: ``base_layer``; per-adapter parameters in the
+    ``nn.ParameterDict``s named by ``param_dicts`` (one entry per adapter, in the same
+    order); a float32 state buffer named ``state_name`` with one entry per adapter (what
+    the kernel applies; 0 = off); ``merged_adapters``; and ``peft_type`` (the method)."""
 
-    a_name = "lora_A"
-    b_name = "lora_B"
+    peft_type = ""
+    param_dicts: tuple[str, ...] = ()
+    meta_dicts: tuple[str, ...] = ()  # per-adapter plain-value dicts kept in __dict__
+    state_name = ""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -37,78 +49,133 @@ class LoraLayer(nn.Module):
         # __setattr__ walks isinstance chains on every assignment: register submodules and
         # the buffer directly, and keep plain attributes in __dict__.
         self._modules["base_layer"] = base_layer
-        self._modules[self.a_name] = nn.ParameterDict()
-        self._modules[self.b_name] = nn.ParameterDict()
-        self._buffers["lora_scales"] = torch.zeros(0, dtype=torch.float32)
-        self._non_persistent_buffers_set.add("lora_scales")
+        for d in self.param_dicts:
+            self._modules[d] = nn.ParameterDict()
+        self._buffers[self.state_name] = torch.zeros(0, dtype=torch.float32)
+        self._non_persistent_buffers_set.add(self.state_name)
+        self.__dict__.update(
+            _written=[],  # what the state buffer holds, to skip redundant writes
+            merged_adapters=[],  # adapters merged into the base weight (state 0 here)
+        )
+
+    # Order of adapters = order of the ParameterDicts = order of the state entries.
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._modules[self.param_dicts[0]].keys())
+
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        """The adapter's parameters, by ParameterDict name (e.g. {"lora_A": A, "lora_B": B})."""
+        return {d: self._modules[d][name] for d in self.param_dicts}
+
+    def _params(self, d: str) -> list[nn.Parameter]:
+        # Straight from the dict's parameter registry: ParameterDict.values() goes through
+        # __getattr__ per entry, a visible cost for every layer of every decode step.
+        return list(self._modules[d]._parameters.values())
+
+    def _add_params(self, name: str, **tensors: torch.Tensor) -> None:
+        for d, t in tensors.items():
+            self._modules[d][name] = nn.Parameter(t, requires_grad=False)
+        self._new_state()
+
+    def remove(self, name: str) -> None:
+        for d in self.param_dicts:
+            del self._modules[d][name]
+        for m in self.meta_dicts:
+            self.__dict__[m].pop(name)
+        self._new_state()
+
+    def _new_state(self) -> None:
+        # Adding or removing an adapter changes the module's structure anyway; switching
+        # (set_active) only ever writes into this tensor in place.
+        n = len(self.adapter_names)
+        buf = self._buffers[self.state_name]
+        self._buffers[self.state_name] = torch.zeros(n, dtype=torch.float32, device=buf.device)
+        self.__dict__["_written"] = [0.0] * n
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) / .half() would round the state (alpha / sqrt(r) is rarely
+        # exact in 8 bits): keep it float32, rebuilt from the exact values written.
+        super()._apply(fn, recurse)
+        buf = self._buffers[self.state_name]
+        if buf.dtype != torch.float32:
+            self._buffers[self.state_name] = torch.tensor(self._written, dtype=torch.float32, device=buf.device)
+        return self
+
+    def _on_value(self, name: str) -> float:
+        """The state entry of an active adapter."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def set_active(self, active: list[str], enabled: bool) -> None:
+        """Write the state in place: ``_on_value`` for active adapters, 0 otherwise."""
+        # A merged adapter is already in the base weight: its entry stays 0.
+        merged = self.merged_adapters
+        vals = [self._on_value(n) if enabled and n in active and n not in merged else 0.0 for n in self.adapter_names]
+        if vals == self._written:
+            return
+        buf = self._buffers[self.state_name]
+        if len(set(vals)) == 1:
+            buf.fill_(vals[0])
+        else:
+            buf.copy_(torch.tensor(vals, dtype=torch.float32))
+        self.__dict__["_written"] = vals
+
+    def _no_row_adapters(self, kwargs) -> None:
+        # PEFT's per-row adapter_names (mixed batches) would silently run the layer's
+        # active adapters for every row here (PEFT itself ignores it for IA3): refuse.
+        if kwargs.get("adapter_names") is not None:
+            from .errors import PeftcoreError
+
+            raise PeftcoreError(
+                f"{type(self).__name__}: per-row adapter_names (mixed batches) are not supported yet; "
+                "run one batch per adapter with peftcore.set_adapter"
+            )
+
+
+def _linear_shape(base_layer: nn.Module) -> dict:
+    """is_conv1d, in_features, out_features of an nn.Linear / Conv1D (weight stored (in, out))
+    / bitsandbytes linear base."""
+    if bnb_kind(base_layer) is not None:
+        return dict(is_conv1d=False, in_features=base_layer.in_features, out_features=base_layer.out_features)
+    conv1d = bool(Conv1D) and isinstance(base_layer, Conv1D)
+    w = base_layer.weight
+    in_f, out_f = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
+    return dict(is_conv1d=conv1d, in_features=in_f, out_features=out_f)
+
+
+class LoraLayer(AdapterLayer):
+    """Common state of LoRA layers: ``lora_A`` / ``lora_B`` (``lora_embedding_A`` / ``_B``
+    for embeddings) and the ``lora_scales`` buffer (each adapter's effective scale)."""
+
+    peft_type = "LORA"
+    param_dicts = ("lora_A", "lora_B")
+    meta_dicts = ("scaling", "r", "dropout_p")
+    state_name = "lora_scales"
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
         self.__dict__.update(
             scaling={},  # name -> configured scale (alpha / r or alpha / sqrt(r))
             r={},  # name -> rank
             dropout_p={},  # name -> LoRA dropout probability (training only)
-            _written=[],  # what lora_scales holds, to skip redundant writes
-            merged_adapters=[],  # adapters whose delta is merged into the base weight (scale 0 here)
         )
 
-    # Order of adapters = order of the ParameterDict = order of lora_scales entries.
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(getattr(self, self.a_name).keys())
-
-    def adapter_weights(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        return getattr(self, self.a_name)[name], getattr(self, self.b_name)[name]
+    def adapter_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) such that the adapter's delta is ``scaling · B·A``."""
+        a, b = self.param_dicts[:2]
+        return self._modules[a][name], self._modules[b][name]
 
     def _lists(self):
-        # Read straight from the dicts' parameter registries: ParameterDict.values() goes
-        # through __getattr__ per entry, a visible cost when called for every layer of
-        # every decode step.
-        return (
-            list(self._modules[self.a_name]._parameters.values()),
-            list(self._modules[self.b_name]._parameters.values()),
-        )
+        return self._params(self.param_dicts[0]), self._params(self.param_dicts[1])
 
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout_p: float) -> None:
-        getattr(self, self.a_name)[name] = nn.Parameter(A, requires_grad=False)
-        getattr(self, self.b_name)[name] = nn.Parameter(B, requires_grad=False)
         self.scaling[name] = scaling
         self.r[name] = A.shape[0]
         self.dropout_p[name] = dropout_p
-        self._new_scales()
+        self._add_params(name, **{self.param_dicts[0]: A, self.param_dicts[1]: B})
 
-    def remove(self, name: str) -> None:
-        del getattr(self, self.a_name)[name]
-        del getattr(self, self.b_name)[name]
-        for d in (self.scaling, self.r, self.dropout_p):
-            d.pop(name)
-        self._new_scales()
-
-    def _new_scales(self) -> None:
-        # Adding or removing an adapter changes the module's structure anyway; switching
-        # (set_active) only ever writes into this tensor in place.
-        n = len(self.scaling)
-        self._buffers["lora_scales"] = torch.zeros(n, dtype=torch.float32, device=self.lora_scales.device)
-        self.__dict__["_written"] = [0.0] * n
-
-    def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) / .half() would round the scales (alpha / sqrt(r) is rarely
-        # exact in 8 bits): keep them float32, rebuilt from the exact values written.
-        super()._apply(fn, recurse)
-        if self.lora_scales.dtype != torch.float32:
-            self._buffers["lora_scales"] = torch.tensor(self._written, dtype=torch.float32, device=self.lora_scales.device)
-        return self
-
-    @torch.no_grad()
-    def set_active(self, active: list[str], enabled: bool) -> None:
-        """Write the effective scales in place: ``scaling`` for active adapters, 0 otherwise."""
-        # A merged adapter is already in the base weight: its kernel scale stays 0.
-        merged = self.merged_adapters
-        vals = [self.scaling[n] if enabled and n in active and n not in merged else 0.0 for n in self.scaling]
-        if vals == self._written:
-            return
-        if len(set(vals)) == 1:
-            self.lora_scales.fill_(vals[0])
-        else:
-            self.lora_scales.copy_(torch.tensor(vals, dtype=torch.float32))
-        self.__dict__["_written"] = vals
+    def _on_value(self, name: str) -> float:
+        return self.scaling[name]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]} scaling={self.scaling[n]:g}" for n in self.adapter_names)
@@ -125,12 +192,11 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        conv1d = bool(Conv1D) and isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
-        self.__dict__.update(is_conv1d=conv1d, in_features=in_f, out_features=out_f)
+        self.__dict__.update(_linear_shape(base_layer))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs:
+            self._no_row_adapters(kwargs)
         base = self.base_layer
         weight = base.weight.t() if self.is_conv1d else base.weight
         lora_A, lora_B = self._lists()
@@ -226,30 +292,41 @@ class LoraLinear4bit(LoraLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         unpack_cpu_4bit(base_layer)  # no-op unless bitsandbytes already ran it on CPU
-        self.__dict__.update(in_features=base_layer.in_features, out_features=base_layer.out_features)
+        self.__dict__.update(_linear_shape(base_layer))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs:
+            self._no_row_adapters(kwargs)
         base = self.base_layer
         unpack_cpu_4bit(base)  # no-op unless bitsandbytes ran the base directly since injection
         lora_A, lora_B = self._lists()
-        lora_x = self._dropped(x)
-        in_dtype = x.dtype
-        cdt = base.compute_dtype if getattr(base, "compute_type_is_set", base.compute_dtype is not None) else None
-        xc = x
-        if cdt is not None and cdt != in_dtype and x.is_floating_point():
-            if torch.finfo(cdt).bits < torch.finfo(in_dtype).bits:
-                # bitsandbytes rounds x to the compute dtype for the base product: do the
-                # same, but keep x's dtype so that the LoRA terms (on the original x, as
-                # PEFT feeds them) are added at x's precision.
-                xc = x.to(cdt).to(in_dtype)
-                if lora_x is None:
-                    lora_x = [x] * len(lora_A)
-            else:  # an exact upcast: the LoRA branch may read it
-                xc = x.to(cdt)
+        xc, lora_x = compute_input_4bit(base, x, self._dropped(x), len(lora_A))
         out = torch.ops.peftcore.lora_linear_4bit(
             xc, *stored_4bit(base), self.out_features, base.bias, lora_A, lora_B, self.lora_scales, lora_x
         )
-        return out.to(in_dtype)
+        return out.to(x.dtype)
+
+
+def _compute_dtype(base: nn.Module):
+    return base.compute_dtype if getattr(base, "compute_type_is_set", base.compute_dtype is not None) else None
+
+
+def _narrower_compute(base: nn.Module, x: torch.Tensor) -> bool:
+    cdt = _compute_dtype(base)
+    return cdt is not None and x.is_floating_point() and torch.finfo(cdt).bits < torch.finfo(x.dtype).bits
+
+
+def compute_input_4bit(base: nn.Module, x: torch.Tensor, lora_x, n_adapters: int):
+    """(x for the base product, lora_x) of a Linear4bit forward (see ``LoraLinear4bit``)."""
+    cdt = _compute_dtype(base)
+    if cdt is None or cdt == x.dtype or not x.is_floating_point():
+        return x, lora_x
+    if _narrower_compute(base, x):
+        # bitsandbytes rounds x to the compute dtype for the base product: do the same, but
+        # keep x's dtype so that the LoRA terms (on the original x, as PEFT feeds them) are
+        # added at x's precision.
+        return x.to(cdt).to(x.dtype), (lora_x if lora_x is not None else [x] * n_adapters)
+    return x.to(cdt), lora_x  # an exact upcast: the LoRA branch may read it
 
 
 def int8_state(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,9 +347,11 @@ class LoraLinear8bit(LoraLayer):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.__dict__.update(in_features=base_layer.in_features, out_features=base_layer.out_features)
+        self.__dict__.update(_linear_shape(base_layer))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs:
+            self._no_row_adapters(kwargs)
         base = self.base_layer
         cb, scb = int8_state(base)
         lora_A, lora_B = self._lists()
@@ -284,8 +363,7 @@ class LoraLinear8bit(LoraLayer):
 class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: A is (r, num_embeddings), B is (embedding_dim, r); no dropout."""
 
-    a_name = "lora_embedding_A"
-    b_name = "lora_embedding_B"
+    param_dicts = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
@@ -296,6 +374,154 @@ class LoraEmbedding(LoraLayer):
         lora_A, lora_B = self._lists()
         pad = -1 if base.padding_idx is None else base.padding_idx
         return torch.ops.peftcore.lora_embedding(input_ids, base.weight, lora_A, lora_B, self.lora_scales, pad)
+
+
+# ---------------------------------------------------------------- AdaLoRA
+def adalora_scaling(lora_alpha: float, r: int, ranknum: float) -> float:
+    """PEFT's AdaLoRA factor: alpha (r when alpha <= 0; NOT alpha / r) / (ranknum + 1e-5),
+    with ranknum = init_r, also after pruning and reloading."""
+    return (lora_alpha if lora_alpha > 0 else float(r)) / (ranknum + 1e-5)
+
+
+class AdaLoraLayer(LoraLayer):
+    """AdaLoRA (SVD-form LoRA): ``lora_A`` (r, in), ``lora_B`` (out, r) and the singular
+    values ``lora_E`` (r, 1); ``ranknum`` holds init_r (a frozen one-element parameter, as
+    in PEFT). The delta is ``scaling · B·(A ⊙ E)`` with ``scaling = adalora_scaling(...)``;
+    rank allocation zeroes entries of E (``peftcore.update_and_allocate``)."""
+
+    peft_type = "ADALORA"
+    param_dicts = ("lora_A", "lora_B", "lora_E")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self._modules["ranknum"] = nn.ParameterDict()
+
+    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, E: torch.Tensor, scaling: float,
+            dropout_p: float, ranknum: float) -> None:
+        self.scaling[name] = scaling
+        self.r[name] = A.shape[0]
+        self.dropout_p[name] = dropout_p
+        self._modules["ranknum"][name] = nn.Parameter(torch.tensor([float(ranknum)], device=A.device), requires_grad=False)
+        self._add_params(name, lora_A=A, lora_B=B, lora_E=E)
+
+    def remove(self, name: str) -> None:
+        del self._modules["ranknum"][name]
+        super().remove(name)
+
+    def adapter_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name] * self.lora_E[name], self.lora_B[name]
+
+    def _folded_lists(self):
+        """(A ⊙ E per adapter, B per adapter): AdaLoRA as plain LoRA factors, for the
+        quantized kernels (A ⊙ E is r × in, small beside the base weight)."""
+        return [A * E for A, E in zip(self._params("lora_A"), self._params("lora_E"))], self._params("lora_B")
+
+
+class AdaLoraLinear(AdaLoraLayer):
+    """AdaLoRA on ``nn.Linear`` / transformers ``Conv1D``: one ``peftcore::adalora_linear`` call."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.__dict__.update(_linear_shape(base_layer))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs:
+            self._no_row_adapters(kwargs)
+        base = self.base_layer
+        weight = base.weight.t() if self.is_conv1d else base.weight
+        return torch.ops.peftcore.adalora_linear(
+            x, weight, base.bias, self._params("lora_A"), self._params("lora_E"), self._params("lora_B"),
+            self.lora_scales, self._dropped(x),
+        )
+
+
+class AdaLoraLinear4bit(AdaLoraLayer, LoraLinear4bit):
+    """AdaLoRA on ``bitsandbytes.nn.Linear4bit``: ``lora_linear_4bit`` with A ⊙ E as A."""
+
+    _lists = AdaLoraLayer._folded_lists
+
+
+class AdaLoraLinear8bit(AdaLoraLayer, LoraLinear8bit):
+    """AdaLoRA on ``bitsandbytes.nn.Linear8bitLt``: ``lora_linear_int8`` with A ⊙ E as A."""
+
+    _lists = AdaLoraLayer._folded_lists
+
+
+# ---------------------------------------------------------------- IA3
+class Ia3Layer(AdapterLayer):
+    """(IA)³: each adapter is a vector ``ia3_l``, (out, 1) when the layer scales its output
+    (attention projections; the bias is scaled too) or (1, in) when it scales its input
+    (``is_feedforward``, fixed when the layer is created, as in PEFT). Active adapters
+    multiply: the kernels use the product of the vectors whose ``ia3_active`` entry is 1."""
+
+    peft_type = "IA3"
+    param_dicts = ("ia3_l",)
+    state_name = "ia3_active"
+
+    def __init__(self, base_layer: nn.Module, feedforward: bool):
+        super().__init__(base_layer)
+        self.__dict__.update(_linear_shape(base_layer), is_feedforward=bool(feedforward))
+
+    def add(self, name: str, l: torch.Tensor) -> None:  # noqa: E741
+        self._add_params(name, ia3_l=l)
+
+    def _on_value(self, name: str) -> float:
+        return 1.0
+
+    def vector_shape(self) -> tuple[int, int]:
+        return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+
+    def extra_repr(self) -> str:
+        return f"feedforward={self.is_feedforward}, adapters={self.adapter_names}"
+
+
+class Ia3Linear(Ia3Layer):
+    """IA3 on ``nn.Linear`` / transformers ``Conv1D``: one ``peftcore::ia3_linear`` call."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs:
+            self._no_row_adapters(kwargs)
+        base = self.base_layer
+        weight = base.weight.t() if self.is_conv1d else base.weight
+        return torch.ops.peftcore.ia3_linear(x, weight, base.bias, self._params("ia3_l"), self.ia3_active,
+                                             self.is_feedforward)
+
+
+class Ia3Linear4bit(Ia3Layer):
+    """IA3 on ``bitsandbytes.nn.Linear4bit``: one ``peftcore::ia3_linear_4bit`` call on the
+    packed weight, returned in x's dtype."""
+
+    def __init__(self, base_layer: nn.Module, feedforward: bool):
+        super().__init__(base_layer, feedforward)
+        unpack_cpu_4bit(base_layer)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs:
+            self._no_row_adapters(kwargs)
+        base = self.base_layer
+        unpack_cpu_4bit(base)
+        # Output scaling: x as bitsandbytes computes with it (see compute_input_4bit).
+        # Input scaling with a compute dtype narrower than x: x·l stays at x's precision
+        # (bitsandbytes would round x·l to the compute dtype; this is the more exact product).
+        xc = x if self.is_feedforward and _narrower_compute(base, x) else compute_input_4bit(base, x, None, 0)[0]
+        out = torch.ops.peftcore.ia3_linear_4bit(
+            xc, *stored_4bit(base), self.out_features, base.bias, self._params("ia3_l"), self.ia3_active,
+            self.is_feedforward,
+        )
+        return out.to(x.dtype)
+
+
+class Ia3Linear8bit(Ia3Layer):
+    """IA3 on ``bitsandbytes.nn.Linear8bitLt``: one ``peftcore::ia3_linear_int8`` call on CB / SCB."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs:
+            self._no_row_adapters(kwargs)
+        base = self.base_layer
+        cb, scb = int8_state(base)
+        return torch.ops.peftcore.ia3_linear_int8(
+            x, cb, scb, base.bias, self._params("ia3_l"), self.ia3_active, self.is_feedforward
+        )
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -1,10 +1,13 @@
-"""Merging LoRA adapters into the base weights (PEFT's ``merge_adapter`` family).
+"""Merging adapters into the base weights (PEFT's ``merge_adapter`` family).
 
-``merge_adapter`` adds ``s·B·A`` of each named adapter into the weight of every layer that
-carries it; the layer then keeps the adapter with kernel scale 0 (``lora_scales``), so the
-merged delta is never counted twice, and records it in ``layer.merged_adapters``.
-``unmerge_adapter`` subtracts it again, ``merge_and_unload`` merges and gives back the
-plain model, ``unload`` gives back the plain model without merging.
+``merge_adapter`` adds ``s·B·A`` of each named LoRA adapter (AdaLoRA: ``s·B·(A ⊙ E)``)
+into the weight of every layer that carries it, or multiplies the weight by an IA3
+vector (``W ⊙ l`` over output rows, bias included, or over input columns for
+feedforward modules); the layer then keeps the adapter with kernel state 0
+(``lora_scales`` / ``ia3_active``), so the merged part is never applied twice, and records
+it in ``layer.merged_adapters``. ``unmerge_adapter`` subtracts it again (IA3: divides by
+``l + 1e-8``, PEFT's lossy inverse, with a warning), ``merge_and_unload`` merges and gives
+back the plain model, ``unload`` gives back the plain model without merging.
 
 Floating-point bases (nn.Linear, transformers Conv1D, nn.Embedding): ``W += Δ`` in place,
 with Δ computed in float32 (float64 for float64 adapters) and the sum rounded to the
@@ -43,6 +46,7 @@ import torch.nn as nn
 from . import inject
 from .errors import AdapterNameError, PeftcoreError
 from .layers import (
+    AdapterLayer,
     LoraEmbedding,
     LoraLayer,
     ModulesToSaveWrapper,
@@ -54,8 +58,9 @@ from .layers import (
 from .switching import _STATE_ATTR, _require_state, apply_state
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+def lora_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """(path, layer) of every adapter layer (any method)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
 def merged_in(model: nn.Module) -> dict[str, list[str]]:
@@ -86,7 +91,7 @@ def delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:
     return d
 
 
-def _dense(layer: LoraLayer) -> torch.Tensor:
+def _dense(layer: AdapterLayer) -> torch.Tensor:
     """The base's weight as a float32 dense tensor (a copy for quantized bases), decoded by
     peftcore's own dequantize ops: the weight the forward kernels use. They equal
     bitsandbytes' dequantize bit for bit, except where bitsandbytes 0.50's CPU decoder is
@@ -104,22 +109,44 @@ def _dense(layer: LoraLayer) -> torch.Tensor:
     return base.weight.detach()
 
 
-def _new_weight(layer: LoraLayer, deltas: list[torch.Tensor], sign: float) -> torch.Tensor:
-    """What the dense weight becomes (before re-quantization) after adding ``sign·Σ deltas``."""
-    w = _dense(layer)
-    acc = w.to(deltas[0].dtype) if w.is_floating_point() and w.dtype != deltas[0].dtype else w.clone()
-    for d in deltas:
-        acc = acc + sign * d.to(acc.device)
+def _new_weight(layer: AdapterLayer, names: list[str], sign: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight, bias or None) after merging (``sign`` +1) or unmerging (-1) adapters
+    ``names`` in that order, computed in float32 (float64 for float64 adapters) and rounded
+    once, to the weight's dtype (quantized bases: to what bitsandbytes re-quantizes from).
+    The bias changes only for non-feedforward IA3."""
+    params = [p for n in names for p in layer.adapter_params(n).values()]
+    f = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    acc = _dense(layer).to(f, copy=True)
+    bias = None
+    if isinstance(layer, LoraLayer):
+        for n in names:
+            acc += sign * delta_weight(layer, n).to(device=acc.device, dtype=f)
+    else:  # IA3: multiply by l (divide by l + 1e-8 to unmerge, as PEFT)
+        b = getattr(layer.base_layer, "bias", None)
+        bias = b.detach().to(f) if b is not None and not layer.is_feedforward else None
+        for n in names:
+            l = layer.ia3_l[n].detach().to(device=acc.device, dtype=f)  # noqa: E741
+            if sign < 0:
+                l = l + 1e-8  # noqa: E741
+            lw = l.t() if layer.is_conv1d else l  # Conv1D stores W as (in, out)
+            acc = acc * lw if sign > 0 else acc / lw
+            if bias is not None:
+                bias = bias * l.flatten() if sign > 0 else bias / l.flatten()
+        if bias is not None:
+            bias = bias.to(b.dtype)
     kind = bnb_kind(layer.base_layer)
     if kind == "8bit":
-        return acc.to(torch.float16)  # what Int8Params quantizes from
+        return acc.to(torch.float16), bias  # what Int8Params quantizes from
     if kind == "4bit":
-        return acc.float()
-    return acc.to(layer.base_layer.weight.dtype)
+        return acc.float(), bias
+    return acc.to(layer.base_layer.weight.dtype), bias
 
 
-def _write(layer: LoraLayer, new: torch.Tensor) -> None:
+def _write(layer: AdapterLayer, new: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
     base = layer.base_layer
+    if bias is not None:
+        with torch.no_grad():
+            base.bias.copy_(bias)
     kind = bnb_kind(base)
     if kind == "4bit":
         import bitsandbytes as bnb
@@ -152,8 +179,8 @@ def _write(layer: LoraLayer, new: torch.Tensor) -> None:
             base.weight.copy_(new)
 
 
-def _check_finite(path: str, new: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(new).all():
+def _check_finite(path: str, new: tuple, what: str) -> None:
+    if not all(t is None or bool(torch.isfinite(t).all()) for t in new):
         raise PeftcoreError(
             f"safe_merge: {what} into module {path!r} gives non-finite weights (NaN/inf); nothing was merged"
         )
@@ -187,10 +214,9 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
         warnings.warn(f"adapter(s) {sorted(already)} already merged in some layers; merging the rest only")
     if safe_merge:
         for path, layer, todo in work:
-            new = _new_weight(layer, [delta_weight(layer, n) for n in todo], +1.0)
-            _check_finite(path, new, f"merging {todo}")
+            _check_finite(path, _new_weight(layer, todo, +1.0), f"merging {todo}")
     for path, layer, todo in work:
-        _write(layer, _new_weight(layer, [delta_weight(layer, n) for n in todo], +1.0))
+        _write(layer, *_new_weight(layer, todo, +1.0))
         layer.merged_adapters.extend(todo)
     apply_state(model, st)
 
@@ -199,17 +225,19 @@ def unmerge_adapter(model: nn.Module) -> None:
     """Subtract every merged adapter from the base weights again and give the adapters
     back their kernel scales. On quantized bases this re-quantizes (lossy, PEFT's method)."""
     st = _require_state(model)
+    if any(m.merged_adapters and m.peft_type == "IA3" for _, m in lora_layers(model)):
+        warnings.warn("unmerge_adapter: IA3 unmerge divides by l + 1e-8 (as PEFT): the result can be inaccurate")
     for _, layer in lora_layers(model):
         if layer.merged_adapters:
             merged = list(layer.merged_adapters)
-            _write(layer, _new_weight(layer, [delta_weight(layer, n) for n in reversed(merged)], -1.0))
+            _write(layer, *_new_weight(layer, list(reversed(merged)), -1.0))
             layer.merged_adapters.clear()
     apply_state(model, st)
 
 
 def _unload(model: nn.Module) -> nn.Module:
     for path, m in list(inject.adapter_modules(model)):
-        if isinstance(m, LoraLayer):
+        if isinstance(m, AdapterLayer):
             parent, child = inject.get_parent(model, path)
             setattr(parent, child, m.base_layer)
         elif isinstance(m, ModulesToSaveWrapper):

@@ -28,6 +28,46 @@ def lora_linear(
     return torch.ops.peftcore.lora_linear(x, weight, bias, list(lora_A), list(lora_B), scales, lora_x)
 
 
+def adalora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Sequence[torch.Tensor],
+    lora_E: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    lora_x: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Fused AdaLoRA ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ``.
+
+    As ``lora_linear``, with lora_E[a] the r_a singular values ([r_a, 1], PEFT's layout);
+    scales[a] = scaling / (ranknum + 1e-5) as PEFT divides (0 = adapter off). See
+    ``reference.adalora_linear``.
+    """
+    return torch.ops.peftcore.adalora_linear(
+        x, weight, bias, list(lora_A), list(lora_E), list(lora_B), scales, lora_x
+    )
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ia3_l: Sequence[torch.Tensor],
+    active: Optional[torch.Tensor] = None,
+    feedforward: bool = False,
+) -> torch.Tensor:
+    """PEFT's (IA)³ linear layer: ``round(float(x·Wᵀ + b) ⊙ l)``, or with feedforward
+    ``round(float(x) ⊙ l)·Wᵀ + b``, l = Π of the active ia3_l vectors.
+
+    ia3_l[a]: PEFT's (out, 1) / (1, in) vectors (float32 or x.dtype); active: float32 [n],
+    nonzero = on (default: all on). Bit for bit PEFT's forward (``reference.ia3_linear``).
+    """
+    if active is None:
+        active = torch.ones(len(ia3_l))
+    return torch.ops.peftcore.ia3_linear(x, weight, bias, list(ia3_l), active, feedforward)
+
+
 def lora_embedding(
     indices: torch.Tensor,
     weight: torch.Tensor,
@@ -110,3 +150,45 @@ def lora_linear_int8(
     return torch.ops.peftcore.lora_linear_int8(
         x, weight, row_scale, bias, list(lora_A), list(lora_B), scales, lora_x
     )
+
+
+def ia3_linear_4bit(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    out_features: int,
+    bias: Optional[torch.Tensor],
+    ia3_l: Sequence[torch.Tensor],
+    active: Optional[torch.Tensor] = None,
+    feedforward: bool = False,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    nested_offset: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """``ia3_linear`` over a bitsandbytes 4-bit W (the base of ``lora_linear_4bit``),
+    the scaling fused into the quantized GEMM. See ``reference.ia3_linear_4bit``."""
+    if active is None:
+        active = torch.ones(len(ia3_l))
+    return torch.ops.peftcore.ia3_linear_4bit(
+        x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
+        out_features, bias, list(ia3_l), active, feedforward,
+    )
+
+
+def ia3_linear_int8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ia3_l: Sequence[torch.Tensor],
+    active: Optional[torch.Tensor] = None,
+    feedforward: bool = False,
+) -> torch.Tensor:
+    """``ia3_linear`` over a bitsandbytes int8 W (CB int8 [out, in], SCB float32 [out]),
+    the scaling fused into the quantized GEMM. See ``reference.ia3_linear_int8``."""
+    if active is None:
+        active = torch.ones(len(ia3_l))
+    return torch.ops.peftcore.ia3_linear_int8(x, weight, row_scale, bias, list(ia3_l), active, feedforward)

@@ -4,8 +4,11 @@ Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (``adapter_mode
 only as a fallback, read with ``torch.load(weights_only=True)``). Keys are
 ``base_model.model.<module path>.<suffix>``; the adapter name never appears. Suffixes:
 
-* ``lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r) for Linear / Conv1D,
-* ``lora_embedding_A`` (r, V) and ``lora_embedding_B`` (D, r) for Embedding,
+* LoRA: ``lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r) for Linear / Conv1D,
+  ``lora_embedding_A`` (r, V) and ``lora_embedding_B`` (D, r) for Embedding,
+* AdaLoRA: ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_E`` (r, 1), no ``.weight``; r is
+  the number of triplets ``rank_pattern`` keeps (possibly 0); older files add ``ranknum`` (1,),
+* IA3: ``ia3_l``, (out, 1), or (1, in) for feedforward modules,
 * ``<path>.base_layer.bias`` / ``<path>.bias`` for ``bias`` "lora_only" / "all",
 * ``<path>.<param>`` for each parameter of a ``modules_to_save`` module,
 * ``<path>.base_layer.weight`` for a targeted embedding's base table (PEFT saves it).
@@ -21,14 +24,15 @@ import uuid
 import torch
 import torch.nn as nn
 
-from .config import CONFIG_NAME, LoraConfig
+from .config import CONFIG_NAME, AdaLoraConfig, AdapterConfig
 from .errors import AdapterFileNotFoundError, AdapterWeightsError
-from .layers import LoraEmbedding, LoraLayer, ModulesToSaveWrapper
+from .layers import AdapterLayer, LoraEmbedding, ModulesToSaveWrapper
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+IA3_SUFFIX = "ia3_l"
 
 
 def lora_suffixes(is_embedding: bool) -> tuple[str, str]:
@@ -36,9 +40,32 @@ def lora_suffixes(is_embedding: bool) -> tuple[str, str]:
     return ("lora_embedding_A", "lora_embedding_B") if is_embedding else ("lora_A.weight", "lora_B.weight")
 
 
+def adalora_suffixes() -> tuple[str, str, str]:
+    """On-disk suffixes of AdaLoRA's A, B and E (plain parameters: no '.weight')."""
+    return ("lora_A", "lora_B", "lora_E")
+
+
+def _layer_tensors(layer: AdapterLayer, name: str, config: AdapterConfig, path: str) -> dict[str, torch.Tensor]:
+    """suffix -> tensor of one adapter of one layer, as PEFT writes them."""
+    p = layer.adapter_params(name)
+    if layer.peft_type == "IA3":
+        return {IA3_SUFFIX: p["ia3_l"].detach()}
+    if layer.peft_type == "ADALORA":
+        A, B, E = (p[k].detach() for k in adalora_suffixes())
+        mask = config.pattern_mask(path) if isinstance(config, AdaLoraConfig) else None
+        if mask is not None and len(mask) == A.shape[0] and sum(mask) != A.shape[0]:
+            # PEFT writes the kept triplets only (resize_state_dict_by_rank_pattern).
+            keep = torch.tensor(mask, device=A.device)
+            A, E, B = A[keep], E[keep], B[:, keep]
+        return dict(zip(adalora_suffixes(), (A, B, E)))
+    A, B = (p[k].detach() for k in layer.param_dicts)
+    return dict(zip(lora_suffixes(isinstance(layer, LoraEmbedding)), (A, B)))
+
+
 # ---------------------------------------------------------------- reading
-def read_config(path: str) -> LoraConfig:
-    return LoraConfig.from_json_file(path)
+def read_config(path: str) -> AdapterConfig:
+    """The config of any supported method (``peft_type`` picks LoRA / AdaLoRA / IA3)."""
+    return AdapterConfig.from_json_file(path)
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -90,8 +117,10 @@ def strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- writing
-def embedding_is_targeted(model: nn.Module, config: LoraConfig, targets) -> bool:
-    """PEFT's save_embedding_layers="auto": embeddings named in target_modules."""
+def embedding_is_targeted(model: nn.Module, config: AdapterConfig, targets) -> bool:
+    """PEFT's save_embedding_layers="auto": embeddings named in target_modules (LoRA)."""
+    if config.peft_type != "LORA":
+        return False
     if isinstance(targets, str):
         return any(
             re.fullmatch(targets, n)
@@ -101,25 +130,24 @@ def embedding_is_targeted(model: nn.Module, config: LoraConfig, targets) -> bool
     return any(e in (targets or []) for e in EMBEDDING_LAYER_NAMES)
 
 
-def adapter_state_dict(model: nn.Module, name: str, config: LoraConfig, targets) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, name: str, config: AdapterConfig, targets) -> dict[str, torch.Tensor]:
     """PEFT's on-disk state dict of adapter ``name`` (keys with 'base_model.model.')."""
     out: dict[str, torch.Tensor] = {}
-    lora_layers = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer)]
+    lora_layers = [(p, m) for p, m in model.named_modules() if isinstance(m, AdapterLayer)]
     for path, m in lora_layers:
         if name in m.adapter_names:
-            A, B = m.adapter_weights(name)
-            sa, sb = lora_suffixes(isinstance(m, LoraEmbedding))
-            out[f"{path}.{sa}"] = A.detach()
-            out[f"{path}.{sb}"] = B.detach()
+            for suffix, t in _layer_tensors(m, name, config, path).items():
+                out[f"{path}.{suffix}"] = t
     for path, m in model.named_modules():
         if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save:
             for k, v in m.modules_to_save[name].state_dict().items():
                 out[f"{path}.{k}"] = v.detach()
-    if config.bias == "all":
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
         for k, p in model.named_parameters():
             if k.endswith(".bias") and ".modules_to_save." not in k and ".original_module." not in k:
                 out[k] = p.detach()
-    elif config.bias == "lora_only":
+    elif bias == "lora_only":
         for path, m in lora_layers:
             if getattr(m.base_layer, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = m.base_layer.bias.detach()
@@ -132,7 +160,7 @@ def adapter_state_dict(model: nn.Module, name: str, config: LoraConfig, targets)
     return {PREFIX + k: v for k, v in out.items()}
 
 
-def write_adapter(directory: str, config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
+def write_adapter(directory: str, config: AdapterConfig, state_dict: dict[str, torch.Tensor]) -> None:
     """Write adapter_model.safetensors (metadata {"format": "pt"}) and adapter_config.json
     as one unit: both go to temporary names first, an existing pair is moved aside, the
     new pair is renamed in, and any failure restores the old pair. An interrupted save

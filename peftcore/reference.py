@@ -8,6 +8,8 @@ Each function here is three things at once:
 Numerics follow PEFT's unmerged forward (``peft/tuners/lora/layer.py``): the base
 output is computed in the input dtype, the low-rank branch in float32 (float64 for
 float64 inputs), the two are added in that precision and the sum is cast back to the input dtype once.
+AdaLoRA (``adalora_linear``) is the same with the singular values E scaling x·Aᵀ per rank;
+(IA)³ (``ia3_linear*``) follows ``peft/tuners/ia3/layer.py`` rounding for rounding.
 """
 from __future__ import annotations
 
@@ -61,6 +63,82 @@ def _add_lowrank(out, x, lora_A, lora_B, scales, lora_x):
         t = xa.to(f) @ lora_A[a].to(f).t()
         acc = acc + (t @ lora_B[a].to(f).t()) * s
     return acc.to(x.dtype)
+
+
+def adalora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Sequence[torch.Tensor],
+    lora_E: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    lora_x: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + b + Σ_a scales[a] · ((x_a·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ, PEFT's AdaLoRA ``SVDLinear``.
+
+    As ``lora_linear``, with lora_E[a] the r_a singular values of adapter a ([r_a, 1] as
+    PEFT stores them; any shape of r_a values) scaling the shrink result per rank.
+    PEFT computes ``x @ (A*E).T @ B.T * scaling / (ranknum + 1e-5)``: the caller passes
+    scales[a] = scaling / (ranknum + 1e-5), so this matches PEFT up to rounding (E is
+    applied to x·Aᵀ, not to A). Scale 0 or rank 0: the adapter contributes nothing.
+    """
+    out = F.linear(x, weight, bias)
+    terms = _active(scales, lora_A)
+    if not terms:
+        return out
+    f = _acc(x)
+    acc = out.to(f)
+    for a, s in terms:
+        xa = x if lora_x is None else lora_x[a]
+        t = (xa.to(f) @ lora_A[a].to(f).t()) * lora_E[a].to(f).reshape(-1)
+        acc = acc + (t @ lora_B[a].to(f).t()) * s
+    return acc.to(x.dtype)
+
+
+def ia3_vector(ia3_l: Sequence[torch.Tensor], active: torch.Tensor, f: torch.dtype) -> Optional[torch.Tensor]:
+    """l = Π_{a: active[a] != 0} ia3_l[a] (flattened), multiplied in adapter order in f;
+    None when no adapter is active. Inactive vectors (NaN allowed) are never read."""
+    on = [a for a, v in enumerate(active.detach().float().cpu().tolist()) if v != 0.0]
+    if not on:
+        return None
+    l = ia3_l[on[0]].reshape(-1).to(f)
+    for a in on[1:]:
+        l = l * ia3_l[a].reshape(-1).to(f)
+    return l
+
+
+def _ia3(x, base, ia3_l, active, feedforward):
+    """PEFT's (IA)³ forward around ``base`` (x -> base layer output in x.dtype)."""
+    f = _acc(x)
+    l = ia3_vector(ia3_l, active, f)
+    if l is None:
+        return base(x)
+    if feedforward:  # PEFT: base_layer((x.to(l.dtype) * l).to(x.dtype))
+        return base((x.to(f) * l).to(x.dtype))
+    return (base(x).to(f) * l).to(x.dtype)  # PEFT: (base_layer(x) * l).to(result dtype)
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ia3_l: Sequence[torch.Tensor],
+    active: torch.Tensor,
+    feedforward: bool,
+) -> torch.Tensor:
+    """PEFT's (IA)³ ``Linear``, unmerged, with l = Π_{a: active[a] != 0} ia3_l[a]:
+
+      feedforward=False: y = round_x(float(x·Wᵀ + b) ⊙ l)   (l over outputs; the bias is scaled)
+      feedforward=True:  y = round_x(float(x) ⊙ l)·Wᵀ + b   (l over inputs)
+
+    x [..., in]; weight [out, in] (any strides); bias [out] or None; ia3_l[a]: out (in)
+    values, any shape (PEFT: (out, 1), or (1, in) for feedforward), float32 or x.dtype;
+    active: float32 [n], entry != 0 = adapter a takes part. l and the product with it are
+    float32 (float64 for float64 x), rounded to x.dtype once: PEFT's roundings, bit for
+    bit for float32 adapters. No active adapter: exactly F.linear(x, weight, bias).
+    """
+    return _ia3(x, lambda t: F.linear(t, weight, bias), ia3_l, active, feedforward)
 
 
 def lora_linear_backward(
@@ -304,3 +382,44 @@ def lora_linear_int8(
     w = dequantize_int8(weight, row_scale, f)
     base = F.linear(x.to(f), w, None if bias is None else bias.to(f)).to(x.dtype)
     return _add_lowrank(base, x, lora_A, lora_B, scales, lora_x)
+
+
+def ia3_linear_4bit(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    nested_offset: Optional[torch.Tensor],
+    nested_blocksize: int,
+    out_features: int,
+    bias: Optional[torch.Tensor],
+    ia3_l: Sequence[torch.Tensor],
+    active: torch.Tensor,
+    feedforward: bool,
+) -> torch.Tensor:
+    """``ia3_linear``'s scaling around the base of ``lora_linear_4bit`` (no adapters)."""
+    quant = (qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    none = torch.zeros(0)
+
+    def base(t):
+        return lora_linear_4bit(t, *quant, out_features, bias, [], [], none, None)
+
+    return _ia3(x, base, ia3_l, active, feedforward)
+
+
+def ia3_linear_int8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ia3_l: Sequence[torch.Tensor],
+    active: torch.Tensor,
+    feedforward: bool,
+) -> torch.Tensor:
+    """``ia3_linear``'s scaling around the base of ``lora_linear_int8`` (no adapters)."""
+    none = torch.zeros(0)
+    return _ia3(x, lambda t: lora_linear_int8(t, weight, row_scale, bias, [], [], none, None), ia3_l, active,
+                feedforward)

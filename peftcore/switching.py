@@ -1,5 +1,6 @@
 """Which adapters are active, and whether adapters are enabled: written into each layer's
-``lora_scales`` tensor (and each modules_to_save wrapper's choice), never by rebuilding."""
+state tensor (``lora_scales`` / ``ia3_active``) and each modules_to_save wrapper's
+choice, never by rebuilding."""
 from __future__ import annotations
 
 import contextlib
@@ -9,9 +10,9 @@ from typing import Union
 
 import torch.nn as nn
 
-from .config import LoraConfig
+from .config import AdapterConfig
 from .errors import AdapterNameError, PeftcoreError
-from .layers import LoraLayer, ModulesToSaveWrapper
+from .layers import AdapterLayer, ModulesToSaveWrapper
 
 _STATE_ATTR = "_peftcore_adapters"
 
@@ -20,7 +21,7 @@ _STATE_ATTR = "_peftcore_adapters"
 class AdapterState:
     """Per-model bookkeeping, kept in ``model.__dict__`` (not a module, not saved)."""
 
-    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
     targets: dict[str, object] = field(default_factory=dict)  # resolved target_modules per adapter
     active: list[str] = field(default_factory=list)
     enabled: bool = True
@@ -42,7 +43,7 @@ def _require_state(model: nn.Module) -> AdapterState:
 
 
 def adapter_layers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+    return [m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
 
 
 def apply_state(model: nn.Module, st: AdapterState) -> None:
@@ -52,7 +53,8 @@ def apply_state(model: nn.Module, st: AdapterState) -> None:
 
 
 def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]]) -> None:
-    """Make ``name_or_names`` the active adapter(s); several active LoRA adapters are summed.
+    """Make ``name_or_names`` the active adapter(s); several active LoRA / AdaLoRA adapters
+    are summed, several IA3 adapters multiply (as in PEFT).
 
     Only scale tensors are written: no module is rebuilt and a compiled model does not
     recompile. Raises ``AdapterNameError`` for an unknown name (nothing changes)."""

@@ -4,7 +4,8 @@ Every ``peftcore::`` op has an ``OpInfo`` in ``OPS``: the op, its reference.py
 version, and a generator of ``SampleInput``s over small and awkward shapes (rank 1,
 odd in/out, batch 1, empty batch, 3-D inputs, non-contiguous x, transposed weight
 views, 0/1/3 adapters of different ranks, a rank-0 adapter, a scale-0 adapter full of
-NaN, per-adapter lora_x, ...). The quantized-base ops (``dequantize_4bit``, ``lora_linear_4bit``,
+NaN, per-adapter lora_x, ...; for (IA)³ both directions, inactive vectors full of NaN,
+entries 0). The quantized-base ops (``dequantize_4bit``, ``lora_linear_4bit``,
 ``dequantize_int8``, ``lora_linear_int8``) get weights quantized by bitsandbytes itself,
 over odd shapes, every blocksize from 32 to 4096 (blocks straddling rows, a block larger
 than the weight), nf4 / fp4, nested statistics or not; without bitsandbytes their
@@ -154,6 +155,101 @@ def sample_lora_linear_backward(dtype, adapter_dtype=None, requires_grad=False) 
                 (grad_out, x, weight, lora_A, lora_B, scales, lora_x, list(mask)),
                 all_scales_zero=s.all_scales_zero,
             )
+
+
+# --------------------------------------------------------------- adalora_linear
+# The LoRA cases with E: each adapter's r singular values ([r, 1], PEFT's layout),
+# signs mixed and one exactly 0 (a pruned rank) where r > 2.
+
+
+def sample_adalora_linear(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    adapter_dtype = adapter_dtype or dtype
+    for s in sample_lora_linear(dtype, adapter_dtype, requires_grad):
+        x, weight, bias, lora_A, lora_B, scales, lora_x = s.args
+        g = _gen("E:" + s.name, dtype)
+        lora_E = []
+        for a, A in enumerate(lora_A):
+            E = _randn(g, A.shape[0], 1, dtype=adapter_dtype)
+            if A.shape[0] > 2:
+                E[1] = 0.0
+            if torch.isnan(A).any():
+                E.fill_(float("nan"))
+            lora_E.append(E.requires_grad_(requires_grad))
+        yield SampleInput(
+            s.name,
+            (x, weight, bias, lora_A, lora_E, lora_B, scales, lora_x),
+            all_scales_zero=s.all_scales_zero,
+            n_elements=s.n_elements + sum(E.numel() for E in lora_E),
+        )
+
+
+# ------------------------------------------------------------------- ia3_linear
+# name: (leading dims of x, in, out, number of IA3 vectors, options). "ff": feedforward
+# (vectors over in_features); "inactive": vectors switched off (active = 0); "nan": vectors
+# full of NaN (always inactive ones); "flat": 1-D vectors instead of PEFT's (out, 1) / (1, in);
+# "zeros": a few entries exactly 0 (the backward must not divide by l).
+IA3_CASES = {
+    "attn_5x16x24": ((5,), 16, 24, 1, {}),
+    "ff_5x16x24": ((5,), 16, 24, 1, {"ff": True}),
+    "3vectors_odd_7x13": ((3,), 7, 13, 3, {"bias": False}),
+    "ff_3vectors_3d_33x65": ((2, 3), 33, 65, 3, {"ff": True}),
+    "x_1d": ((), 16, 8, 1, {}),
+    "ff_x_1d_2vectors": ((), 16, 8, 2, {"ff": True}),
+    "empty_batch": ((0,), 16, 8, 1, {}),
+    "ff_empty_3d": ((2, 0), 16, 8, 2, {"ff": True}),
+    "noncontig_x": ((6,), 16, 12, 2, {"noncontig_x": True}),
+    "ff_noncontig_x": ((6,), 16, 12, 1, {"ff": True, "noncontig_x": True}),
+    "conv1d_weight_view": ((4,), 20, 28, 1, {"weight_t": True}),
+    "ff_conv1d_weight_view": ((4,), 20, 28, 2, {"ff": True, "weight_t": True}),
+    "no_vectors": ((3,), 16, 24, 0, {}),
+    "ff_no_vectors": ((3,), 16, 24, 0, {"ff": True}),
+    "inactive_nan": ((3,), 16, 24, 3, {"inactive": (1,), "nan": (1,)}),
+    "ff_inactive_nan": ((3,), 16, 24, 2, {"ff": True, "inactive": (0,), "nan": (0,)}),
+    "all_inactive": ((5,), 16, 24, 2, {"inactive": (0, 1)}),
+    "ff_all_inactive_nan": ((5,), 16, 24, 2, {"ff": True, "inactive": (0, 1), "nan": (1,)}),
+    "flat_vectors_zeros": ((4,), 16, 24, 2, {"flat": True, "zeros": True}),
+    "ff_flat_vectors_zeros": ((4,), 16, 24, 2, {"ff": True, "flat": True, "zeros": True}),
+    "blocked_37x257x300": ((37,), 257, 300, 2, {}),
+    "ff_blocked_37x257x300": ((37,), 257, 300, 1, {"ff": True}),
+}
+
+
+def _ia3_vectors(g, n, feats, ff, adapter_dtype, o, requires_grad):
+    """n IA3 vectors around 1 (PEFT initialises them to ones) and the active flags."""
+    vecs = []
+    for a in range(n):
+        v = 1.0 + _randn(g, feats, dtype=torch.float64, scale=0.3)
+        if o.get("zeros"):
+            v[:: max(1, feats // 3)] = 0.0
+        if a in o.get("nan", ()):
+            v.fill_(float("nan"))
+        shape = (feats,) if o.get("flat") else ((1, feats) if ff else (feats, 1))
+        vecs.append(v.reshape(shape).to(adapter_dtype).requires_grad_(requires_grad))
+    # any nonzero value means "on" (0.5 checks it is a flag, not a factor)
+    active = torch.tensor([0.0 if a in o.get("inactive", ()) else (0.5 if a == 2 else 1.0) for a in range(n)])
+    return vecs, active
+
+
+def sample_ia3_linear(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, weight, bias, ia3_l, active, feedforward)."""
+    adapter_dtype = adapter_dtype or dtype
+    for name, (lead, fin, fout, n, o) in IA3_CASES.items():
+        g = _gen("ia3:" + name, dtype)
+        x = _x(g, lead, fin, dtype, o)
+        if o.get("weight_t"):  # GPT-2 Conv1D stores [in, out]; the op gets the transposed view
+            weight = _randn(g, fin, fout, dtype=dtype, scale=fin**-0.5).requires_grad_(requires_grad).t()
+        else:
+            weight = _randn(g, fout, fin, dtype=dtype, scale=fin**-0.5).requires_grad_(requires_grad)
+        bias = _randn(g, fout, dtype=dtype).requires_grad_(requires_grad) if o.get("bias", True) else None
+        ff = o.get("ff", False)
+        vecs, active = _ia3_vectors(g, n, fin if ff else fout, ff, adapter_dtype, o, requires_grad)
+        x.requires_grad_(requires_grad)
+        yield SampleInput(
+            name,
+            (x, weight, bias, vecs, active, ff),
+            all_scales_zero=n > 0 and len(o.get("inactive", ())) == n,
+            n_elements=x.numel() + weight.numel() + fout + sum(v.numel() for v in vecs),
+        )
 
 
 # --------------------------------------------------------------- lora_embedding
@@ -482,6 +578,90 @@ def sample_dequantize_int8(dtype, adapter_dtype=None, requires_grad=False) -> It
         yield SampleInput(name, (CB, SCB, dtype), meta=dict(weight=w, opcheck=name in DEQUANT_OPCHECK))
 
 
+# (IA)³ over the quantized bases: a few weights of QUANT4_CASES / INT8_CASES' kinds, both
+# directions. name: (leading dims, in, out, blocksize, quant type, nested, vectors, options)
+IA3_QUANT4_CASES = {
+    "nf4_5x64x24_bs64": ((5,), 64, 24, 64, "nf4", False, 1, {}),
+    "ff_nf4_5x64x24_bs64": ((5,), 64, 24, 64, "nf4", False, 1, {"ff": True}),
+    "ff_fp4_decode_7x13_bs32": ((1,), 7, 13, 32, "fp4", False, 2, {"ff": True, "bias": False}),
+    "fp4_decode_2tok_64x32": ((2,), 64, 32, 64, "fp4", True, 1, {}),
+    "nested_3d_65x33_bs64_3vectors": ((2, 3), 65, 33, 64, "nf4", True, 3, {}),
+    "ff_nested_3d_65x33_bs64": ((2, 3), 65, 33, 64, "nf4", True, 2, {"ff": True}),
+    "x_1d": ((), 31, 13, 64, "nf4", False, 1, {}),
+    "ff_x_1d": ((), 31, 13, 64, "nf4", False, 1, {"ff": True}),
+    "empty_batch": ((0,), 64, 16, 64, "nf4", False, 1, {}),
+    "ff_empty_3d": ((2, 0), 64, 16, 64, "fp4", True, 2, {"ff": True}),
+    "noncontig_x": ((6,), 64, 33, 64, "nf4", False, 1, {"noncontig_x": True}),
+    "ff_noncontig_x": ((6,), 64, 33, 64, "nf4", False, 2, {"ff": True, "noncontig_x": True}),
+    "no_vectors": ((3,), 100, 13, 64, "nf4", True, 0, {}),
+    "inactive_nan": ((3,), 64, 24, 128, "nf4", False, 2, {"inactive": (1,), "nan": (1,)}),
+    "ff_all_inactive_nan": ((3,), 64, 24, 64, "nf4", False, 2, {"ff": True, "inactive": (0, 1), "nan": (0,)}),
+    "fast_16x256x64_bs64": ((16,), 256, 64, 64, "nf4", False, 1, {"numerics_only": True}),
+    "ff_fast_3d_512x32_bs128_fp4": ((3, 11), 512, 32, 128, "fp4", False, 2, {"ff": True, "numerics_only": True}),
+    "ff_straddle_100x33_bs256_zeros": ((16,), 100, 33, 256, "nf4", False, 1,
+                                       {"ff": True, "zeros": True, "numerics_only": True}),
+}
+
+IA3_INT8_CASES = {
+    "basic_5x64x24": ((5,), 64, 24, 1, {}),
+    "ff_basic_5x64x24": ((5,), 64, 24, 1, {"ff": True}),
+    "decode_7x13": ((1,), 7, 13, 2, {"bias": False}),
+    "ff_decode_2tok_64x32": ((2,), 64, 32, 1, {"ff": True}),
+    "3vectors_3d_65x33": ((2, 3), 65, 33, 3, {}),
+    "x_1d": ((), 31, 13, 1, {}),
+    "ff_x_1d": ((), 31, 13, 1, {"ff": True}),
+    "empty_batch": ((0,), 64, 16, 1, {}),
+    "ff_empty_3d": ((2, 0), 64, 16, 2, {"ff": True}),
+    "ff_noncontig_x": ((6,), 64, 33, 2, {"ff": True, "noncontig_x": True}),
+    "noncontig_x": ((6,), 64, 33, 1, {"noncontig_x": True}),
+    "no_vectors": ((3,), 100, 13, 0, {}),
+    "inactive_nan": ((3,), 64, 24, 2, {"inactive": (0,), "nan": (0,)}),
+    "ff_all_inactive_nan": ((3,), 64, 24, 2, {"ff": True, "inactive": (0, 1), "nan": (1,)}),
+    "fast_16x256x64": ((16,), 256, 64, 2, {"numerics_only": True}),
+    "ff_33tok_256x100_zeros": ((33,), 256, 100, 1, {"ff": True, "zeros": True, "numerics_only": True}),
+}
+
+
+def _ia3_quant_sample(name, g, lead, fin, fout, n, o, dtype, adapter_dtype, requires_grad, quant_args, meta):
+    x = _x(g, lead, fin, dtype, o)
+    bias = _randn(g, fout, dtype=dtype).requires_grad_(requires_grad) if o.get("bias", True) else None
+    ff = o.get("ff", False)
+    vecs, active = _ia3_vectors(g, n, fin if ff else fout, ff, adapter_dtype, o, requires_grad)
+    x.requires_grad_(requires_grad)
+    return SampleInput(
+        name,
+        (x, *quant_args, bias, vecs, active, ff),
+        all_scales_zero=n > 0 and len(o.get("inactive", ())) == n,
+        n_elements=x.numel() + (fout if bias is not None else 0) + sum(v.numel() for v in vecs),
+        meta=dict(meta, opcheck=not o.get("numerics_only", False)),
+    )
+
+
+def sample_ia3_linear_4bit(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+    nested_blocksize, out_features, bias, ia3_l, active, feedforward)."""
+    if not have_bnb():
+        return
+    adapter_dtype = adapter_dtype or dtype
+    for name, (lead, fin, fout, bs, qt, nested, n, o) in IA3_QUANT4_CASES.items():
+        w, q = _quant4_case("ia3:" + name, fin, fout, bs, qt, nested, o)
+        g = _gen("ia3:" + name, dtype)
+        yield _ia3_quant_sample(name, g, lead, fin, fout, n, o, dtype, adapter_dtype, requires_grad,
+                                _quant4_args(q, fout), dict(weight=w, state=q["state"], in_features=fin))
+
+
+def sample_ia3_linear_int8(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, weight_int8, row_scale, bias, ia3_l, active, feedforward)."""
+    if not have_bnb():
+        return
+    adapter_dtype = adapter_dtype or dtype
+    for name, (lead, fin, fout, n, o) in IA3_INT8_CASES.items():
+        w, CB, SCB = _int8_case("ia3:" + name, fin, fout, o)
+        g = _gen("ia3:" + name, dtype)
+        yield _ia3_quant_sample(name, g, lead, fin, fout, n, o, dtype, adapter_dtype, requires_grad, (CB, SCB),
+                                dict(weight=w))
+
+
 OPS: dict[str, OpInfo] = {
     "lora_linear": OpInfo(
         "lora_linear", torch.ops.peftcore.lora_linear, reference.lora_linear, sample_lora_linear, True
@@ -493,6 +673,10 @@ OPS: dict[str, OpInfo] = {
         sample_lora_linear_backward,
         False,
     ),
+    "adalora_linear": OpInfo(
+        "adalora_linear", torch.ops.peftcore.adalora_linear, reference.adalora_linear, sample_adalora_linear, True
+    ),
+    "ia3_linear": OpInfo("ia3_linear", torch.ops.peftcore.ia3_linear, reference.ia3_linear, sample_ia3_linear, True),
     "lora_embedding": OpInfo(
         "lora_embedding", torch.ops.peftcore.lora_embedding, reference.lora_embedding, sample_lora_embedding, True
     ),
@@ -517,6 +701,14 @@ OPS: dict[str, OpInfo] = {
     ),
     "lora_linear_int8": OpInfo(
         "lora_linear_int8", torch.ops.peftcore.lora_linear_int8, reference.lora_linear_int8, sample_lora_linear_int8,
+        True, requires=("bitsandbytes",),
+    ),
+    "ia3_linear_4bit": OpInfo(
+        "ia3_linear_4bit", torch.ops.peftcore.ia3_linear_4bit, reference.ia3_linear_4bit, sample_ia3_linear_4bit,
+        True, requires=("bitsandbytes",),
+    ),
+    "ia3_linear_int8": OpInfo(
+        "ia3_linear_int8", torch.ops.peftcore.ia3_linear_int8, reference.ia3_linear_int8, sample_ia3_linear_int8,
         True, requires=("bitsandbytes",),
     ),
 }

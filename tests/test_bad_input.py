@@ -195,11 +195,13 @@ def test_bad_adapter_refused_model_unchanged(case, model, dirs, tmp_path):
     assert_unchanged(model, snap)
 
 
-def test_ia3_refused(model, dirs):
+def test_other_method_refused_on_lora_model(dirs):
+    """Adapters on one model share a method: an IA3 adapter cannot join LoRA ones."""
+    model = _loaded_model(dirs)
     snap = model_snapshot(model)
     with pytest.raises(peftcore.UnsupportedAdapterError) as err:
         peftcore.load_adapter(model, dirs["ia3"], "bad")
-    _check_message(err, [[CFG, "IA3"]], dirs["ia3"])
+    _check_message(err, [[CFG, "IA3", "LORA"]], dirs["ia3"])
     assert_unchanged(model, snap)
 
 

@@ -27,6 +27,12 @@ SCRIPT = textwrap.dedent(
     idx, W = torch.tensor([1, 2]), torch.randn(4, 3)
     e = torch.ops.peftcore.lora_embedding(idx, W, [torch.randn(2, 4)], [torch.randn(3, 2)], s, -1)
     assert e.shape == (2, 3)
+    l, on = [torch.rand(5, 1) + 0.5], torch.ones(1)
+    assert torch.equal(torch.ops.peftcore.ia3_linear(x, w, None, l, on, False),
+                       reference.ia3_linear(x, w, None, l, on, False))
+    E = [torch.randn(2, 1)]
+    assert torch.equal(torch.ops.peftcore.adalora_linear(x, w, None, A, E, B, s, None),
+                       reference.adalora_linear(x, w, None, A, E, B, s, None))
     print("REFERENCE-OK")
     """
 )

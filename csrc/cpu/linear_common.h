@@ -1,6 +1,7 @@
-// Pieces shared by the CPU linear-layer ops (lora_linear and the quantized
-// lora_linear_4bit / lora_linear_int8): the lora_x check and the low-rank update
-// that adds Σ_a s_a·(x_a·A_aᵀ)·B_aᵀ to a base output already in y.
+// Pieces shared by the CPU linear-layer ops (lora_linear, adalora_linear, ia3_linear and
+// the quantized lora_linear_4bit / lora_linear_int8): the checks of x / W / b / lora_x and
+// the low-rank update that adds Σ_a s_a·((x_a·A_aᵀ) ⊙ e_a)·B_aᵀ to a base output already
+// in y (e_a: AdaLoRA's per-rank singular values; absent, i.e. 1, for LoRA).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,18 +43,59 @@ inline void check_lora_x(const char* op, const std::optional<at::TensorList>& lo
   }
 }
 
-// y += Σ_active s_a · (x_a·A_aᵀ)·B_aᵀ in acc_t, rounded once into y's dtype xt.
+// x [..., in] (float dtype, >= 1 dim), weight [out, in] in x's dtype (any strides),
+// bias [out] in x's dtype or None: the base layer of the dense linear ops.
+inline LinearDims check_base_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias) {
+  const auto cpu = at::kCPU;
+  check_defined(op, x, "x");
+  check_defined(op, weight, "weight");
+  check_device(op, x, "x", cpu);
+  check_device(op, weight, "weight", cpu);
+  check_float_dtype(op, x, "x");
+  TORCH_CHECK(x.dim() >= 1, "peftcore::", op, ": x must have at least 1 dim (features last) but has shape ", x.sizes());
+  check_dim(op, weight, "weight", 2);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "peftcore::", op, ": weight has dtype ", weight.scalar_type(),
+              " but x has dtype ", x.scalar_type(), " (the base layer runs in x's dtype; they must match)");
+  const int64_t in = x.size(-1), out = weight.size(0);
+  check_size(op, weight, "weight", 1, in, "x.shape[-1] (in_features)");
+  if (bias.has_value() && bias->defined()) {
+    check_device(op, *bias, "bias", cpu);
+    check_dim(op, *bias, "bias", 1);
+    check_size(op, *bias, "bias", 0, out, "weight.shape[0] (out_features)");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "peftcore::", op, ": bias has dtype ", bias->scalar_type(),
+                " but x has dtype ", x.scalar_type());
+  }
+  return {leading_rows(x), in, out};
+}
+
+// The base layer plus the LoRA adapter lists (lora_linear, adalora_linear and their backward).
+inline LinearDims check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, at::TensorList lora_A,
+                                    at::TensorList lora_B, const at::Tensor& scales,
+                                    const std::optional<at::TensorList>& lora_x) {
+  const LinearDims d = check_base_linear(op, x, weight, bias);
+  check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), d.in, "x.shape[-1] (in_features)", d.out,
+                 "weight.shape[0] (out_features)");
+  check_lora_x(op, lora_x, x, lora_A.size());
+  return d;
+}
+
+// y += Σ_active s_a · ((x_a·A_aᵀ) ⊙ e_a)·B_aᵀ in acc_t, rounded once into y's dtype xt.
+// lora_E: empty (LoRA), or one tensor of r_a values per adapter (AdaLoRA's E, checked
+// by the caller), applied to the shrink result t (rows × r_a multiplies) rather than
+// to A (r_a × in) so that A ⊙ E is never built.
 template <typename xt, typename acc_t>
 void add_lowrank_typed(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B,
                  const std::optional<at::TensorList>& lora_x, const std::vector<ActiveAdapter>& active,
-                 int64_t R, const LinearDims& d, at::Tensor& y) {
+                 int64_t R, const LinearDims& d, at::Tensor& y, at::TensorList lora_E) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t in = d.in;
 
   // Each adapter's input (x or its dropped-out copy) made contiguous once, and its
   // A and B in the accumulation dtype (no-ops for the usual fp32 adapters).
   const at::Tensor xc = x.contiguous();
-  std::vector<at::Tensor> xs, As, Bs;
+  std::vector<at::Tensor> xs, As, Bs, Es;
   std::vector<BView<acc_t>> Bv;
   for (const auto& ad : active) {
     at::Tensor xa = lora_x.has_value() ? (*lora_x)[ad.index] : xc;
@@ -62,6 +104,7 @@ void add_lowrank_typed(const at::Tensor& x, at::TensorList lora_A, at::TensorLis
     As.push_back(lora_A[ad.index].to(acc).contiguous());
     Bs.push_back(lora_B[ad.index].to(acc));
     Bv.push_back({Bs.back().template const_data_ptr<acc_t>(), Bs.back().stride(0), Bs.back().stride(1)});
+    if (!lora_E.empty()) Es.push_back(lora_E[ad.index].reshape({-1}).to(acc).contiguous());
   }
 
   // Shrink, on whichever thread needs the rows: t[i - i0, offset_a + q] = x_a[i]·A_a[q].
@@ -73,6 +116,15 @@ void add_lowrank_typed(const at::Tensor& x, at::TensorList lora_A, at::TensorLis
         shrink(xs[k].template const_data_ptr<xt>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
       else
         shrink(xs[k].template const_data_ptr<acc_t>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
+      if (!Es.empty()) {  // AdaLoRA: t[:, q] *= e[q], as reference.adalora_linear rounds it
+        const acc_t* e = Es[k].template const_data_ptr<acc_t>();
+        const int64_t r = active[k].rank;
+        for (int64_t i = 0; i < i1 - i0; ++i) {
+          acc_t* ti = tk + i * ldt;
+#pragma omp simd
+          for (int64_t q = 0; q < r; ++q) ti[q] *= e[q];
+        }
+      }
     }
   };
   // Expand: one pass over y, adding the low-rank product to the base output in place.
@@ -83,12 +135,13 @@ void add_lowrank_typed(const at::Tensor& x, at::TensorList lora_A, at::TensorLis
 // y (contiguous, x's dtype, holding the base output) += the active adapters' terms.
 inline void add_lowrank(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B,
                         const std::optional<at::TensorList>& lora_x, const std::vector<ActiveAdapter>& active,
-                        int64_t R, const LinearDims& d, at::Tensor& y) {
+                        int64_t R, const LinearDims& d, at::Tensor& y, at::TensorList lora_E = {}) {
+  const auto& E = lora_E;
   switch (x.scalar_type()) {
-    case at::kFloat: add_lowrank_typed<float, float>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
-    case at::kBFloat16: add_lowrank_typed<c10::BFloat16, float>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
-    case at::kHalf: add_lowrank_typed<c10::Half, float>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
-    case at::kDouble: add_lowrank_typed<double, double>(x, lora_A, lora_B, lora_x, active, R, d, y); break;
+    case at::kFloat: add_lowrank_typed<float, float>(x, lora_A, lora_B, lora_x, active, R, d, y, E); break;
+    case at::kBFloat16: add_lowrank_typed<c10::BFloat16, float>(x, lora_A, lora_B, lora_x, active, R, d, y, E); break;
+    case at::kHalf: add_lowrank_typed<c10::Half, float>(x, lora_A, lora_B, lora_x, active, R, d, y, E); break;
+    case at::kDouble: add_lowrank_typed<double, double>(x, lora_A, lora_B, lora_x, active, R, d, y, E); break;
     default: TORCH_CHECK(false, "peftcore: unsupported dtype ", x.scalar_type());
   }
 }

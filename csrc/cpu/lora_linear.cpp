@@ -18,38 +18,8 @@
 #include "lowrank_parallel.h"
 
 namespace peftcore {
-namespace {
 
-// All checks of the forward and backward, done once at the boundary.
-cpu::LinearDims check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
-                             const at::Tensor& scales, const std::optional<at::TensorList>& lora_x) {
-  const auto cpu = at::kCPU;
-  check_defined(op, x, "x");
-  check_defined(op, weight, "weight");
-  check_device(op, x, "x", cpu);
-  check_device(op, weight, "weight", cpu);
-  check_float_dtype(op, x, "x");
-  TORCH_CHECK(x.dim() >= 1, "peftcore::", op, ": x must have at least 1 dim (features last) but has shape ", x.sizes());
-  check_dim(op, weight, "weight", 2);
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "peftcore::", op, ": weight has dtype ", weight.scalar_type(),
-              " but x has dtype ", x.scalar_type(), " (the base layer runs in x's dtype; they must match)");
-  const int64_t in = x.size(-1), out = weight.size(0);
-  check_size(op, weight, "weight", 1, in, "x.shape[-1] (in_features)");
-  if (bias.has_value() && bias->defined()) {
-    check_device(op, *bias, "bias", cpu);
-    check_dim(op, *bias, "bias", 1);
-    check_size(op, *bias, "bias", 0, out, "weight.shape[0] (out_features)");
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "peftcore::", op, ": bias has dtype ", bias->scalar_type(),
-                " but x has dtype ", x.scalar_type());
-  }
-  check_adapters(op, lora_A, lora_B, scales, cpu, x.scalar_type(), in, "x.shape[-1] (in_features)", out,
-                 "weight.shape[0] (out_features)");
-  cpu::check_lora_x(op, lora_x, x, lora_A.size());
-  return {cpu::leading_rows(x), in, out};
-}
-
-}  // namespace
+using cpu::check_linear_args;
 
 at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,

@@ -1,11 +1,14 @@
-// peftcore::lora_linear_4bit / lora_linear_int8 on CPU, and the dequantize_4bit /
-// dequantize_int8 utilities (backward, merge).
+// peftcore::lora_linear_4bit / lora_linear_int8 and ia3_linear_4bit / ia3_linear_int8 on
+// CPU, and the dequantize_4bit / dequantize_int8 utilities (backward, merge).
 //   y = x·Wᵀ + b + Σ_a s_a·(x_a·A_aᵀ)·B_aᵀ, with W stored as bitsandbytes stores it:
 //   4-bit: packed nf4/fp4 codes + per-block absmax (optionally double-quantized);
 //   int8: CB [out, in] int8 + SCB [out] (W = CB·SCB/127).
 // The base is one pass over the stored bytes (quant.h: panels of 4 output rows
 // decoded into a per-thread buffer, multiplied by every token row), threaded over
 // panels; the adapters are then added by the same low-rank update as lora_linear.
+// (IA)³ (ia3.h) rides on the same pass: feedforward, x is scaled once where it is
+// copied for the kernels (before prepare_x / quantize_x_int16); otherwise each output
+// is scaled where the panel loop writes it (after the bias), no extra pass over y.
 // Compute: float32 products for float32 / float16 x; bfloat16 products (x as given,
 // W rounded to bf16 once, float32 accumulation) for bfloat16 x on CPUs with
 // AVX512_BF16; float64 for float64 x. The base is rounded to x's dtype once.
@@ -22,6 +25,7 @@
 
 #include "../common/checks.h"
 #include "../ops.h"
+#include "ia3.h"
 #include "linear_common.h"
 #include "quant.h"
 
@@ -126,11 +130,13 @@ void check_int8(const char* op, const at::Tensor& weight, const at::Tensor& row_
 // For each panel, `panel(n0, nr, bscale, x, M, Kp, out)` may compute it directly (the
 // fused GEMV of 1-2 tokens; returns false otherwise), else `decode(n0, nr, bscale, buf)`
 // fills the panel buffer for panel_dot. `row_mult(n)` is the per-output-row factor
-// (int8's SCB/127, else 1), `tok_mult[m]` the per-token-row one (int16 x) or null.
+// (int8's SCB/127, else 1), `tok_mult[m]` the per-token-row one (int16 x) or null,
+// `col_scale[n]` IA3's output scale (feedforward = False) or null: the finished base is
+// rounded to out_t, then scaled in acc_t and rounded again, as PEFT's (base(x)·l).to(dtype).
 template <typename ct, typename acc_t, typename out_t, typename Panel, typename Decode, typename RowMult>
 void base_product_rows(const ct* x, int64_t M, int64_t N, int64_t Kp, const acc_t* bias, int64_t scale_span,
                        const Panel& panel, const Decode& decode, const RowMult& row_mult, const float* tok_mult,
-                       out_t* y) {
+                       const acc_t* col_scale, out_t* y) {
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
   // Below ~256K multiply-adds a thread hand-off costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, M * Kp * kPanelRows));
@@ -147,7 +153,14 @@ void base_product_rows(const ct* x, int64_t M, int64_t N, int64_t Kp, const acc_
       for (int64_t j = 0; j < nr; ++j) {
         const acc_t f = static_cast<acc_t>(row_mult(n0 + j));
         const acc_t b = bias != nullptr ? acc_t(bias[n0 + j]) : acc_t(0);
-        if (tok_mult != nullptr) {  // int16 x: each token row's scale
+        if (col_scale != nullptr) {  // IA3 output scale
+          const acc_t c = col_scale[n0 + j];
+          for (int64_t m = 0; m < M; ++m) {
+            const acc_t t = tok_mult != nullptr ? acc_t(tok_mult[m]) : acc_t(1);  // x·1 is exact
+            const out_t base = static_cast<out_t>(out[m * kPanelRows + j] * t * f + b);
+            y[m * N + n0 + j] = static_cast<out_t>(static_cast<acc_t>(base) * c);
+          }
+        } else if (tok_mult != nullptr) {  // int16 x: each token row's scale
           for (int64_t m = 0; m < M; ++m)
             y[m * N + n0 + j] = static_cast<out_t>(out[m * kPanelRows + j] * acc_t(tok_mult[m]) * f + b);
         } else {
@@ -162,7 +175,7 @@ void base_product_rows(const ct* x, int64_t M, int64_t N, int64_t Kp, const acc_
 template <typename ct, typename acc_t, typename out_t, typename Panel, typename Decode, typename RowMult>
 void base_product(const at::Tensor& xp, int64_t M, int64_t N, int64_t Kp, const acc_t* bias, int64_t scale_span,
                   const Panel& panel, const Decode& decode, const RowMult& row_mult, const float* tok_mult,
-                  out_t* y) {
+                  const acc_t* col_scale, out_t* y) {
   // Token rows in blocks whose x fits in half an L2 (panel_dot streams the whole x block
   // past each decoded panel); each panel is decoded once per block, a small cost next to
   // the block's dot products.
@@ -170,7 +183,7 @@ void base_product(const at::Tensor& xp, int64_t M, int64_t N, int64_t Kp, const 
   for (int64_t m0 = 0; m0 < M; m0 += mblock)
     base_product_rows<ct, acc_t>(xp.const_data_ptr<ct>() + m0 * Kp, std::min(mblock, M - m0), N, Kp, bias,
                                  scale_span, panel, decode, row_mult, tok_mult == nullptr ? nullptr : tok_mult + m0,
-                                 y + m0 * N);
+                                 col_scale, y + m0 * N);
 }
 
 
@@ -204,17 +217,22 @@ at::ScalarType compute_type(const at::Tensor& x) {
 }
 
 // Runs base_product for compute type ct and x's dtype; Panel and Decode are generic
-// lambdas over the compute type (see base_product).
+// lambdas over the compute type (see base_product). IA3 (ia3.h: l in float32, float64
+// for float64 x): in_scale scales x's features, out_scale the outputs; undefined = none.
 template <typename Panel, typename Decode, typename RowMult>
-at::Tensor quantized_linear(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias, at::ScalarType ct,
-                            int64_t chunk, int64_t scale_span, const Panel& panel, const Decode& decode,
-                            const RowMult& row_mult) {
-  const int64_t K = x.size(-1), M = cpu::leading_rows(x);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, const std::optional<at::Tensor>& bias,
+                            at::ScalarType ct, int64_t chunk, int64_t scale_span, const Panel& panel,
+                            const Decode& decode, const RowMult& row_mult, const at::Tensor& in_scale = {},
+                            const at::Tensor& out_scale = {}) {
+  const int64_t K = x_in.size(-1), M = cpu::leading_rows(x_in);
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = at::empty(shape, x_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0 || N == 0) return y;
   const int64_t Kp = cpu::round_up(std::max<int64_t>(K, 1), kChunk);
+  // IA3 feedforward: x' = round_x(x ⊙ l), made once in x's dtype (the rounding PEFT does)
+  // and prepared for the kernels in its place, like any x.
+  const at::Tensor x = in_scale.defined() ? cpu::ia3_scaled_rows(x_in, in_scale) : x_in;
   at::Tensor xp, tok_scale;
   if (ct == at::kShort)
     std::tie(xp, tok_scale) = quantize_x_int16(x, M, K, Kp);
@@ -228,17 +246,19 @@ at::Tensor quantized_linear(const at::Tensor& x, int64_t N, const std::optional<
     out_t* yp = y.data_ptr<out_t>();
     if (ct == at::kDouble) {
       const double* bp = bias_acc.defined() ? bias_acc.const_data_ptr<double>() : nullptr;
-      base_product<double, double>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, nullptr, yp);
+      const double* cs = out_scale.defined() ? out_scale.const_data_ptr<double>() : nullptr;
+      base_product<double, double>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, nullptr, cs, yp);
       return;
     }
     const float* bp = bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr;
+    const float* cs = out_scale.defined() ? out_scale.const_data_ptr<float>() : nullptr;
     if (ct == at::kShort) {
       base_product<int16_t, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult,
-                                   tok_scale.const_data_ptr<float>(), yp);
+                                   tok_scale.const_data_ptr<float>(), cs, yp);
     } else if (ct == at::kBFloat16) {
-      base_product<c10::BFloat16, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, nullptr, yp);
+      base_product<c10::BFloat16, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, nullptr, cs, yp);
     } else {
-      base_product<float, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, nullptr, yp);
+      base_product<float, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, nullptr, cs, yp);
     }
   });
   return y;
@@ -305,41 +325,21 @@ auto gemv_panel_4bit(const Weight4& w, int64_t chunk) {
 
 int64_t scale_span_4bit(int64_t K, int64_t blocksize) { return (kPanelRows * K) / blocksize + 2; }
 
-}  // namespace
-
-at::Tensor lora_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                                const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& nested_code,
-                                const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                                int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
-                                at::TensorList lora_B, const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
-  const char* op = "lora_linear_4bit";
-  check_x_and_bias(op, x, out_features, bias);
-  const int64_t K = x.size(-1), N = out_features;
-  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                  nested_blocksize, N, K);
-  check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
-                 "out_features");
-  cpu::check_lora_x(op, lora_x, x, lora_A.size());
+// The 4-bit base x·Wᵀ + b (checked arguments), with IA3's scales where given.
+at::Tensor linear_4bit(const at::Tensor& x, const Weight4& w, int64_t N, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& in_scale, const at::Tensor& out_scale) {
+  const int64_t K = x.size(-1), bs = w.packed.blocksize;
   const at::ScalarType ct = compute_type(x);
-  const int64_t chunk = cpu::quant::chunk_4bit(K, blocksize, ct == at::kBFloat16);
-  at::Tensor y = quantized_linear(x, N, bias, ct, chunk, scale_span_4bit(K, blocksize), gemv_panel_4bit(w, chunk),
-                                  decoder_4bit(w, chunk), [](int64_t) { return 1.0; });
-  return finish_with_adapters(op, x, std::move(y), N, lora_A, lora_B, scales, lora_x);
+  const int64_t chunk = cpu::quant::chunk_4bit(K, bs, ct == at::kBFloat16);
+  return quantized_linear(x, N, bias, ct, chunk, scale_span_4bit(K, bs), gemv_panel_4bit(w, chunk),
+                          decoder_4bit(w, chunk), [](int64_t) { return 1.0; }, in_scale, out_scale);
 }
 
-at::Tensor lora_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                                const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
-                                const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
-  const char* op = "lora_linear_int8";
-  check_int8(op, weight, row_scale);
-  const int64_t N = weight.size(0);
-  check_x_and_bias(op, x, N, bias);
-  const int64_t K = x.size(-1);
-  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
-  check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
-                 "weight.shape[0] (out_features)");
-  cpu::check_lora_x(op, lora_x, x, lora_A.size());
+// The LLM.int8 base x·Wᵀ + b (checked arguments), with IA3's scales where given.
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& in_scale,
+                       const at::Tensor& out_scale) {
+  const int64_t N = weight.size(0), K = x.size(-1);
   const at::Tensor cb = weight.contiguous();
   const at::Tensor scb = row_scale.to(at::kFloat).contiguous();
   const int8_t* cbp = cb.const_data_ptr<int8_t>();
@@ -357,14 +357,81 @@ at::Tensor lora_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, c
   at::ScalarType ct = compute_type(x);
   if (M <= cpu::quant::kGemvRows && x.scalar_type() != at::kDouble && cpu::quant::simd_available())
     ct = half && cpu::quant::int16_dot_available() ? at::kShort : at::kFloat;
-  at::Tensor y = quantized_linear(
+  return quantized_linear(
       x, N, bias, ct, 1, 1,
       [&](int64_t n0, int64_t nr, float*, const auto* xp, int64_t Mr, int64_t Kp_, auto* out) {
         return cpu::quant::gemv_int8(cbp, K, n0, nr, xp, Mr, Kp_, out);
       },
       [&](int64_t n0, int64_t nr, float*, auto* buf) { cpu::quant::decode_int8(cbp, K, n0, nr, buf, Kp); },
-      [&](int64_t n) { return double(sp[n]) * double(inv127); });
+      [&](int64_t n) { return double(sp[n]) * double(inv127); }, in_scale, out_scale);
+}
+
+}  // namespace
+
+at::Tensor lora_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code,
+                                const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
+                                at::TensorList lora_B, const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+  const char* op = "lora_linear_4bit";
+  check_x_and_bias(op, x, out_features, bias);
+  const int64_t K = x.size(-1), N = out_features;
+  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                  nested_blocksize, N, K);
+  check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
+                 "out_features");
+  cpu::check_lora_x(op, lora_x, x, lora_A.size());
+  at::Tensor y = linear_4bit(x, w, N, bias, {}, {});
   return finish_with_adapters(op, x, std::move(y), N, lora_A, lora_B, scales, lora_x);
+}
+
+at::Tensor ia3_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                               const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code,
+                               const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                               int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
+                               const at::Tensor& active, bool feedforward) {
+  const char* op = "ia3_linear_4bit";
+  check_x_and_bias(op, x, out_features, bias);
+  const int64_t K = x.size(-1), N = out_features;
+  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                  nested_blocksize, N, K);
+  const at::Tensor l = cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
+                                       feedforward ? "input feature (feedforward=True: x.shape[-1])"
+                                                   : "output feature (feedforward=False: out_features)");
+  return feedforward ? linear_4bit(x, w, N, bias, l, {}) : linear_4bit(x, w, N, bias, {}, l);
+}
+
+at::Tensor lora_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
+                                const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+  const char* op = "lora_linear_int8";
+  check_int8(op, weight, row_scale);
+  const int64_t N = weight.size(0);
+  check_x_and_bias(op, x, N, bias);
+  const int64_t K = x.size(-1);
+  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
+                 "weight.shape[0] (out_features)");
+  cpu::check_lora_x(op, lora_x, x, lora_A.size());
+  at::Tensor y = linear_int8(x, weight, row_scale, bias, {}, {});
+  return finish_with_adapters(op, x, std::move(y), N, lora_A, lora_B, scales, lora_x);
+}
+
+at::Tensor ia3_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                               const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,
+                               bool feedforward) {
+  const char* op = "ia3_linear_int8";
+  check_int8(op, weight, row_scale);
+  const int64_t N = weight.size(0);
+  check_x_and_bias(op, x, N, bias);
+  const int64_t K = x.size(-1);
+  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  const at::Tensor l = cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
+                                       feedforward ? "input feature (feedforward=True: x.shape[-1])"
+                                                   : "output feature (feedforward=False: weight.shape[0])");
+  return feedforward ? linear_int8(x, weight, row_scale, bias, l, {}) : linear_int8(x, weight, row_scale, bias, {}, l);
 }
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,

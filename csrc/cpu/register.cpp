@@ -8,10 +8,14 @@
 TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("lora_linear", &peftcore::lora_linear_cpu);
   m.impl("lora_linear_backward", &peftcore::lora_linear_backward_cpu);
+  m.impl("adalora_linear", &peftcore::adalora_linear_cpu);
+  m.impl("ia3_linear", &peftcore::ia3_linear_cpu);
   m.impl("lora_embedding", &peftcore::lora_embedding_cpu);
   m.impl("lora_embedding_backward", &peftcore::lora_embedding_backward_cpu);
   m.impl("lora_linear_4bit", &peftcore::lora_linear_4bit_cpu);
   m.impl("dequantize_4bit", &peftcore::dequantize_4bit_cpu);
   m.impl("lora_linear_int8", &peftcore::lora_linear_int8_cpu);
   m.impl("dequantize_int8", &peftcore::dequantize_int8_cpu);
+  m.impl("ia3_linear_4bit", &peftcore::ia3_linear_4bit_cpu);
+  m.impl("ia3_linear_int8", &peftcore::ia3_linear_int8_cpu);
 }

@@ -1,0 +1,47 @@
+// peftcore::adalora_linear on CPU: PEFT's AdaLoRA SVDLinear, unmerged,
+//   y = x·Wᵀ + b + Σ_a s_a · ((x_a·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ,   s_a = scaling / (ranknum + 1e-5),
+// Layout: x [..., in] (any strides), W [out, in] (any strides), A_a [r_a, in], E_a r_a
+// values ([r_a, 1] as PEFT stores them), B_a [out, r_a]; y [..., out] contiguous.
+// lora_linear's machinery throughout (linear_common.h): ATen GEMM for the base, the fused
+// shrink / expand for the adapters, with E applied to the shrink result t (rows × r_a
+// multiplies) instead of building A ⊙ E. Scale 0 or rank 0: the adapter is skipped.
+// The backward is Python (peftcore/_ops.py): lora_linear_backward with A ⊙ E, chain rule.
+// Tests: tests/ops/test_adalora_linear.py, test_opcheck.py. Benchmark: benchmarks/bench_lora_linear.py.
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "../common/checks.h"
+#include "../ops.h"
+#include "linear_common.h"
+#include "lowrank_parallel.h"
+
+namespace peftcore {
+
+at::Tensor adalora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              at::TensorList lora_A, at::TensorList lora_E, at::TensorList lora_B,
+                              const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+  const char* op = "adalora_linear";
+  const cpu::LinearDims d = cpu::check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, lora_x);
+  check_same_count(op, "lora_E", lora_E.size(), "lora_A", lora_A.size());
+  for (size_t a = 0; a < lora_E.size(); ++a) {
+    const std::string en = indexed("lora_E", a);
+    const at::Tensor& E = lora_E[a];
+    check_defined(op, E, en);
+    check_device(op, E, en, at::kCPU);
+    check_adapter_dtype(op, E, en, x.scalar_type());
+    TORCH_CHECK(E.numel() == lora_A[a].size(0), "peftcore::", op, ": ", en, " has shape ", E.sizes(),
+                " but must hold one value per rank of lora_A[", a, "] (shape ", lora_A[a].sizes(), "; PEFT stores [",
+                lora_A[a].size(0), ", 1])");
+  }
+  // The base through F.linear's ATen call: with no active adapter, bit-identical to the frozen layer.
+  at::Tensor y = at::linear(x, weight, bias);
+  int64_t R = 0;
+  const auto active = cpu::active_adapters(scales, lora_A, R);
+  if (active.empty() || y.numel() == 0) return y;
+  if (!y.is_contiguous()) y = y.contiguous();
+  cpu::add_lowrank(x, lora_A, lora_B, lora_x, active, R, d, y, lora_E);
+  return y;
+}
+
+}  // namespace peftcore
