@@ -35,6 +35,8 @@ test: build $(VENV)/.test-deps
 bench: build $(VENV)/.test-deps
 	$(PY) benchmarks/bench_lora_linear.py
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_model.py --method ia3
+	$(PY) benchmarks/bench_model.py --method adalora
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_quant.py --fp32
 	$(PY) benchmarks/bench_quant.py --isa avx2

@@ -23,7 +23,9 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import env_line, interleaved, read_bandwidth_gbs  # noqa: E402
+import statistics  # noqa: E402
+
+from timing import env_line, interleaved_samples, paired_overhead, read_bandwidth_gbs  # noqa: E402
 
 warnings.simplefilter("ignore")
 
@@ -39,6 +41,18 @@ def build(dtype):
         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512,
     )
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def shared_copy(base):
+    """A copy of ``base`` whose parameters and buffers use ``base``'s memory: all three
+    candidates read the very same weight pages (separate copies differ by a few percent in
+    speed on this host, from where their pages land, which would swamp a 1 % overhead)."""
+    out = copy.deepcopy(base)
+    for (_, a), (_, b) in zip(out.named_parameters(), base.named_parameters()):
+        a.data = b.data
+    for (_, a), (_, b) in zip(out.named_buffers(), base.named_buffers()):
+        a.data = b.data
+    return out
 
 
 def peft_config(method: str):
@@ -75,6 +89,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--tokens", default="1,256")
+    ap.add_argument("--no-peft", action="store_true",
+                    help="time the base and peftcore only (less time per round: the finer measurement of a small overhead)")
     args = ap.parse_args()
     import peft
 
@@ -93,8 +109,8 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             pm.save_pretrained(d)
             # PEFT runs what it loads (AdaLoRA: the rank-8 factors of the saved file).
-            pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), d).eval()
-            ours = copy.deepcopy(base)
+            pm = peft.PeftModel.from_pretrained(shared_copy(base), d).eval()
+            ours = shared_copy(base)
             peftcore.load_adapter(ours, d)
         gb = sum(p.numel() * p.element_size() for p in base.parameters()) / 1e9
         for T in [int(t) for t in args.tokens.split(",")]:
@@ -103,19 +119,27 @@ def main():
             def run(m):
                 return lambda: m(input_ids=ids, use_cache=False)
 
+            fns = {"base": run(base), "peftcore": run(ours)}
+            if not args.no_peft:
+                fns["peft"] = run(pm)
             with torch.inference_mode():
-                med = interleaved({"base": run(base), "peftcore": run(ours), "peft": run(pm)}, args.repeats)
-            rows.append((dname, T, gb, med))
+                samples = interleaved_samples(fns, args.repeats)
+            med = {k: statistics.median(v) for k, v in samples.items()}
+            over = {k: paired_overhead(samples, k, "base") for k in samples if k != "base"}
+            med.setdefault("peft", float("nan"))
+            over.setdefault("peft", float("nan"))
+            rows.append((dname, T, gb, med, over))
             print(rows[-1], flush=True)
         del base, pm, ours
     print()
     print(f"method: {args.method}")
+    print("overhead: median over rounds of (t / t_base - 1), each round's calls back to back")
     print("| dtype | tokens | weights GB | base ms | peftcore ms | PEFT ms | peftcore overhead | PEFT overhead |")
     print("|---|---|---|---|---|---|---|---|")
-    for dname, T, gb, m in rows:
+    for dname, T, gb, m, o in rows:
         print(
             f"| {dname} | {T} | {gb:.2f} | {m['base']*1e3:.1f} | {m['peftcore']*1e3:.1f} | {m['peft']*1e3:.1f} | "
-            f"{(m['peftcore']/m['base']-1)*100:+.1f}% | {(m['peft']/m['base']-1)*100:+.1f}% |"
+            f"{o['peftcore']*100:+.1f}% | {o['peft']*100:+.1f}% |"
         )
 
 

@@ -41,16 +41,30 @@ def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return n_bytes / best / 1e9
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn, calling them round-robin (A B C A B C ...)
-    so that drift on a shared machine hits every candidate alike."""
+def interleaved_samples(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each fn, calling them round-robin (A B C, then C B A, ...)
+    so that drift on a shared machine hits every candidate alike; sample i of every fn
+    comes from the same round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    order = list(fns)
+    for i in range(repeats):
+        for k in order if i % 2 == 0 else reversed(order):
             t0 = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn (``interleaved_samples``)."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(fns, repeats, warmup).items()}
+
+
+def paired_overhead(samples: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of ``t_name / t_base - 1``: each ratio compares two calls made
+    moments apart, which cancels the slow drift of a shared host that moves the separate
+    medians by several percent."""
+    return statistics.median(a / b - 1 for a, b in zip(samples[name], samples[base]))

@@ -34,6 +34,7 @@ from .api import (  # noqa: E402
     print_trainable_parameters,
     save_pretrained,
 )
+from .adalora import adalora_orthogonal_loss, update_and_allocate  # noqa: E402
 from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig  # noqa: E402
 from .merge import merge_adapter, merge_and_unload, unload, unmerge_adapter  # noqa: E402
 from .errors import (  # noqa: E402
@@ -69,6 +70,8 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "print_trainable_parameters",
+    "update_and_allocate",
+    "adalora_orthogonal_loss",
     "merge_adapter",
     "unmerge_adapter",
     "merge_and_unload",

@@ -44,16 +44,15 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import AdaLoraConfig
 from .errors import PeftcoreError
 from .switching import get_state
 
-__all__ = ["update_and_allocate", "adalora_orthogonal_loss"]
+__all__ = ["adalora_orthogonal_loss", "update_and_allocate"]
 
 _ALLOC_ATTR = "_peftcore_adalora"
 _KINDS = ("lora_A", "lora_B", "lora_E")
@@ -68,7 +67,7 @@ class _Allocator:
     target_bgt: int
     exp_avg_ipt: dict = field(default_factory=dict)  # parameter name -> tensor like the parameter
     exp_avg_unc: dict = field(default_factory=dict)
-    budget: Optional[int] = None  # the budget of the last call (for inspection)
+    budget: int | None = None  # the budget of the last call (for inspection)
 
     def reset(self) -> None:
         self.exp_avg_ipt = {}
