@@ -45,8 +45,8 @@ def build(dtype):
 
 def shared_copy(base):
     """A copy of ``base`` whose parameters and buffers use ``base``'s memory: all three
-    candidates read the very same weight pages (separate copies differ by a few percent in
-    speed on this host, from where their pages land, which would swamp a 1 % overhead)."""
+    candidates read the very same weight pages (separate copies may run at different speeds
+    depending on where their pages land, enough to swamp a 1 % overhead)."""
     out = copy.deepcopy(base)
     for (_, a), (_, b) in zip(out.named_parameters(), base.named_parameters()):
         a.data = b.data
