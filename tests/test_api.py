@@ -287,7 +287,17 @@ def test_save_pretrained_multi_layout_matches_peft(dirs, tmp_path, names):
 
 
 # ---------------------------------------------------------------------- torch.compile
-def test_switching_under_compile_does_not_recompile():
+SWITCH_CONFIGS = {
+    "lora": lambda i: peftcore.LoraConfig(r=2 + 2 * i, lora_alpha=1 + i, target_modules=["0"], init_lora_weights=False),
+    "ia3": lambda i: peftcore.IA3Config(target_modules=["0"], feedforward_modules=[], init_ia3_weights=False),
+    "ia3-ff": lambda i: peftcore.IA3Config(target_modules=["0"], feedforward_modules=["0"], init_ia3_weights=False),
+    "adalora": lambda i: peftcore.AdaLoraConfig(init_r=2 + i, total_step=4, target_modules=["0"],
+                                                init_lora_weights=False),
+}
+
+
+@pytest.mark.parametrize("method", list(SWITCH_CONFIGS))
+def test_switching_under_compile_does_not_recompile(method):
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -295,8 +305,10 @@ def test_switching_under_compile_does_not_recompile():
     model = nn.Sequential(nn.Linear(16, 8)).eval()
     base = nn.Sequential(nn.Linear(16, 8)).eval()
     base.load_state_dict(model.state_dict())
-    peftcore.add_adapter(model, peftcore.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), "a")
-    peftcore.add_adapter(model, peftcore.LoraConfig(r=4, lora_alpha=2, target_modules=["0"], init_lora_weights=False), "b")
+    peftcore.add_adapter(model, SWITCH_CONFIGS[method](0), "a")
+    for p in model.parameters():  # one AdaLoRA adapter trains at a time
+        p.requires_grad_(False)
+    peftcore.add_adapter(model, SWITCH_CONFIGS[method](1), "b")
     x = torch.randn(3, 16)
 
     def eager():

@@ -507,3 +507,27 @@ def test_switch_delete_and_per_row_names_refused(config):
     peftcore.delete_adapter(model, "lora_A")
     assert {n: type(m) for n, m in model.named_modules()} == modules
     assert torch.equal(_logits(model, inputs), base)
+
+
+@pytest.mark.parametrize("method", ["ia3", "adalora"])
+def test_from_pretrained_and_trainable_reload(tmp_path, method):
+    """from_pretrained builds the base named in the adapter's config and loads the adapter
+    (PEFT's logits); is_trainable=True makes exactly the adapter's tensors trainable."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tmp_path / "base"
+    base, inputs = fresh_base("opt")
+    base.save_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)  # PEFT saves its name_or_path as the base
+    config = (peft.IA3Config(init_ia3_weights=False, target_modules=["k_proj", "fc2"], feedforward_modules=["fc2"])
+              if method == "ia3" else _adalora_config(target_modules=["q_proj", "fc1"]))
+    config.task_type = "CAUSAL_LM"
+    pm = peft.get_peft_model(base, config)
+    perturb_trainable(pm)
+    pm.save_pretrained(tmp_path / "ad")
+    want = _logits(pm.eval(), inputs)
+    model = peftcore.from_pretrained(tmp_path / "ad", is_trainable=True)
+    assert rel_err(_logits(model.eval(), inputs), want) <= RTOL
+    suffixes = ("ia3_l",) if method == "ia3" else ("lora_A", "lora_B", "lora_E")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.rsplit(".", 2)[-2] in suffixes for n in trainable)
