@@ -26,6 +26,7 @@ from .layers import (
     ModulesToSaveWrapper,
     bnb_kind,
     int8_state,
+    module_shape,
 )
 
 # PEFT's defaults for target_modules=None, per transformers model_type and method.
@@ -315,15 +316,10 @@ def check_quantized(name: str, b: nn.Module, kind: str) -> None:
 
 
 def base_shape(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a targetable base module."""
-    if isinstance(base, nn.Embedding):
-        return base.num_embeddings, base.embedding_dim
-    if bnb_kind(base) in ("4bit", "8bit"):  # the weight is packed: trust the module's sizes
-        return base.in_features, base.out_features
-    w = base.weight
-    if Conv1D and isinstance(base, Conv1D):
-        return w.shape[0], w.shape[1]
-    return w.shape[1], w.shape[0]
+    """(in_features, out_features) of a targetable base module (num_embeddings /
+    embedding_dim for embeddings; a bitsandbytes layer's own sizes, its weight is packed)."""
+    d = module_shape(base)
+    return d["in_features"], d["out_features"]
 
 
 _WRAPPERS = {  # method -> base kind -> layer class

@@ -56,6 +56,7 @@ class AdapterLayer(nn.Module):
         self.__dict__.update(
             _written=[],  # what the state buffer holds, to skip redundant writes
             merged_adapters=[],  # adapters merged into the base weight (state 0 here)
+            **module_shape(base_layer),
         )
 
     # Order of adapters = order of the ParameterDicts = order of the state entries.
@@ -132,9 +133,11 @@ class AdapterLayer(nn.Module):
             )
 
 
-def _linear_shape(base_layer: nn.Module) -> dict:
+def module_shape(base_layer: nn.Module) -> dict:
     """is_conv1d, in_features, out_features of an nn.Linear / Conv1D (weight stored (in, out))
-    / bitsandbytes linear base."""
+    / bitsandbytes linear / nn.Embedding (num_embeddings, embedding_dim) base."""
+    if isinstance(base_layer, nn.Embedding):
+        return dict(is_conv1d=False, in_features=base_layer.num_embeddings, out_features=base_layer.embedding_dim)
     if bnb_kind(base_layer) is not None:
         return dict(is_conv1d=False, in_features=base_layer.in_features, out_features=base_layer.out_features)
     conv1d = bool(Conv1D) and isinstance(base_layer, Conv1D)
@@ -189,10 +192,6 @@ class LoraLayer(AdapterLayer):
 
 class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` or transformers ``Conv1D`` (whose weight is stored (in, out))."""
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        self.__dict__.update(_linear_shape(base_layer))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs:
@@ -292,7 +291,6 @@ class LoraLinear4bit(LoraLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         unpack_cpu_4bit(base_layer)  # no-op unless bitsandbytes already ran it on CPU
-        self.__dict__.update(_linear_shape(base_layer))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs:
@@ -345,10 +343,6 @@ class LoraLinear8bit(LoraLayer):
     ``threshold`` (outlier decomposition) plays no part: peftcore computes against the exact
     dequantized weight CB·SCB/127, which is what the outlier path approximates."""
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        self.__dict__.update(_linear_shape(base_layer))
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs:
             self._no_row_adapters(kwargs)
@@ -364,10 +358,6 @@ class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: A is (r, num_embeddings), B is (embedding_dim, r); no dropout."""
 
     param_dicts = ("lora_embedding_A", "lora_embedding_B")
-
-    def __init__(self, base_layer: nn.Embedding):
-        super().__init__(base_layer)
-        self.__dict__.update(in_features=base_layer.num_embeddings, out_features=base_layer.embedding_dim)
 
     def forward(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
@@ -420,10 +410,6 @@ class AdaLoraLayer(LoraLayer):
 class AdaLoraLinear(AdaLoraLayer):
     """AdaLoRA on ``nn.Linear`` / transformers ``Conv1D``: one ``peftcore::adalora_linear`` call."""
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        self.__dict__.update(_linear_shape(base_layer))
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs:
             self._no_row_adapters(kwargs)
@@ -460,7 +446,7 @@ class Ia3Layer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, feedforward: bool):
         super().__init__(base_layer)
-        self.__dict__.update(_linear_shape(base_layer), is_feedforward=bool(feedforward))
+        self.__dict__.update(is_feedforward=bool(feedforward))
 
     def add(self, name: str, l: torch.Tensor) -> None:  # noqa: E741
         self._add_params(name, ia3_l=l)
