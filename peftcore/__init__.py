@@ -36,6 +36,7 @@ from .api import (  # noqa: E402
 )
 from .adalora import adalora_orthogonal_loss, update_and_allocate  # noqa: E402
 from .combine import add_weighted_adapter  # noqa: E402
+from .hotswap import hotswap_adapter  # noqa: E402
 from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig  # noqa: E402
 from .merge import merge_adapter, merge_and_unload, unload, unmerge_adapter  # noqa: E402
 from .errors import (  # noqa: E402
@@ -73,6 +74,7 @@ __all__ = [
     "print_trainable_parameters",
     "update_and_allocate",
     "add_weighted_adapter",
+    "hotswap_adapter",
     "adalora_orthogonal_loss",
     "merge_adapter",
     "unmerge_adapter",

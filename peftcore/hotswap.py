@@ -1,0 +1,130 @@
+"""``hotswap_adapter``: replace a loaded adapter's weights in place (PEFT's hot-swap).
+
+The new adapter is read and checked like any load (``api._plan_load``: every key bound,
+every shape checked) before anything changes. Then its tensors are copied into the
+existing parameters: no module is rebuilt, no tensor is replaced, so a ``torch.compile``d
+model does not recompile. A smaller rank is zero-padded into the existing slot (the extra
+rows of A / columns of B, and entries of AdaLoRA's E, are zero); a larger rank is refused
+(load the first adapter at the largest rank you will swap in). Modules the old adapter
+adapted but the new one does not get zeros. The scales follow the new config.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import hub, peft_format
+from .api import _plan_load
+from .config import CONFIG_NAME
+from .errors import AdapterConfigError, AdapterNameError, PeftcoreError, UnsupportedAdapterError
+from .layers import AdapterLayer, LoraLayer
+from .switching import _require_state, apply_state
+
+
+def _fill(slot: torch.Tensor, new: Optional[torch.Tensor], rows: bool) -> None:
+    """slot ← new, zero-padded along the rank dim (dim 0 if ``rows``, else dim 1)."""
+    slot.zero_()
+    if new is None:
+        return
+    if rows:
+        slot[: new.shape[0]].copy_(new)
+    else:
+        slot[:, : new.shape[1]].copy_(new)
+
+
+def hotswap_adapter(
+    model: nn.Module,
+    path_or_repo_id: Union[str, os.PathLike],
+    adapter_name: str,
+    *,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
+    token=None,
+    cache_dir: Optional[str] = None,
+    local_files_only: bool = False,
+) -> None:
+    """Load the adapter at ``path_or_repo_id`` into the slot of loaded adapter
+    ``adapter_name`` (same method, modules among the old adapter's, rank no larger). Every
+    failure raises naming the file, key or module, with the model unchanged."""
+    st = _require_state(model)
+    if adapter_name not in st.configs:
+        raise AdapterNameError(f"hotswap_adapter: no adapter named {adapter_name!r}; loaded: {sorted(st.configs)}")
+
+    def resolve(filename, required):
+        return hub.resolve_file(
+            path_or_repo_id, filename, revision=revision, subfolder=subfolder, token=token,
+            cache_dir=cache_dir, local_files_only=local_files_only, required=required,
+        )
+
+    config_path = resolve(CONFIG_NAME, True)
+    config = peft_format.read_config(config_path)
+    old = st.configs[adapter_name]
+    if config.peft_type != old.peft_type:
+        raise UnsupportedAdapterError(
+            f"{config_path}: peft_type={config.peft_type!r}, but adapter {adapter_name!r} is {old.peft_type}"
+        )
+    config.check_supported()
+    weights_path = peft_format.find_weights(resolve)
+    sd = peft_format.strip_prefix(peft_format.read_weights(weights_path))
+    try:
+        plan = _plan_load(model, adapter_name, config, sd, weights_path)
+    except AdapterConfigError as e:
+        raise AdapterConfigError(f"{config_path}: {e}") from None
+    if plan.mts or plan.writes:
+        raise UnsupportedAdapterError(
+            f"{config_path}: hot-swapping modules_to_save or base biases is not supported (only adapter weights)"
+        )
+    slots = {p: m for p, m in model.named_modules() if isinstance(m, AdapterLayer) and adapter_name in m.adapter_names}
+    for e in plan.lora:
+        layer = slots.get(e.path)
+        if layer is None:
+            raise AdapterConfigError(
+                f"{weights_path}: module {e.path!r} has no slot of adapter {adapter_name!r}; a hot-swap keeps the "
+                "old adapter's modules (load the new adapter instead)"
+            )
+        if layer.merged_adapters:
+            raise PeftcoreError(f"hotswap_adapter: module {e.path!r} has merged adapters; unmerge first")
+        new = e.add_kwargs
+        for key, dict_name, rows in (("A", "lora_A", True), ("E", "lora_E", True), ("B", "lora_B", False)):
+            if key in new and dict_name in layer.param_dicts:
+                have = layer.adapter_params(adapter_name)[dict_name].shape[0 if rows else 1]
+                got = new[key].shape[0 if rows else 1]
+                if got > have:
+                    raise AdapterConfigError(
+                        f"{weights_path}: module {e.path!r} has rank {got} but adapter {adapter_name!r}'s slot holds "
+                        f"rank {have}; load the first adapter at the largest rank you will swap in"
+                    )
+        if "l" in new and new["l"].shape != layer.ia3_l[adapter_name].shape:
+            raise AdapterConfigError(
+                f"{weights_path}: module {e.path!r}: ia3_l of shape {tuple(new['l'].shape)} does not fit the slot "
+                f"{tuple(layer.ia3_l[adapter_name].shape)}"
+            )
+
+    # Checked: now only in-place copies.
+    bound = {e.path: e.add_kwargs for e in plan.lora}
+    with torch.no_grad():
+        for path, layer in slots.items():
+            new = bound.get(path)  # None: the new adapter leaves this module alone -> zeros
+            params = layer.adapter_params(adapter_name)
+            if "ia3_l" in params:
+                # IA3 vectors multiply: "no adapter" is a vector of ones.
+                params["ia3_l"].copy_(new["l"]) if new is not None else params["ia3_l"].fill_(1.0)
+                continue
+            a, b = layer.param_dicts[:2]
+            _fill(params[a], None if new is None else new["A"], True)
+            _fill(params[b], None if new is None else new["B"], False)
+            if "lora_E" in params:
+                _fill(params["lora_E"], None if new is None else new["E"], True)
+                if new is not None:
+                    layer.ranknum[adapter_name].fill_(new["ranknum"])
+            if isinstance(layer, LoraLayer) and new is not None:
+                layer.scaling[adapter_name] = new["scaling"]
+                layer.dropout_p[adapter_name] = new["dropout_p"]
+            layer.__dict__["_written"] = [None] * len(layer._written)  # rewrite the state in place
+    plan.config.inference_mode = old.inference_mode
+    st.configs[adapter_name] = plan.config
+    st.targets[adapter_name] = plan.targets
+    apply_state(model, st)
