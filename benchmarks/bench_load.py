@@ -1,4 +1,6 @@
-"""Adapter load time: peftcore.load_adapter vs the raw safetensors read vs PEFT.
+"""Adapter load time: peftcore.load_adapter vs the raw safetensors read vs PEFT; and the
+switching verbs: peftcore.hotswap_adapter (the same file into a loaded adapter's slot) and
+peftcore.set_adapter between two loaded adapters, vs PEFT's set_adapter.
 
 LoRA r=16 on all 7 projections of a Llama-shaped model (hidden 1024, intermediate 2816,
 24 layers: 168 modules, ~30 MB). Each timed load goes onto a fresh model: peftcore's
@@ -75,6 +77,21 @@ def main():
             times["PeftModel.from_pretrained"].append(t4 - t3)
     import statistics
 
+    # Switching: a second model holding two adapters ("a", "b"), swapped / switched per repeat.
+    two = copy.deepcopy(peft_base)
+    peftcore.load_adapter(two, d, "a")
+    peftcore.load_adapter(two, d, "b")
+    pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(peft_base), d, adapter_name="a")
+    pm2.load_adapter(d, adapter_name="b")
+    times.update({"peftcore.hotswap_adapter": [], "peftcore.set_adapter": [], "PEFT set_adapter": []})
+    for i in range(args.repeats + 1):
+        t0 = time.perf_counter(); peftcore.hotswap_adapter(two, d, "a"); t1 = time.perf_counter()
+        peftcore.set_adapter(two, "a" if i % 2 else "b"); t2 = time.perf_counter()
+        pm2.set_adapter("a" if i % 2 else "b"); t3 = time.perf_counter()
+        if i:
+            times["peftcore.hotswap_adapter"].append(t1 - t0)
+            times["peftcore.set_adapter"].append(t2 - t1)
+            times["PEFT set_adapter"].append(t3 - t2)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     n_mod = sum(1 for k in load_file(f) if k.endswith("lora_A.weight"))
     print(env_line())
@@ -82,7 +99,7 @@ def main():
     print("| what | ms | × raw read |")
     print("|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v:.1f} | {v / med['raw safetensors read']:.1f}× |")
+        print(f"| {k} | {v:.2f} | {v / med['raw safetensors read']:.2f}× |")
 
 
 if __name__ == "__main__":
