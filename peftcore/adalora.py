@@ -74,10 +74,6 @@ class _Allocator:
         self.exp_avg_unc = {}
 
 
-def _is_adalora(config) -> bool:
-    return isinstance(config, AdaLoraConfig) or getattr(config, "peft_type", None) == "ADALORA"
-
-
 def _adapter_params(model: nn.Module, name: str) -> list[tuple[str, str, str, nn.Parameter]]:
     """``(param name, module path, kind, param)`` for every lora_A / lora_B / lora_E of
     adapter ``name``, in ``model.named_parameters()`` order (PEFT's summation order)."""
@@ -94,7 +90,7 @@ def _trainable_adalora(model: nn.Module, caller: str) -> tuple[str, AdaLoraConfi
     exactly one AdaLoRA adapter at a time)."""
     st = get_state(model)
     configs = st.configs if st is not None else {}
-    ada = [n for n, c in configs.items() if _is_adalora(c)]
+    ada = [n for n, c in configs.items() if isinstance(c, AdaLoraConfig)]
     if not ada:
         loaded = f"its adapters: {sorted(configs)}" if configs else "it has no peftcore adapters"
         raise PeftcoreError(

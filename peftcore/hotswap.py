@@ -123,8 +123,7 @@ def hotswap_adapter(
             if isinstance(layer, LoraLayer) and new is not None:
                 layer.scaling[adapter_name] = new["scaling"]
                 layer.dropout_p[adapter_name] = new["dropout_p"]
-            layer.__dict__["_written"] = [None] * len(layer._written)  # rewrite the state in place
     plan.config.inference_mode = old.inference_mode
     st.configs[adapter_name] = plan.config
     st.targets[adapter_name] = plan.targets
-    apply_state(model, st)
+    apply_state(model, st)  # writes the state tensors in place where the new scales differ

@@ -121,6 +121,11 @@ class AdapterLayer(nn.Module):
             buf.copy_(torch.tensor(vals, dtype=torch.float32))
         self.__dict__["_written"] = vals
 
+    def _weight(self) -> torch.Tensor:
+        """The base weight as [out, in] (a transposed view for Conv1D, which stores (in, out))."""
+        w = self.base_layer.weight
+        return w.t() if self.is_conv1d else w
+
     def _no_row_adapters(self, kwargs) -> None:
         # PEFT's per-row adapter_names (mixed batches) would silently run the layer's
         # active adapters for every row here (PEFT itself ignores it for IA3): refuse.
@@ -197,7 +202,7 @@ class LoraLinear(LoraLayer):
         if kwargs:
             self._no_row_adapters(kwargs)
         base = self.base_layer
-        weight = base.weight.t() if self.is_conv1d else base.weight
+        weight = self._weight()
         lora_A, lora_B = self._lists()
         lora_x = self._dropped(x)
         return torch.ops.peftcore.lora_linear(x, weight, base.bias, lora_A, lora_B, self.lora_scales, lora_x)
@@ -414,7 +419,7 @@ class AdaLoraLinear(AdaLoraLayer):
         if kwargs:
             self._no_row_adapters(kwargs)
         base = self.base_layer
-        weight = base.weight.t() if self.is_conv1d else base.weight
+        weight = self._weight()
         return torch.ops.peftcore.adalora_linear(
             x, weight, base.bias, self._params("lora_A"), self._params("lora_E"), self._params("lora_B"),
             self.lora_scales, self._dropped(x),
@@ -468,7 +473,7 @@ class Ia3Linear(Ia3Layer):
         if kwargs:
             self._no_row_adapters(kwargs)
         base = self.base_layer
-        weight = base.weight.t() if self.is_conv1d else base.weight
+        weight = self._weight()
         return torch.ops.peftcore.ia3_linear(x, weight, base.bias, self._params("ia3_l"), self.ia3_active,
                                              self.is_feedforward)
 

@@ -104,9 +104,9 @@ GC = [
 def test_gradcheck(s):
     """float64 gradcheck w.r.t. x, W, b, A, E, B and lora_x (NaN of inactive adapters replaced:
     gradcheck perturbs every leaf; their Jacobian must still be zero)."""
-    from tests.ops.test_ia3_linear import _gradcheck
+    from tests.helpers import gradcheck_op
 
-    _gradcheck(torch.ops.peftcore.adalora_linear, s)
+    gradcheck_op(torch.ops.peftcore.adalora_linear, s)
 
 
 class _AdaLora(torch.nn.Module):

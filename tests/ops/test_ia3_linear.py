@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from peftcore import reference
-from tests.helpers import grad_tol
+from tests.helpers import grad_tol, gradcheck_op
 from tests.op_db import native_loaded, samples
 
 FWD = list(samples("ia3_linear"))
@@ -94,34 +94,9 @@ GC = [
 ]
 
 
-def _gradcheck(op, s):
-    args = list(s.args)
-    slots = []  # (position in args, index in a list or None) of each differentiable leaf
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and a.requires_grad:
-            slots.append((i, None))
-        elif isinstance(a, list) and a and all(isinstance(t, torch.Tensor) for t in a):
-            slots.extend((i, j) for j in range(len(a)))
-    leaves = [args[i] if j is None else args[i][j] for i, j in slots]
-    # gradcheck perturbs every leaf; NaN vectors (inactive) are replaced by finite ones
-    # (they still must get zero gradients, checked by the Jacobian of the op).
-    leaves = [torch.where(torch.isnan(t), torch.ones_like(t), t).detach().requires_grad_() for t in leaves]
-
-    def fn(*flat):
-        call = [list(a) if isinstance(a, list) else a for a in args]
-        for (i, j), t in zip(slots, flat):
-            if j is None:
-                call[i] = t
-            else:
-                call[i][j] = t
-        return op(*call)
-
-    assert torch.autograd.gradcheck(fn, leaves, fast_mode=s.n_elements > 300)
-
-
 @pytest.mark.parametrize("s", GC)
 def test_gradcheck(s):
-    _gradcheck(torch.ops.peftcore.ia3_linear, s)
+    gradcheck_op(torch.ops.peftcore.ia3_linear, s)
 
 
 class _Ia3(torch.nn.Module):

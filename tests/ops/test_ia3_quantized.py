@@ -115,9 +115,9 @@ GC = [pytest.param(op, s, id=f"{op}-{s.name}") for op in ("ia3_linear_4bit", "ia
 
 @pytest.mark.parametrize("op_name,s", GC)
 def test_ia3_quantized_gradcheck(op_name, s):
-    from tests.ops.test_ia3_linear import _gradcheck
+    from tests.helpers import gradcheck_op
 
-    _gradcheck(getattr(torch.ops.peftcore, op_name), s)
+    gradcheck_op(getattr(torch.ops.peftcore, op_name), s)
 
 
 class _Quant(torch.nn.Module):

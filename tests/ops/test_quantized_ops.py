@@ -224,25 +224,9 @@ def test_gradcheck(op_name, s):
     fast_mode (random projections vᵀ·J·u instead of the full Jacobian: a few forwards
     instead of one per input element) above 300 elements; a wrong Jacobian entry still
     fails it with probability 1."""
-    args = list(s.args)
-    slots = []  # (position in args, index in a list or None) of each differentiable leaf
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and a.requires_grad:
-            slots.append((i, None))
-        elif isinstance(a, list) and a and all(isinstance(t, torch.Tensor) for t in a):
-            slots.extend((i, j) for j in range(len(a)))
-    leaves = [args[i] if j is None else args[i][j] for i, j in slots]
+    from tests.helpers import gradcheck_op
 
-    def fn(*flat):
-        call = [list(a) if isinstance(a, list) else a for a in args]
-        for (i, j), t in zip(slots, flat):
-            if j is None:
-                call[i] = t
-            else:
-                call[i][j] = t
-        return getattr(torch.ops.peftcore, op_name)(*call)
-
-    assert torch.autograd.gradcheck(fn, leaves, fast_mode=s.n_elements > 300)
+    gradcheck_op(getattr(torch.ops.peftcore, op_name), s)
 
 
 # ------------------------------------------------------------- accuracy contract
