@@ -150,3 +150,21 @@ def gradcheck_op(op, s) -> None:
         return op(*call)
 
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=s.n_elements > 300)
+
+
+def check_compiled_matches_eager(m, x, params, exact: bool = False) -> None:
+    """``torch.compile(m, fullgraph=True)``: the graph traces without breaks (fake kernels,
+    tensor-only backward), the output equals eager mode's (bit for bit if ``exact``, else
+    to 1e-6: fused graphs may reorder float sums), and the gradients w.r.t. ``params``
+    agree to 1e-5 (the backward's GEMMs may be scheduled differently)."""
+    torch._dynamo.reset()
+    y_eager = m(x)
+    go = torch.randn_like(y_eager)
+    grads_eager = torch.autograd.grad(y_eager, params, go)
+    y = torch.compile(m, fullgraph=True)(x)
+    if exact:
+        assert torch.equal(y, y_eager)
+    else:
+        torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(y, params, go), grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -125,18 +125,11 @@ class _AdaLora(torch.nn.Module):
 
 
 def test_compile_forward_and_backward():
-    torch._dynamo.reset()
+    from tests.helpers import check_compiled_matches_eager
+
     m = _AdaLora()
     x = torch.randn(3, 5, 24, requires_grad=True)
-    y_eager = m(x)
-    go = torch.randn_like(y_eager)
-    params = [x, *m.A, *m.E, *m.B]
-    grads_eager = torch.autograd.grad(y_eager, params, go)
-    cm = torch.compile(m, fullgraph=True)
-    y = cm(x)
-    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
-    for a, b in zip(torch.autograd.grad(y, params, go), grads_eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_compiled_matches_eager(m, x, [x, *m.A, *m.E, *m.B])
 
 
 @pytest.mark.skipif(not native_loaded(), reason="messages of the native kernel")

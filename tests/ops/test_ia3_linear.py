@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from peftcore import reference
-from tests.helpers import grad_tol, gradcheck_op
+from tests.helpers import check_compiled_matches_eager, grad_tol, gradcheck_op
 from tests.op_db import native_loaded, samples
 
 FWD = list(samples("ia3_linear"))
@@ -119,18 +119,9 @@ class _Ia3(torch.nn.Module):
 def test_compile_forward_and_backward(ff):
     """torch.compile(fullgraph=True): the fake kernel and the tensor-only backward trace
     without breaks; output and gradients (x, vectors) equal eager mode's."""
-    torch._dynamo.reset()
     m = _Ia3(ff)
     x = torch.randn(3, 5, 24, requires_grad=True)
-    y_eager = m(x)
-    go = torch.randn_like(y_eager)
-    params = [x, *m.l]
-    grads_eager = torch.autograd.grad(y_eager, params, go)
-    cm = torch.compile(m, fullgraph=True)
-    y = cm(x)
-    assert torch.equal(y, y_eager)
-    for a, b in zip(torch.autograd.grad(y, params, go), grads_eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_compiled_matches_eager(m, x, [x, *m.l], exact=True)
 
 
 def _args(**over):

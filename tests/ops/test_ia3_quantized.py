@@ -151,18 +151,11 @@ class _Quant(torch.nn.Module):
 @pytest.mark.parametrize("ff", [False, True], ids=["attn", "ff"])
 @pytest.mark.parametrize("kind", ["4bit", "int8"])
 def test_ia3_quantized_compile_forward_and_backward(kind, ff):
-    torch._dynamo.reset()
+    from tests.helpers import check_compiled_matches_eager
+
     m = _Quant(kind, ff)
     x = torch.randn(3, 5, 96, requires_grad=True)
-    y_eager = m(x)
-    go = torch.randn_like(y_eager)
-    params = [x, *m.l]
-    grads_eager = torch.autograd.grad(y_eager, params, go)
-    cm = torch.compile(m, fullgraph=True)
-    y = cm(x)
-    assert torch.equal(y, y_eager)
-    for a, b in zip(torch.autograd.grad(y, params, go), grads_eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_compiled_matches_eager(m, x, [x, *m.l], exact=True)
 
 
 @pytest.mark.skipif(not native_loaded(), reason="native kernels not built")
