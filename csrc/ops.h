@@ -70,6 +70,37 @@ at::Tensor ia3_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, c
 at::Tensor ia3_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
                                const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,
                                bool feedforward);
+// ---- mixed batches: row group g of x uses adapter slot rows[g] alone (-1 = base); inference only
+// lora_linear_mixed: lora_linear (adalora_linear with lora_E) per row group
+at::Tensor lora_linear_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,
+                                 const at::Tensor& scales, const at::Tensor& rows);
+// ia3_linear_mixed: ia3_linear with one vector per row group
+at::Tensor ia3_linear_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                at::TensorList ia3_l, const at::Tensor& rows, bool feedforward);
+// lora_linear_4bit_mixed / lora_linear_int8_mixed / ia3_linear_4bit_mixed / ia3_linear_int8_mixed: the same
+// over the quantized bases (4-bit LoRA: lora_x, when given, is what the LoRA terms read instead of x)
+at::Tensor lora_linear_4bit_mixed_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                      const at::Tensor& code, int64_t blocksize,
+                                      const std::optional<at::Tensor>& nested_absmax,
+                                      const std::optional<at::Tensor>& nested_code,
+                                      const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                      int64_t out_features, const std::optional<at::Tensor>& bias,
+                                      at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                      const at::Tensor& rows, const std::optional<at::Tensor>& lora_x);
+at::Tensor ia3_linear_4bit_mixed_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                     const at::Tensor& code, int64_t blocksize,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                     int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
+                                     const at::Tensor& rows, bool feedforward);
+at::Tensor lora_linear_int8_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                      const std::optional<at::Tensor>& bias, at::TensorList lora_A,
+                                      at::TensorList lora_B, const at::Tensor& scales, const at::Tensor& rows);
+at::Tensor ia3_linear_int8_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                     const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
+                                     const at::Tensor& rows, bool feedforward);
 at::Tensor dequantize_int8_cpu(const at::Tensor& weight, const at::Tensor& row_scale, at::ScalarType dtype);
 
 }  // namespace peftcore

@@ -70,6 +70,33 @@ SCHEMAS = {
         "ia3_linear_int8(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] ia3_l, Tensor active, "
         "bool feedforward) -> Tensor"
     ),
+    # Mixed batches (inference only): row group g of x uses adapter slot rows[g] alone, -1 = base.
+    "lora_linear_mixed": (
+        "lora_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
+        "Tensor[]? lora_E, Tensor scales, Tensor rows) -> Tensor"
+    ),
+    "ia3_linear_mixed": (
+        "ia3_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor[] ia3_l, Tensor rows, bool feedforward) -> Tensor"
+    ),
+    "lora_linear_4bit_mixed": (
+        "lora_linear_4bit_mixed(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
+        "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, "
+        "int out_features, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, Tensor scales, Tensor rows, "
+        "Tensor? lora_x) -> Tensor"
+    ),
+    "lora_linear_int8_mixed": (
+        "lora_linear_int8_mixed(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] lora_A, "
+        "Tensor[] lora_B, Tensor scales, Tensor rows) -> Tensor"
+    ),
+    "ia3_linear_4bit_mixed": (
+        "ia3_linear_4bit_mixed(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
+        "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, "
+        "int out_features, Tensor? bias, Tensor[] ia3_l, Tensor rows, bool feedforward) -> Tensor"
+    ),
+    "ia3_linear_int8_mixed": (
+        "ia3_linear_int8_mixed(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] ia3_l, "
+        "Tensor rows, bool feedforward) -> Tensor"
+    ),
 }
 for _schema in SCHEMAS.values():
     lib.define(_schema)
@@ -104,7 +131,8 @@ lib.impl(
 )
 lib.impl("lora_embedding", _fallback("lora_embedding", reference.lora_embedding), "CompositeExplicitAutograd")
 for _name in ("adalora_linear", "ia3_linear", "dequantize_4bit", "lora_linear_4bit", "dequantize_int8",
-              "lora_linear_int8", "ia3_linear_4bit", "ia3_linear_int8"):
+              "lora_linear_int8", "ia3_linear_4bit", "ia3_linear_int8", "lora_linear_mixed", "ia3_linear_mixed",
+              "lora_linear_4bit_mixed", "lora_linear_int8_mixed", "ia3_linear_4bit_mixed", "ia3_linear_int8_mixed"):
     lib.impl(_name, _fallback(_name, getattr(reference, _name)), "CompositeExplicitAutograd")
 lib.impl(
     "lora_embedding_backward",
@@ -187,6 +215,38 @@ def _dequantize_int8_fake(weight, row_scale, dtype):
 
 @torch.library.register_fake("peftcore::lora_linear_int8")
 def _lora_linear_int8_fake(x, weight, row_scale, bias, lora_A, lora_B, scales, lora_x):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("peftcore::lora_linear_mixed")
+def _lora_linear_mixed_fake(x, weight, bias, lora_A, lora_B, lora_E, scales, rows):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("peftcore::ia3_linear_mixed")
+def _ia3_linear_mixed_fake(x, weight, bias, ia3_l, rows, feedforward):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("peftcore::lora_linear_4bit_mixed")
+def _lora_linear_4bit_mixed_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                 nested_blocksize, out_features, bias, lora_A, lora_B, scales, rows, lora_x):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("peftcore::lora_linear_int8_mixed")
+def _lora_linear_int8_mixed_fake(x, weight, row_scale, bias, lora_A, lora_B, scales, rows):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("peftcore::ia3_linear_4bit_mixed")
+def _ia3_linear_4bit_mixed_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                nested_blocksize, out_features, bias, ia3_l, rows, feedforward):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("peftcore::ia3_linear_int8_mixed")
+def _ia3_linear_int8_mixed_fake(x, weight, row_scale, bias, ia3_l, rows, feedforward):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -529,6 +529,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     st = get_state(model)
     if st is None or adapter_name not in st.configs:
         raise AdapterNameError(f"no adapter named {adapter_name!r}; loaded: {sorted(st.configs) if st else []}")
+    if st.mixed is not None and adapter_name in st.mixed:
+        raise PeftcoreError(f"adapter {adapter_name!r} is used by the open peftcore.mixed_batch; delete it after the block")
     merged_in = merge.merged_in(model).get(adapter_name)
     if merged_in:
         raise PeftcoreError(

@@ -25,14 +25,16 @@ from .switching import _require_state, apply_state
 
 
 def _fill(slot: torch.Tensor, new: Optional[torch.Tensor], rows: bool) -> None:
-    """slot ← new, zero-padded along the rank dim (dim 0 if ``rows``, else dim 1)."""
-    slot.zero_()
+    """slot ← new, zero-padded along the rank dim (dim 0 if ``rows``, else dim 1). Each
+    element is written once (the copy, then zeros past the new rank only)."""
     if new is None:
+        slot.zero_()
         return
-    if rows:
-        slot[: new.shape[0]].copy_(new)
-    else:
-        slot[:, : new.shape[1]].copy_(new)
+    k = new.shape[0] if rows else new.shape[1]
+    head, tail = (slot[:k], slot[k:]) if rows else (slot[:, :k], slot[:, k:])
+    head.copy_(new)
+    if tail.numel():
+        tail.zero_()
 
 
 def hotswap_adapter(

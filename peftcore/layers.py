@@ -54,8 +54,8 @@ class AdapterLayer(nn.Module):
         self._buffers[self.state_name] = torch.zeros(0, dtype=torch.float32)
         self._non_persistent_buffers_set.add(self.state_name)
         self.__dict__.update(
-            _written=[],  # what the state buffer holds, to skip redundant writes
             merged_adapters=[],  # adapters merged into the base weight (state 0 here)
+            _mixed=None,  # (rows, scales) inside peftcore.mixed_batch (see _forward_mixed)
             **module_shape(base_layer),
         )
 
@@ -86,40 +86,31 @@ class AdapterLayer(nn.Module):
         self._new_state()
 
     def _new_state(self) -> None:
-        # Adding or removing an adapter changes the module's structure anyway; switching
-        # (set_active) only ever writes into this tensor in place.
+        # Adding or removing an adapter changes the module's structure anyway (the model's
+        # state table is rebuilt around the new buffer); switching only writes into it.
         n = len(self.adapter_names)
         buf = self._buffers[self.state_name]
         self._buffers[self.state_name] = torch.zeros(n, dtype=torch.float32, device=buf.device)
-        self.__dict__["_written"] = [0.0] * n
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) / .half() would round the state (alpha / sqrt(r) is rarely
-        # exact in 8 bits): keep it float32, rebuilt from the exact values written.
+        # exact in 8 bits): keep the float32 tensor (the same one when the device is
+        # unchanged, so the model's state table stays valid).
+        old = self._buffers[self.state_name]
         super()._apply(fn, recurse)
         buf = self._buffers[self.state_name]
         if buf.dtype != torch.float32:
-            self._buffers[self.state_name] = torch.tensor(self._written, dtype=torch.float32, device=buf.device)
+            self._buffers[self.state_name] = old.to(buf.device)
         return self
 
     def _on_value(self, name: str) -> float:
         """The state entry of an active adapter."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def set_active(self, active: list[str], enabled: bool) -> None:
-        """Write the state in place: ``_on_value`` for active adapters, 0 otherwise."""
-        # A merged adapter is already in the base weight: its entry stays 0.
-        merged = self.merged_adapters
-        vals = [self._on_value(n) if enabled and n in active and n not in merged else 0.0 for n in self.adapter_names]
-        if vals == self._written:
-            return
-        buf = self._buffers[self.state_name]
-        if len(set(vals)) == 1:
-            buf.fill_(vals[0])
-        else:
-            buf.copy_(torch.tensor(vals, dtype=torch.float32))
-        self.__dict__["_written"] = vals
+    def _forward_mixed(self, x: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """The forward of a mixed batch: row group g of x runs adapter slot rows[g] alone
+        (-1 = the base; slots in adapter order, ``scales`` their configured values)."""
+        raise NotImplementedError
 
     def _weight(self) -> torch.Tensor:
         """The base weight as [out, in] (a transposed view for Conv1D, which stores (in, out))."""
@@ -127,14 +118,14 @@ class AdapterLayer(nn.Module):
         return w.t() if self.is_conv1d else w
 
     def _no_row_adapters(self, kwargs) -> None:
-        # PEFT's per-row adapter_names (mixed batches) would silently run the layer's
-        # active adapters for every row here (PEFT itself ignores it for IA3): refuse.
+        # PEFT's per-row adapter_names kwarg would silently run the layer's active adapters
+        # for every row here (PEFT itself ignores it for IA3): refuse, and say what works.
         if kwargs.get("adapter_names") is not None:
             from .errors import PeftcoreError
 
             raise PeftcoreError(
-                f"{type(self).__name__}: per-row adapter_names (mixed batches) are not supported yet; "
-                "run one batch per adapter with peftcore.set_adapter"
+                f"{type(self).__name__}: a per-row adapter_names argument is not read by peftcore layers; "
+                "run the batch inside `with peftcore.mixed_batch(model, adapter_names): ...`"
             )
 
 
@@ -201,11 +192,18 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs:
             self._no_row_adapters(kwargs)
+        if self._mixed is not None:
+            return self._forward_mixed(x, *self._mixed)
         base = self.base_layer
         weight = self._weight()
         lora_A, lora_B = self._lists()
         lora_x = self._dropped(x)
         return torch.ops.peftcore.lora_linear(x, weight, base.bias, lora_A, lora_B, self.lora_scales, lora_x)
+
+    def _forward_mixed(self, x, rows, scales):
+        lora_A, lora_B = self._lists()
+        return torch.ops.peftcore.lora_linear_mixed(x, self._weight(), self.base_layer.bias, lora_A, lora_B, None,
+                                                    scales, rows)
 
 
 # ---------------------------------------------------------------- bitsandbytes bases
@@ -302,10 +300,22 @@ class LoraLinear4bit(LoraLayer):
             self._no_row_adapters(kwargs)
         base = self.base_layer
         unpack_cpu_4bit(base)  # no-op unless bitsandbytes ran the base directly since injection
+        if self._mixed is not None:
+            return self._forward_mixed(x, *self._mixed)
         lora_A, lora_B = self._lists()
         xc, lora_x = compute_input_4bit(base, x, self._dropped(x), len(lora_A))
         out = torch.ops.peftcore.lora_linear_4bit(
             xc, *stored_4bit(base), self.out_features, base.bias, lora_A, lora_B, self.lora_scales, lora_x
+        )
+        return out.to(x.dtype)
+
+    def _forward_mixed(self, x, rows, scales):
+        base = self.base_layer
+        lora_A, lora_B = self._lists()
+        xc, lora_x = compute_input_4bit(base, x, None, 1)
+        out = torch.ops.peftcore.lora_linear_4bit_mixed(
+            xc, *stored_4bit(base), self.out_features, base.bias, lora_A, lora_B, scales, rows,
+            None if lora_x is None else lora_x[0],
         )
         return out.to(x.dtype)
 
@@ -351,12 +361,20 @@ class LoraLinear8bit(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs:
             self._no_row_adapters(kwargs)
+        if self._mixed is not None:
+            return self._forward_mixed(x, *self._mixed)
         base = self.base_layer
         cb, scb = int8_state(base)
         lora_A, lora_B = self._lists()
         return torch.ops.peftcore.lora_linear_int8(
             x, cb, scb, base.bias, lora_A, lora_B, self.lora_scales, self._dropped(x)
         )
+
+    def _forward_mixed(self, x, rows, scales):
+        cb, scb = int8_state(self.base_layer)
+        lora_A, lora_B = self._lists()
+        return torch.ops.peftcore.lora_linear_int8_mixed(x, cb, scb, self.base_layer.bias, lora_A, lora_B, scales,
+                                                         rows)
 
 
 class LoraEmbedding(LoraLayer):
@@ -418,11 +436,19 @@ class AdaLoraLinear(AdaLoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs:
             self._no_row_adapters(kwargs)
+        if self._mixed is not None:
+            return self._forward_mixed(x, *self._mixed)
         base = self.base_layer
         weight = self._weight()
         return torch.ops.peftcore.adalora_linear(
             x, weight, base.bias, self._params("lora_A"), self._params("lora_E"), self._params("lora_B"),
             self.lora_scales, self._dropped(x),
+        )
+
+    def _forward_mixed(self, x, rows, scales):
+        return torch.ops.peftcore.lora_linear_mixed(
+            x, self._weight(), self.base_layer.bias, self._params("lora_A"), self._params("lora_B"),
+            self._params("lora_E"), scales, rows,
         )
 
 
@@ -472,10 +498,16 @@ class Ia3Linear(Ia3Layer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs:
             self._no_row_adapters(kwargs)
+        if self._mixed is not None:
+            return self._forward_mixed(x, *self._mixed)
         base = self.base_layer
         weight = self._weight()
         return torch.ops.peftcore.ia3_linear(x, weight, base.bias, self._params("ia3_l"), self.ia3_active,
                                              self.is_feedforward)
+
+    def _forward_mixed(self, x, rows, scales):
+        return torch.ops.peftcore.ia3_linear_mixed(x, self._weight(), self.base_layer.bias, self._params("ia3_l"),
+                                                   rows, self.is_feedforward)
 
 
 class Ia3Linear4bit(Ia3Layer):
@@ -491,15 +523,25 @@ class Ia3Linear4bit(Ia3Layer):
             self._no_row_adapters(kwargs)
         base = self.base_layer
         unpack_cpu_4bit(base)
+        xc = self._input_4bit(x)
+        if self._mixed is not None:
+            rows = self._mixed[0]
+            out = torch.ops.peftcore.ia3_linear_4bit_mixed(
+                xc, *stored_4bit(base), self.out_features, base.bias, self._params("ia3_l"), rows, self.is_feedforward
+            )
+        else:
+            out = torch.ops.peftcore.ia3_linear_4bit(
+                xc, *stored_4bit(base), self.out_features, base.bias, self._params("ia3_l"), self.ia3_active,
+                self.is_feedforward,
+            )
+        return out.to(x.dtype)
+
+    def _input_4bit(self, x):
         # Output scaling: x as bitsandbytes computes with it (see compute_input_4bit).
         # Input scaling with a compute dtype narrower than x: x·l stays at x's precision
         # (bitsandbytes would round x·l to the compute dtype; this is the more exact product).
-        xc = x if self.is_feedforward and _narrower_compute(base, x) else compute_input_4bit(base, x, None, 0)[0]
-        out = torch.ops.peftcore.ia3_linear_4bit(
-            xc, *stored_4bit(base), self.out_features, base.bias, self._params("ia3_l"), self.ia3_active,
-            self.is_feedforward,
-        )
-        return out.to(x.dtype)
+        base = self.base_layer
+        return x if self.is_feedforward and _narrower_compute(base, x) else compute_input_4bit(base, x, None, 0)[0]
 
 
 class Ia3Linear8bit(Ia3Layer):
@@ -508,11 +550,18 @@ class Ia3Linear8bit(Ia3Layer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs:
             self._no_row_adapters(kwargs)
+        if self._mixed is not None:
+            return self._forward_mixed(x, *self._mixed)
         base = self.base_layer
         cb, scb = int8_state(base)
         return torch.ops.peftcore.ia3_linear_int8(
             x, cb, scb, base.bias, self._params("ia3_l"), self.ia3_active, self.is_feedforward
         )
+
+    def _forward_mixed(self, x, rows, scales):
+        cb, scb = int8_state(self.base_layer)
+        return torch.ops.peftcore.ia3_linear_int8_mixed(x, cb, scb, self.base_layer.bias, self._params("ia3_l"), rows,
+                                                        self.is_feedforward)
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -521,6 +570,8 @@ class ModulesToSaveWrapper(nn.Module):
     ``original_module`` stays frozen; ``modules_to_save[name]`` is each adapter's copy.
     The copy of the first active adapter that has one runs, else the original. (This is a
     choice between modules, so under ``torch.compile`` switching it recompiles once.)
+    Inside ``peftcore.mixed_batch`` (``mixed_names`` set), each row of the first input runs
+    the copy of its own adapter (the original for adapters without one).
     """
 
     def __init__(self, original_module: nn.Module):
@@ -528,11 +579,31 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
+        self.mixed_names: list[str] | None = None
 
     def forward(self, *args, **kwargs):
+        if self.mixed_names is not None:
+            return self._forward_mixed(*args, **kwargs)
         if self.active_adapter is None:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def _forward_mixed(self, x, *args, **kwargs):
+        # Whole modules: one call per run of consecutive rows that share a module.
+        names = self.mixed_names
+        if x.shape[0] % len(names):
+            from .errors import PeftcoreError
+
+            raise PeftcoreError(f"mixed_batch: a batch of {x.shape[0]} rows for {len(names)} adapter names "
+                                "(the batch must be a whole multiple of the list: beams / return sequences)")
+        per = x.shape[0] // len(names)
+        mods = [self.modules_to_save[n] if n in self.modules_to_save else self.original_module for n in names]
+        outs, start = [], 0
+        for g in range(1, len(mods) + 1):
+            if g == len(mods) or mods[g] is not mods[start]:
+                outs.append(mods[start](x[start * per:g * per], *args, **kwargs))
+                start = g
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def set_active(self, active: list[str], enabled: bool) -> None:
         self.active_adapter = next((n for n in active if n in self.modules_to_save), None) if enabled else None

@@ -13,6 +13,7 @@ AdaLoRA (``adalora_linear``) is the same with the singular values E scaling x·A
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -423,3 +424,106 @@ def ia3_linear_int8(
     none = torch.zeros(0)
     return _ia3(x, lambda t: lora_linear_int8(t, weight, row_scale, bias, [], [], none, None), ia3_l, active,
                 feedforward)
+
+
+# ---------------------------------------------------------------- mixed batches
+# One adapter per row group (inference only): the spec is "each group alone, with its
+# adapter as the only active one" — exactly what a mixed batch must equal.
+def _row_groups(x: torch.Tensor, rows: torch.Tensor, n_slots: int) -> list[tuple[int, int, int]]:
+    """[(slot, first row, end row)] over x's leading rows (flattened): rows.numel() = G
+    consecutive groups of equal size, group g using adapter slot rows[g] (-1 = the base)."""
+    M = math.prod(x.shape[:-1])
+    slots = rows.detach().cpu().long().tolist()
+    G = len(slots)
+    if G == 0 or M % G:
+        raise ValueError(f"x has {M} rows but rows holds {G} adapter indices; expected G >= 1 dividing the rows")
+    bad = [s for s in slots if not -1 <= s < n_slots]
+    if bad:
+        raise ValueError(f"rows holds {bad}, not adapter slots of {n_slots} adapters (or -1)")
+    per = M // G
+    return [(s, g * per, (g + 1) * per) for g, s in enumerate(slots)]
+
+
+def _per_group(x: torch.Tensor, rows: torch.Tensor, n_slots: int, out_features: int, run) -> torch.Tensor:
+    """y [..., out_features]: run(i0, i1, slot) computes rows [i0, i1) of y (x's dtype)."""
+    M = math.prod(x.shape[:-1])
+    y = x.new_empty(M, out_features)
+    for s, i0, i1 in _row_groups(x, rows, n_slots):
+        y[i0:i1] = run(i0, i1, s)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _only(n: int, slot: int, value: float) -> torch.Tensor:
+    """Scales / active flags with slot's entry alone set (none for slot -1)."""
+    s = torch.zeros(n, dtype=torch.float32)
+    if slot >= 0:
+        s[slot] = value
+    return s
+
+
+def _rows_of(t: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])[i0:i1]
+
+
+def lora_linear_mixed(x, weight, bias, lora_A, lora_B, lora_E, scales, rows):
+    """Row group g of x gets ``lora_linear`` (``adalora_linear`` when lora_E is given) with
+    adapter rows[g] alone at its scale scales[rows[g]]; rows[g] = -1: the base alone.
+    rows: int [G], G dividing x's leading rows (consecutive groups of equal size)."""
+    sc = scales.detach().float().cpu().tolist()
+    n = len(lora_A)
+
+    def run(i0, i1, s):
+        one = _only(n, s, sc[s] if s >= 0 else 0.0)
+        xg = _rows_of(x, i0, i1)
+        if lora_E is not None:
+            return adalora_linear(xg, weight, bias, lora_A, lora_E, lora_B, one)
+        return lora_linear(xg, weight, bias, lora_A, lora_B, one)
+
+    return _per_group(x, rows, n, weight.shape[0], run)
+
+
+def ia3_linear_mixed(x, weight, bias, ia3_l, rows, feedforward):
+    """Row group g of x gets ``ia3_linear`` with vector rows[g] alone (-1: the base alone)."""
+    n = len(ia3_l)
+    return _per_group(x, rows, n, weight.shape[0], lambda i0, i1, s: ia3_linear(
+        _rows_of(x, i0, i1), weight, bias, ia3_l, _only(n, s, 1.0), feedforward))
+
+
+def lora_linear_4bit_mixed(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                           nested_blocksize, out_features, bias, lora_A, lora_B, scales, rows, lora_x):
+    """``lora_linear_4bit`` per row group, as ``lora_linear_mixed``; lora_x (x's shape, or
+    None) is what the LoRA terms read instead of x (the 4-bit layers' narrower compute dtype)."""
+    quant = (qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    sc = scales.detach().float().cpu().tolist()
+    n = len(lora_A)
+
+    def run(i0, i1, s):
+        one = _only(n, s, sc[s] if s >= 0 else 0.0)
+        lx = None if lora_x is None else [_rows_of(lora_x, i0, i1)] * n
+        return lora_linear_4bit(_rows_of(x, i0, i1), *quant, out_features, bias, lora_A, lora_B, one, lx)
+
+    return _per_group(x, rows, n, out_features, run)
+
+
+def lora_linear_int8_mixed(x, weight, row_scale, bias, lora_A, lora_B, scales, rows):
+    """``lora_linear_int8`` per row group, as ``lora_linear_mixed``."""
+    sc = scales.detach().float().cpu().tolist()
+    n = len(lora_A)
+    return _per_group(x, rows, n, weight.shape[0], lambda i0, i1, s: lora_linear_int8(
+        _rows_of(x, i0, i1), weight, row_scale, bias, lora_A, lora_B, _only(n, s, sc[s] if s >= 0 else 0.0)))
+
+
+def ia3_linear_4bit_mixed(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                          nested_blocksize, out_features, bias, ia3_l, rows, feedforward):
+    """``ia3_linear_4bit`` per row group, as ``ia3_linear_mixed``."""
+    quant = (qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    n = len(ia3_l)
+    return _per_group(x, rows, n, out_features, lambda i0, i1, s: ia3_linear_4bit(
+        _rows_of(x, i0, i1), *quant, out_features, bias, ia3_l, _only(n, s, 1.0), feedforward))
+
+
+def ia3_linear_int8_mixed(x, weight, row_scale, bias, ia3_l, rows, feedforward):
+    """``ia3_linear_int8`` per row group, as ``ia3_linear_mixed``."""
+    n = len(ia3_l)
+    return _per_group(x, rows, n, weight.shape[0], lambda i0, i1, s: ia3_linear_int8(
+        _rows_of(x, i0, i1), weight, row_scale, bias, ia3_l, _only(n, s, 1.0), feedforward))

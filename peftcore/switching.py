@@ -1,6 +1,12 @@
 """Which adapters are active, and whether adapters are enabled: written into each layer's
 state tensor (``lora_scales`` / ``ia3_active``) and each modules_to_save wrapper's
-choice, never by rebuilding."""
+choice, never by rebuilding.
+
+Every layer's state tensor is a view of one float32 tensor per device (``_StateTable``),
+so a switch is one copy per device, whatever the number of layers (a 168-layer model
+switches in tens of microseconds). Structural changes (add, load, delete, merge, hotswap)
+rebuild the table; a model moved with ``.to()`` is noticed (its buffers are new tensors)
+and the table is rebuilt on the next switch."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Union
 
+import torch
 import torch.nn as nn
 
 from .config import AdapterConfig
@@ -25,6 +32,63 @@ class AdapterState:
     targets: dict[str, object] = field(default_factory=dict)  # resolved target_modules per adapter
     active: list[str] = field(default_factory=list)
     enabled: bool = True
+    mixed: list[str] | None = None  # the per-row adapters of an open peftcore.mixed_batch
+    table: "_StateTable | None" = field(default=None, repr=False, compare=False)
+
+
+class _StateTable:
+    """The state buffers of every adapter layer of a model as views of one float32 tensor
+    per device, plus each adapter's entries in it, so that an active set is written with
+    one copy per device. Entries of merged adapters stay 0 (their delta is in the weight)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+        self.wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        self.merged = any(m.merged_adapters for m in self.layers)
+        by_dev: dict[torch.device, list[AdapterLayer]] = {}
+        for m in self.layers:
+            by_dev.setdefault(m._buffers[m.state_name].device, []).append(m)
+        self.flats: dict[torch.device, torch.Tensor] = {}
+        self.entries: dict[str, dict[torch.device, tuple[list[int], list[float]]]] = {}
+        self.views: list[tuple[AdapterLayer, torch.Tensor]] = []
+        for dev, layers in by_dev.items():
+            # The current values carry over (a model just moved keeps its active set).
+            flat = torch.cat([m._buffers[m.state_name].reshape(-1) for m in layers])
+            self.flats[dev] = flat
+            off = 0
+            for m in layers:
+                names = m.adapter_names
+                view = flat[off:off + len(names)]
+                m._buffers[m.state_name] = view
+                self.views.append((m, view))
+                for i, n in enumerate(names):
+                    if n not in m.merged_adapters:
+                        idx, vals = self.entries.setdefault(n, {}).setdefault(dev, ([], []))
+                        idx.append(off + i)
+                        vals.append(m._on_value(n))
+                off += len(names)
+        self.cache: dict[tuple, dict[torch.device, torch.Tensor]] = {}
+
+    def valid(self) -> bool:
+        return all(m._buffers[m.state_name] is v for m, v in self.views)
+
+    def write(self, active: list[str], enabled: bool) -> None:
+        key = (tuple(active), enabled)
+        vecs = self.cache.get(key)
+        if vecs is None:
+            vecs = {}
+            for dev, flat in self.flats.items():
+                v = torch.zeros(flat.numel(), dtype=torch.float32)
+                for n in active if enabled else ():
+                    idx, vals = self.entries.get(n, {}).get(dev, ((), ()))
+                    v[list(idx)] = torch.tensor(vals, dtype=torch.float32)
+                vecs[dev] = v
+            self.cache[key] = vecs
+        with torch.no_grad():
+            for dev, flat in self.flats.items():
+                flat.copy_(vecs[dev])
+        for w in self.wrappers:
+            w.set_active(active, enabled)
 
 
 def get_state(model: nn.Module, create: bool = False) -> AdapterState | None:
@@ -42,14 +106,21 @@ def _require_state(model: nn.Module) -> AdapterState:
     return st
 
 
-def adapter_layers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+def state_table(model: nn.Module, st: AdapterState, rebuild: bool = False) -> _StateTable:
+    """The model's state table, rebuilt when asked (after a structural change) or stale."""
+    if rebuild or st.table is None or not st.table.valid():
+        st.table = _StateTable(model)
+    return st.table
 
 
-def apply_state(model: nn.Module, st: AdapterState) -> None:
-    """Write the active set and the enabled flag into every adapter layer."""
-    for m in adapter_layers(model):
-        m.set_active(st.active, st.enabled)
+def apply_state(model: nn.Module, st: AdapterState, rebuild: bool = True) -> None:
+    """Write the active set and the enabled flag into every adapter layer. Callers that
+    only switch (the set is unchanged) pass rebuild=False; everything else rebuilds."""
+    state_table(model, st, rebuild).write(st.active, st.enabled)
+    if st.mixed is not None:
+        from .mixed import bind_rows  # mixed imports this module
+
+        bind_rows(model, st)
 
 
 def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]]) -> None:
@@ -66,9 +137,9 @@ def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]]) -> None:
     if unknown:
         raise AdapterNameError(f"unknown adapter(s) {unknown}; loaded: {sorted(st.configs)}")
     if names != st.active:
-        _unmerge_first(model, "set_adapter")
+        _unmerge_first(model, st, "set_adapter")
     st.active = names
-    apply_state(model, st)
+    apply_state(model, st, rebuild=False)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -81,7 +152,7 @@ def enable_adapters(model: nn.Module) -> None:
     """Run the active adapters again after ``disable_adapters`` (modules_to_save included)."""
     st = _require_state(model)
     st.enabled = True
-    apply_state(model, st)
+    apply_state(model, st, rebuild=False)
 
 
 def disable_adapters(model: nn.Module) -> None:
@@ -89,9 +160,9 @@ def disable_adapters(model: nn.Module) -> None:
     modules_to_save modules run their originals. Biases that an adapter with
     ``bias != "none"`` wrote into the base stay (as in PEFT)."""
     st = _require_state(model)
-    _unmerge_first(model, "disable_adapters")
+    _unmerge_first(model, st, "disable_adapters")
     st.enabled = False
-    apply_state(model, st)
+    apply_state(model, st, rebuild=False)
 
 
 @contextlib.contextmanager
@@ -105,10 +176,12 @@ def adapters_disabled(model: nn.Module):
         yield model
     finally:
         st.enabled = prev
-        apply_state(model, st)
+        apply_state(model, st, rebuild=False)
 
 
-def _unmerge_first(model: nn.Module, why: str) -> None:
+def _unmerge_first(model: nn.Module, st: AdapterState, why: str) -> None:
+    if not state_table(model, st).merged:  # the table knows: no walk over the model
+        return
     from .merge import unmerge_for_switch  # merge imports this module
 
     unmerge_for_switch(model, why)

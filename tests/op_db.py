@@ -422,6 +422,9 @@ QUANT4_CASES = {
     "bs4096_gt_numel_65x3_fp4": ((5,), 65, 3, 4096, "fp4", False, (2,), {"numerics_only": True}),
     "bs4096_256x100_nested_33tok": ((33,), 256, 100, 4096, "nf4", True, (16,), {"numerics_only": True}),
     "nested_800blocks_256x100_bs32": ((5,), 256, 100, 32, "nf4", True, (4,), {"numerics_only": True}),
+    # panels whose blocks cross a nested group (256 blocks) at an offset that is not a
+    # multiple of 16 (regression: the AVX-512 nested-scale loop skipped such blocks)
+    "nested_group_cross_257x300_bs128": ((3,), 257, 300, 128, "nf4", True, (2,), {"numerics_only": True}),
     "fast_16x256x64_bs64": ((16,), 256, 64, 64, "nf4", False, (16, 8), {"numerics_only": True}),
     "fast_3d_512x32_bs128_fp4": ((3, 11), 512, 32, 128, "fp4", False, (8,), {"numerics_only": True}),
     # 150 token rows of 4096: several row blocks (the kernel blocks x by ~512 KB)
@@ -662,6 +665,134 @@ def sample_ia3_linear_int8(dtype, adapter_dtype=None, requires_grad=False) -> It
                                 dict(weight=w))
 
 
+# --------------------------------------------------------------------- mixed batches
+# name: (leading dims of x, in, out, adapter ranks, rows (one adapter slot per row group,
+# -1 = base), options). The groups split x's leading rows evenly: one row each, or several
+# (generate's beams / return sequences, or a sequence's tokens). "E": AdaLoRA's lora_E
+# (lora_linear_mixed); "ff": IA3 feedforward; "int32": int32 rows; other options as above.
+# The same cases serve the six *_mixed ops (IA3 uses one vector per rank entry).
+MIXED_CASES = {
+    "6rows_3adapters": ((6,), 16, 24, (4, 2, 5), [0, 2, -1, 1, 0, 0], {}),
+    "beams_2groups_of_3": ((6,), 16, 24, (4, 3), [1, 0], {"E": True}),
+    "3d_2seqs_of_3": ((2, 3), 33, 65, (8, 2), [1, 0], {"ff": True}),
+    "runs_merge_odd_7x13": ((5,), 7, 13, (1, 3), [0, 0, 0, 1, 1], {"bias": False, "int32": True}),
+    "all_base": ((4,), 16, 24, (4, 2), [-1, -1], {}),
+    "one_group": ((3,), 16, 24, (4, 2), [1], {"ff": True}),
+    "x_1d": ((), 16, 8, (2, 4), [1], {}),
+    "empty_batch": ((0,), 16, 8, (4,), [0], {}),
+    "noncontig_x": ((6,), 16, 12, (4, 3), [1, -1, 0], {"noncontig_x": True, "ff": True}),
+    "conv1d_weight_view": ((4,), 20, 28, (4, 2), [1, 0, 1, 0], {"weight_t": True, "E": True}),
+    "rank0_slot": ((4,), 16, 24, (4, 0), [1, 0, 1, 0], {}),
+    "scale0_nan_slot": ((3,), 16, 24, (4, 3), [1, 0, 1], {"zero": (1,), "nan": (1,)}),
+    "unused_nan_slot": ((3,), 16, 24, (4, 3, 2), [0, 2, 0], {"nan": (1,), "ff": True}),
+    "decode_32rows_8adapters": ((32,), 64, 80, (16,) * 8, [i % 9 - 1 for i in range(32)], {"numerics_only": True}),
+    "prefill_4seqs_257x300": ((4, 17), 257, 300, (16, 1, 8), [2, 0, 1, 2], {"E": True, "numerics_only": True}),
+}
+
+
+def _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout, ranks, rows, o):
+    """(generator, x, bias, lora_A, lora_B, scales, rows tensor, ia3 vectors) of a mixed case."""
+    g = _gen("mixed:" + name, dtype)
+    x = _x(g, lead, fin, dtype, o)
+    bias = _randn(g, fout, dtype=dtype) if o.get("bias", True) else None
+    lora_A, lora_B = _adapters(g, o, fin, fout, ranks, adapter_dtype, False)
+    scales = _scales(g, len(ranks), o.get("zero", ()))
+    rows_t = torch.tensor(rows, dtype=torch.int32 if o.get("int32") else torch.int64)
+    ff = o.get("ff", False)
+    # IA3 has no scale to switch a slot off: NaN vectors only in slots no row uses.
+    o_ia3 = dict(o, nan=[a for a in o.get("nan", ()) if a not in rows])
+    vecs, _ = _ia3_vectors(g, len(ranks), fin if ff else fout, ff, adapter_dtype, o_ia3, False)
+    return g, x, bias, lora_A, lora_B, scales, rows_t, vecs
+
+
+def _mixed_meta(o, **kw):
+    return dict(kw, opcheck=not o.get("numerics_only", False))
+
+
+def sample_lora_linear_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, weight, bias, lora_A, lora_B, lora_E, scales, rows). Inference only."""
+    adapter_dtype = adapter_dtype or dtype
+    for name, (lead, fin, fout, ranks, rows, o) in MIXED_CASES.items():
+        g, x, bias, lora_A, lora_B, scales, rows_t, _ = _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout,
+                                                                     ranks, rows, o)
+        if o.get("weight_t"):
+            weight = _randn(g, fin, fout, dtype=dtype, scale=fin**-0.5).t()
+        else:
+            weight = _randn(g, fout, fin, dtype=dtype, scale=fin**-0.5)
+        lora_E = [_randn(g, r, 1, dtype=adapter_dtype) for r in ranks] if o.get("E") else None
+        yield SampleInput(name, (x, weight, bias, lora_A, lora_B, lora_E, scales, rows_t), meta=_mixed_meta(o))
+
+
+def sample_ia3_linear_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, weight, bias, ia3_l, rows, feedforward). Inference only."""
+    adapter_dtype = adapter_dtype or dtype
+    for name, (lead, fin, fout, ranks, rows, o) in MIXED_CASES.items():
+        g, x, bias, _, _, _, rows_t, vecs = _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout, ranks, rows, o)
+        if o.get("weight_t"):
+            weight = _randn(g, fin, fout, dtype=dtype, scale=fin**-0.5).t()
+        else:
+            weight = _randn(g, fout, fin, dtype=dtype, scale=fin**-0.5)
+        yield SampleInput(name, (x, weight, bias, vecs, rows_t, o.get("ff", False)), meta=_mixed_meta(o))
+
+
+# The quantized mixed ops: every mixed case over a 4-bit / int8 weight of its shape (the
+# 4-bit kind and blocksize vary by case); 4-bit LoRA also with a separate lora_x.
+_MIXED_QUANT4 = [("nf4", False, 64), ("fp4", True, 32), ("nf4", True, 128)]
+
+
+def sample_lora_linear_4bit_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+    nested_blocksize, out_features, bias, lora_A, lora_B, scales, rows, lora_x)."""
+    if not have_bnb():
+        return
+    adapter_dtype = adapter_dtype or dtype
+    for k, (name, (lead, fin, fout, ranks, rows, o)) in enumerate(MIXED_CASES.items()):
+        qt, nested, bs = _MIXED_QUANT4[k % len(_MIXED_QUANT4)]
+        w, q = _quant4_case("mixed:" + name, fin, fout, bs, qt, nested, o)
+        g, x, bias, lora_A, lora_B, scales, rows_t, _ = _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout,
+                                                                     ranks, rows, o)
+        lora_x = _randn(g, *x.shape, dtype=dtype) if o.get("E") else None  # a separate LoRA input in some cases
+        yield SampleInput(name, (x, *_quant4_args(q, fout), bias, lora_A, lora_B, scales, rows_t, lora_x),
+                          meta=_mixed_meta(o, weight=w, in_features=fin))
+
+
+def sample_ia3_linear_4bit_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+    nested_blocksize, out_features, bias, ia3_l, rows, feedforward)."""
+    if not have_bnb():
+        return
+    adapter_dtype = adapter_dtype or dtype
+    for k, (name, (lead, fin, fout, ranks, rows, o)) in enumerate(MIXED_CASES.items()):
+        qt, nested, bs = _MIXED_QUANT4[k % len(_MIXED_QUANT4)]
+        w, q = _quant4_case("mixed:" + name, fin, fout, bs, qt, nested, o)
+        _, x, bias, _, _, _, rows_t, vecs = _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout, ranks, rows, o)
+        yield SampleInput(name, (x, *_quant4_args(q, fout), bias, vecs, rows_t, o.get("ff", False)),
+                          meta=_mixed_meta(o, weight=w, in_features=fin))
+
+
+def sample_lora_linear_int8_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, weight_int8, row_scale, bias, lora_A, lora_B, scales, rows)."""
+    if not have_bnb():
+        return
+    adapter_dtype = adapter_dtype or dtype
+    for name, (lead, fin, fout, ranks, rows, o) in MIXED_CASES.items():
+        w, CB, SCB = _int8_case("mixed:" + name, fin, fout, o)
+        _, x, bias, lora_A, lora_B, scales, rows_t, _ = _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout,
+                                                                     ranks, rows, o)
+        yield SampleInput(name, (x, CB, SCB, bias, lora_A, lora_B, scales, rows_t), meta=_mixed_meta(o, weight=w))
+
+
+def sample_ia3_linear_int8_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, weight_int8, row_scale, bias, ia3_l, rows, feedforward)."""
+    if not have_bnb():
+        return
+    adapter_dtype = adapter_dtype or dtype
+    for name, (lead, fin, fout, ranks, rows, o) in MIXED_CASES.items():
+        w, CB, SCB = _int8_case("mixed:" + name, fin, fout, o)
+        _, x, bias, _, _, _, rows_t, vecs = _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout, ranks, rows, o)
+        yield SampleInput(name, (x, CB, SCB, bias, vecs, rows_t, o.get("ff", False)), meta=_mixed_meta(o, weight=w))
+
+
 OPS: dict[str, OpInfo] = {
     "lora_linear": OpInfo(
         "lora_linear", torch.ops.peftcore.lora_linear, reference.lora_linear, sample_lora_linear, True
@@ -710,6 +841,30 @@ OPS: dict[str, OpInfo] = {
     "ia3_linear_int8": OpInfo(
         "ia3_linear_int8", torch.ops.peftcore.ia3_linear_int8, reference.ia3_linear_int8, sample_ia3_linear_int8,
         True, requires=("bitsandbytes",),
+    ),
+    "lora_linear_mixed": OpInfo(
+        "lora_linear_mixed", torch.ops.peftcore.lora_linear_mixed, reference.lora_linear_mixed,
+        sample_lora_linear_mixed, False,
+    ),
+    "ia3_linear_mixed": OpInfo(
+        "ia3_linear_mixed", torch.ops.peftcore.ia3_linear_mixed, reference.ia3_linear_mixed,
+        sample_ia3_linear_mixed, False,
+    ),
+    "lora_linear_4bit_mixed": OpInfo(
+        "lora_linear_4bit_mixed", torch.ops.peftcore.lora_linear_4bit_mixed, reference.lora_linear_4bit_mixed,
+        sample_lora_linear_4bit_mixed, False, requires=("bitsandbytes",),
+    ),
+    "lora_linear_int8_mixed": OpInfo(
+        "lora_linear_int8_mixed", torch.ops.peftcore.lora_linear_int8_mixed, reference.lora_linear_int8_mixed,
+        sample_lora_linear_int8_mixed, False, requires=("bitsandbytes",),
+    ),
+    "ia3_linear_4bit_mixed": OpInfo(
+        "ia3_linear_4bit_mixed", torch.ops.peftcore.ia3_linear_4bit_mixed, reference.ia3_linear_4bit_mixed,
+        sample_ia3_linear_4bit_mixed, False, requires=("bitsandbytes",),
+    ),
+    "ia3_linear_int8_mixed": OpInfo(
+        "ia3_linear_int8_mixed", torch.ops.peftcore.ia3_linear_int8_mixed, reference.ia3_linear_int8_mixed,
+        sample_ia3_linear_int8_mixed, False, requires=("bitsandbytes",),
     ),
 }
 

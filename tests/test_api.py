@@ -94,6 +94,43 @@ def test_switching_back_and_forth_is_exact(dirs):
     assert not torch.allclose(outs["a"], outs[("a", "b")], atol=1e-4)
 
 
+def test_switching_survives_copy_dtype_and_structure_changes(dirs):
+    """Every layer's state is a view of one tensor (a switch is one copy): the views must
+    follow deepcopy, a dtype change, and adapters added or deleted afterwards."""
+    import copy
+
+    m = _peftcore(dirs)
+    ref = {}
+    for act in ("a", "b"):
+        peftcore.set_adapter(m, act)
+        ref[act] = logits(m)
+    m2 = copy.deepcopy(m)
+    for act in ("a", "b", "a"):
+        peftcore.set_adapter(m2, act)
+        assert torch.equal(logits(m2), ref[act]), act
+    m2.to(torch.bfloat16)  # the scales stay float32 and exact (alpha / r is not exact in bf16)
+    layers = [x for x in m2.modules() if isinstance(x, peftcore.layers.LoraLayer)]
+    for act in ("b", "a"):
+        peftcore.set_adapter(m2, act)
+        for x in layers:
+            want = [x.scaling[n] if n == act else 0.0 for n in x.adapter_names]
+            assert x.lora_scales.dtype == torch.float32 and x.lora_scales.tolist() == want
+    m2.to(torch.float32)
+    peftcore.set_adapter(m2, "a")
+    ref_bf16 = logits(m2)  # base weights now bf16-rounded: compare against this from here on
+    ref = {"a": ref_bf16}
+    peftcore.load_adapter(m2, dirs["c"], "c")  # new layers (fc2) and new slots: the table follows
+    peftcore.set_adapter(m2, "a")
+    assert torch.equal(logits(m2), ref["a"])
+    peftcore.delete_adapter(m2, "b")
+    only_ac = _peftcore(dirs, ["a"]).to(torch.bfloat16).to(torch.float32)  # as m2: rounded, then "c"
+    peftcore.load_adapter(only_ac, dirs["c"], "c")
+    for act in ("c", "a", ["a", "c"]):
+        peftcore.set_adapter(m2, act)
+        peftcore.set_adapter(only_ac, act)
+        assert torch.equal(logits(m2), logits(only_ac)), act
+
+
 def test_disable_enable_exact_base(dirs, base_logits):
     m = _peftcore(dirs)
     peftcore.set_adapter(m, ["a", "b"])

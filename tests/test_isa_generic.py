@@ -19,7 +19,7 @@ def test_generic_kernels_pass_op_tests():
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          "tests/ops/test_lora_linear.py", "tests/ops/test_lora_embedding.py", "tests/ops/test_adalora_linear.py",
-         "tests/ops/test_ia3_linear.py"],
+         "tests/ops/test_ia3_linear.py", "tests/ops/test_mixed_ops.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

@@ -9,8 +9,6 @@
 // Tests: tests/ops/test_adalora_linear.py, test_opcheck.py. Benchmark: benchmarks/bench_lora_linear.py.
 #include <ATen/ATen.h>
 
-#include <string>
-
 #include "../common/checks.h"
 #include "../ops.h"
 #include "linear_common.h"
@@ -23,17 +21,7 @@ at::Tensor adalora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, con
                               const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
   const char* op = "adalora_linear";
   const cpu::LinearDims d = cpu::check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, lora_x);
-  check_same_count(op, "lora_E", lora_E.size(), "lora_A", lora_A.size());
-  for (size_t a = 0; a < lora_E.size(); ++a) {
-    const std::string en = indexed("lora_E", a);
-    const at::Tensor& E = lora_E[a];
-    check_defined(op, E, en);
-    check_device(op, E, en, at::kCPU);
-    check_adapter_dtype(op, E, en, x.scalar_type());
-    TORCH_CHECK(E.numel() == lora_A[a].size(0), "peftcore::", op, ": ", en, " has shape ", E.sizes(),
-                " but must hold one value per rank of lora_A[", a, "] (shape ", lora_A[a].sizes(), "; PEFT stores [",
-                lora_A[a].size(0), ", 1])");
-  }
+  cpu::check_lora_E(op, lora_E, lora_A, x.scalar_type());
   // The base through F.linear's ATen call: with no active adapter, bit-identical to the frozen layer.
   at::Tensor y = at::linear(x, weight, bias);
   int64_t R = 0;

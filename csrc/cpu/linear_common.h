@@ -81,6 +81,21 @@ inline LinearDims check_linear_args(const char* op, const at::Tensor& x, const a
   return d;
 }
 
+// lora_E of the AdaLoRA variants: r_a values per adapter, float32 or x's dtype.
+inline void check_lora_E(const char* op, at::TensorList lora_E, at::TensorList lora_A, at::ScalarType x_dtype) {
+  check_same_count(op, "lora_E", lora_E.size(), "lora_A", lora_A.size());
+  for (size_t a = 0; a < lora_E.size(); ++a) {
+    const std::string en = indexed("lora_E", a);
+    const at::Tensor& E = lora_E[a];
+    check_defined(op, E, en);
+    check_device(op, E, en, at::kCPU);
+    check_adapter_dtype(op, E, en, x_dtype);
+    TORCH_CHECK(E.numel() == lora_A[a].size(0), "peftcore::", op, ": ", en, " has shape ", E.sizes(),
+                " but must hold one value per rank of lora_A[", a, "] (shape ", lora_A[a].sizes(), "; PEFT stores [",
+                lora_A[a].size(0), ", 1])");
+  }
+}
+
 // y += Σ_active s_a · ((x_a·A_aᵀ) ⊙ e_a)·B_aᵀ in acc_t, rounded once into y's dtype xt.
 // lora_E: empty (LoRA), or one tensor of r_a values per adapter (AdaLoRA's E, checked
 // by the caller), applied to the shrink result t (rows × r_a multiplies) rather than

@@ -401,8 +401,9 @@ PEFTCORE_AVX512_FN void nested_scales(const uint8_t* qabsmax, const float* ncode
   while (b < b1) {
     const int64_t g = b / nbs, e = std::min(b1, (g + 1) * nbs);  // one nested group: one nested absmax
     const __m512 a2 = _mm512_set1_ps(nabsmax[g]);
-    for (; b < e; b += 16) {
-      const int64_t n = std::min<int64_t>(16, e - b);
+    // Step by n, not 16: a group's last step is partial, and the next group starts at e.
+    for (int64_t n; b < e; b += n) {
+      n = std::min<int64_t>(16, e - b);
       const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
       const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, qabsmax + b));
       const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, ncode, 4);

@@ -12,7 +12,10 @@
 // Compute: float32 products for float32 / float16 x; bfloat16 products (x as given,
 // W rounded to bf16 once, float32 accumulation) for bfloat16 x on CPUs with
 // AVX512_BF16; float64 for float64 x. The base is rounded to x's dtype once.
-// Tests: tests/ops/ (quantized samples in tests/op_db.py), tests/test_quantized.py.
+// The *_mixed variants (mixed batches: one adapter per row group, mixed.h) run the same
+// base pass once for every row, then add each group's LoRA terms / scale its rows.
+// Tests: tests/ops/ (quantized samples in tests/op_db.py), tests/test_quantized.py,
+// tests/ops/test_mixed_ops.py, tests/test_mixed_batch.py.
 // Benchmark: benchmarks/bench_quant.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,6 +30,7 @@
 #include "../ops.h"
 #include "ia3.h"
 #include "linear_common.h"
+#include "mixed.h"
 #include "quant.h"
 
 namespace peftcore {
@@ -432,6 +436,89 @@ at::Tensor ia3_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, co
                                        feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                    : "output feature (feedforward=False: weight.shape[0])");
   return feedforward ? linear_int8(x, weight, row_scale, bias, l, {}) : linear_int8(x, weight, row_scale, bias, {}, l);
+}
+
+// ---- mixed batches (mixed.h): the base pass once for every row, then per row group.
+at::Tensor lora_linear_4bit_mixed_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                      const at::Tensor& code, int64_t blocksize,
+                                      const std::optional<at::Tensor>& nested_absmax,
+                                      const std::optional<at::Tensor>& nested_code,
+                                      const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                      int64_t out_features, const std::optional<at::Tensor>& bias,
+                                      at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                      const at::Tensor& rows, const std::optional<at::Tensor>& lora_x) {
+  const char* op = "lora_linear_4bit_mixed";
+  check_x_and_bias(op, x, out_features, bias);
+  const int64_t K = x.size(-1), N = out_features;
+  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                  nested_blocksize, N, K);
+  check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
+                 "out_features");
+  const bool has_lx = lora_x.has_value() && lora_x->defined();
+  if (has_lx) cpu::check_lora_x(op, at::TensorList(*lora_x), x, 1);
+  const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(lora_A.size()));
+  at::Tensor y = linear_4bit(x, w, N, bias, {}, {});
+  cpu::add_lowrank_rows(has_lx ? *lora_x : x, segs, lora_A, lora_B, {}, scales, N, y);
+  return y;
+}
+
+at::Tensor ia3_linear_4bit_mixed_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                     const at::Tensor& code, int64_t blocksize,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                     int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
+                                     const at::Tensor& rows, bool feedforward) {
+  const char* op = "ia3_linear_4bit_mixed";
+  check_x_and_bias(op, x, out_features, bias);
+  const int64_t K = x.size(-1), N = out_features;
+  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                  nested_blocksize, N, K);
+  const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(ia3_l.size()));
+  const auto vecs = cpu::ia3_slot_vectors(op, ia3_l, segs, x.scalar_type(), feedforward ? K : N,
+                                          feedforward ? "input feature (feedforward=True: x.shape[-1])"
+                                                      : "output feature (feedforward=False: out_features)");
+  if (feedforward) return linear_4bit(segs.empty() ? x : cpu::ia3_scaled_input_rows(x, segs, vecs), w, N, bias, {}, {});
+  at::Tensor y = linear_4bit(x, w, N, bias, {}, {});
+  cpu::ia3_scale_output_rows(y, segs, vecs);
+  return y;
+}
+
+at::Tensor lora_linear_int8_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                      const std::optional<at::Tensor>& bias, at::TensorList lora_A,
+                                      at::TensorList lora_B, const at::Tensor& scales, const at::Tensor& rows) {
+  const char* op = "lora_linear_int8_mixed";
+  check_int8(op, weight, row_scale);
+  const int64_t N = weight.size(0);
+  check_x_and_bias(op, x, N, bias);
+  const int64_t K = x.size(-1);
+  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
+                 "weight.shape[0] (out_features)");
+  const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(lora_A.size()));
+  at::Tensor y = linear_int8(x, weight, row_scale, bias, {}, {});
+  cpu::add_lowrank_rows(x, segs, lora_A, lora_B, {}, scales, N, y);
+  return y;
+}
+
+at::Tensor ia3_linear_int8_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                     const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
+                                     const at::Tensor& rows, bool feedforward) {
+  const char* op = "ia3_linear_int8_mixed";
+  check_int8(op, weight, row_scale);
+  const int64_t N = weight.size(0);
+  check_x_and_bias(op, x, N, bias);
+  const int64_t K = x.size(-1);
+  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(ia3_l.size()));
+  const auto vecs = cpu::ia3_slot_vectors(op, ia3_l, segs, x.scalar_type(), feedforward ? K : N,
+                                          feedforward ? "input feature (feedforward=True: x.shape[-1])"
+                                                      : "output feature (feedforward=False: weight.shape[0])");
+  if (feedforward)
+    return linear_int8(segs.empty() ? x : cpu::ia3_scaled_input_rows(x, segs, vecs), weight, row_scale, bias, {}, {});
+  at::Tensor y = linear_int8(x, weight, row_scale, bias, {}, {});
+  cpu::ia3_scale_output_rows(y, segs, vecs);
+  return y;
 }
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,

@@ -18,4 +18,10 @@ TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
   m.impl("dequantize_int8", &peftcore::dequantize_int8_cpu);
   m.impl("ia3_linear_4bit", &peftcore::ia3_linear_4bit_cpu);
   m.impl("ia3_linear_int8", &peftcore::ia3_linear_int8_cpu);
+  m.impl("lora_linear_mixed", &peftcore::lora_linear_mixed_cpu);
+  m.impl("ia3_linear_mixed", &peftcore::ia3_linear_mixed_cpu);
+  m.impl("lora_linear_4bit_mixed", &peftcore::lora_linear_4bit_mixed_cpu);
+  m.impl("lora_linear_int8_mixed", &peftcore::lora_linear_int8_mixed_cpu);
+  m.impl("ia3_linear_4bit_mixed", &peftcore::ia3_linear_4bit_mixed_cpu);
+  m.impl("ia3_linear_int8_mixed", &peftcore::ia3_linear_int8_mixed_cpu);
 }

@@ -1,0 +1,38 @@
+// peftcore::lora_linear_mixed on CPU: a mixed batch over a dense base, each row group with
+// its own LoRA (or AdaLoRA) adapter:
+//   y[i] = x[i]·Wᵀ + b + s_k · ((x[i]·A_kᵀ) ⊙ e_k)·B_kᵀ,   k = rows[group of i] (-1: no term),
+// e_k = AdaLoRA's singular values when lora_E is given (else 1). Layout: x [..., in] (any
+// strides), W [out, in] (any strides: Conv1D passes a transposed view), A_k [r_k, in],
+// B_k [out, r_k], E_k r_k values, scales [n] (each slot's configured scale; 0 = no term),
+// rows [G] (mixed.h); y [..., out] contiguous.
+// The base is one ATen GEMM over every row (the weight streams once for the whole batch);
+// the adapters are one parallel region of segmented shrink / expand (mixed.h), reading each
+// used adapter once. Inference only (no autograd).
+// Tests: tests/ops/test_mixed_ops.py, tests/test_mixed_batch.py. Benchmark: benchmarks/bench_mixed.py.
+#include <ATen/ATen.h>
+
+#include "../common/checks.h"
+#include "../ops.h"
+#include "linear_common.h"
+#include "mixed.h"
+
+namespace peftcore {
+
+at::Tensor lora_linear_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 at::TensorList lora_A, at::TensorList lora_B,
+                                 std::optional<at::TensorList> lora_E, const at::Tensor& scales,
+                                 const at::Tensor& rows) {
+  const char* op = "lora_linear_mixed";
+  const cpu::LinearDims d = cpu::check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, std::nullopt);
+  const at::TensorList E = lora_E.has_value() ? *lora_E : at::TensorList();
+  if (lora_E.has_value()) cpu::check_lora_E(op, E, lora_A, x.scalar_type());
+  const auto segs = cpu::row_segments(op, rows, d.n, int64_t(lora_A.size()));
+  // The base through F.linear's ATen call: rows of the base alone are bit-identical to it.
+  at::Tensor y = at::linear(x, weight, bias);
+  if (segs.empty() || y.numel() == 0) return y;
+  if (!y.is_contiguous()) y = y.contiguous();
+  cpu::add_lowrank_rows(x, segs, lora_A, lora_B, E, scales, d.out, y);
+  return y;
+}
+
+}  // namespace peftcore
