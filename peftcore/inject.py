@@ -110,12 +110,14 @@ _DEFAULTS = {"LORA": DEFAULT_TARGETS, "ADALORA": ADALORA_DEFAULT_TARGETS, "IA3":
 def adapter_modules(model: nn.Module):
     """(name, module) for modules an adapter may target: peftcore's own wrappers count
     as the module they wrap, and their internals are skipped."""
-    skip: list[str] = []
+    # named_modules walks depth first, so a wrapper's internals follow it directly: only
+    # the last wrapper's prefix needs checking (a list of all of them made this quadratic).
+    skip = None
     for name, module in model.named_modules():
-        if any(name.startswith(p) for p in skip):
+        if skip is not None and name.startswith(skip):
             continue
         if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            skip.append(name + ".")
+            skip = name + "."
         yield name, module
 
 

@@ -42,8 +42,12 @@ class _StateTable:
     one copy per device. Entries of merged adapters stay 0 (their delta is in the weight)."""
 
     def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
-        self.wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        self.layers, self.wrappers = [], []
+        for m in model.modules():
+            if isinstance(m, AdapterLayer):
+                self.layers.append(m)
+            elif isinstance(m, ModulesToSaveWrapper):
+                self.wrappers.append(m)
         self.merged = any(m.merged_adapters for m in self.layers)
         by_dev: dict[torch.device, list[AdapterLayer]] = {}
         for m in self.layers:

@@ -108,6 +108,9 @@ inline std::vector<MixedTask> mixed_tasks(const std::vector<Segment>& segs, cons
   return split;
 }
 
+// Segments of up to this many rows take B row by row instead of packing Bᵀ.
+constexpr int64_t kDirectRows = 4;
+
 // y[i, :] += s_k · ((x[i]·A_kᵀ) ⊙ e_k)·B_kᵀ for every row i of a segment of slot k, in
 // acc_t, rounded once into y's dtype xt. x: [M, in] rows (row stride ldx, unit column
 // stride); y: [M, out] contiguous, holding the base output. One parallel region.
@@ -130,7 +133,8 @@ void add_lowrank_rows_typed(const xt* x, int64_t ldx, const std::vector<Segment>
       const int64_t block = std::min(t.j1 - t.j0, round_up(std::max<int64_t>(64, kBtBlockElems / r), 64));
       const int64_t ldbt = round_up(block, 16);
       const int64_t t_size = round_up(n * r, 16);
-      acc_t* T = thread_scratch<acc_t>(t_size + r * ldbt);
+      // Bt: r × ldbt packed (many rows), or n × block direct products (few rows).
+      acc_t* T = thread_scratch<acc_t>(t_size + std::max(r, std::min(n, kDirectRows)) * ldbt);
       acc_t* Bt = T + t_size;
       shrink(x + t.i0 * ldx, ldx, w.A.template const_data_ptr<acc_t>(), in, T, r, n, r, in);
       if (w.E.defined()) {  // AdaLoRA: t[:, q] *= e[q], as reference.adalora_linear rounds it
@@ -139,6 +143,21 @@ void add_lowrank_rows_typed(const xt* x, int64_t ldx, const std::vector<Segment>
           for (int64_t q = 0; q < r; ++q) T[i * r + q] *= e[q];
       }
       const acc_t* B = w.B.template const_data_ptr<acc_t>();
+      if (n <= kDirectRows) {
+        // Few rows (decode): packing Bᵀ would cost more than the product. B's rows are
+        // contiguous r-vectors, so d[i, j] = T[i]·B[j] is shrink's dot product with T as x.
+        for (int64_t jb = t.j0; jb < t.j1; jb += block) {
+          const int64_t wd = std::min(block, t.j1 - jb);
+          shrink(T, r, B + jb * r, r, Bt, wd, n, wd, r);
+          for (int64_t i = 0; i < n; ++i) {
+            xt* yi = y + (t.i0 + i) * out + jb;
+            const acc_t* di = Bt + i * wd;
+            const acc_t s = static_cast<acc_t>(w.scale);
+            for (int64_t j = 0; j < wd; ++j) yi[j] = static_cast<xt>(static_cast<acc_t>(yi[j]) + s * di[j]);
+          }
+        }
+        continue;
+      }
       for (int64_t jb = t.j0; jb < t.j1; jb += block) {
         const int64_t wd = std::min(block, t.j1 - jb);
         pack_bt(B + jb * w.B.stride(0), w.B.stride(0), w.B.stride(1), r, static_cast<acc_t>(w.scale), Bt, ldbt, wd);
@@ -161,7 +180,7 @@ inline std::vector<SlotWeights> used_slots(const std::vector<Segment>& segs, at:
     if (w.A.defined() || sp[seg.slot] == 0.0f || lora_A[seg.slot].size(0) == 0) continue;
     // Scale 0 or rank 0: nothing to add (and inf / NaN in such an adapter never reads).
     w.A = lora_A[seg.slot].to(acc).contiguous();
-    w.B = lora_B[seg.slot].to(acc);
+    w.B = lora_B[seg.slot].to(acc).contiguous();  // [out, r] row-major: the direct path reads its rows
     if (!lora_E.empty()) w.E = lora_E[seg.slot].reshape({-1}).to(acc).contiguous();
     w.scale = static_cast<double>(sp[seg.slot]);
   }
