@@ -38,6 +38,7 @@ bench: build $(VENV)/.test-deps
 	$(PY) benchmarks/bench_model.py --method ia3
 	$(PY) benchmarks/bench_model.py --method adalora
 	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_mixed.py
 	$(PY) benchmarks/bench_quant.py --fp32
 	$(PY) benchmarks/bench_quant.py --isa avx2
 

@@ -281,6 +281,26 @@ void check_x_and_bias(const char* op, const at::Tensor& x, int64_t N, const std:
   }
 }
 
+// The checks every 4-bit op makes at entry (x, bias, stored weight).
+Weight4 check_linear_4bit(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& nested_offset,
+                          int64_t nested_blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  check_x_and_bias(op, x, out_features, bias);
+  return check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                       nested_blocksize, out_features, x.size(-1));
+}
+
+// The checks every int8 op makes at entry (weight, row scales, x, bias); returns out_features.
+int64_t check_linear_int8(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                          const std::optional<at::Tensor>& bias) {
+  check_int8(op, weight, row_scale);
+  const int64_t N = weight.size(0);
+  check_x_and_bias(op, x, N, bias);
+  check_size(op, weight, "weight", 1, x.size(-1), "x.shape[-1] (in_features)");
+  return N;
+}
+
 at::Tensor finish_with_adapters(const char* op, const at::Tensor& x, at::Tensor y, int64_t N, at::TensorList lora_A,
                                 at::TensorList lora_B, const at::Tensor& scales,
                                 const std::optional<at::TensorList>& lora_x) {
@@ -379,10 +399,9 @@ at::Tensor lora_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, 
                                 int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
                                 at::TensorList lora_B, const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_4bit";
-  check_x_and_bias(op, x, out_features, bias);
   const int64_t K = x.size(-1), N = out_features;
-  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                  nested_blocksize, N, K);
+  const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                      nested_blocksize, N, bias);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "out_features");
   cpu::check_lora_x(op, lora_x, x, lora_A.size());
@@ -397,10 +416,9 @@ at::Tensor ia3_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, c
                                int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
                                const at::Tensor& active, bool feedforward) {
   const char* op = "ia3_linear_4bit";
-  check_x_and_bias(op, x, out_features, bias);
   const int64_t K = x.size(-1), N = out_features;
-  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                  nested_blocksize, N, K);
+  const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                      nested_blocksize, N, bias);
   const at::Tensor l = cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
                                        feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                    : "output feature (feedforward=False: out_features)");
@@ -411,11 +429,7 @@ at::Tensor lora_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, c
                                 const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
                                 const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_int8";
-  check_int8(op, weight, row_scale);
-  const int64_t N = weight.size(0);
-  check_x_and_bias(op, x, N, bias);
-  const int64_t K = x.size(-1);
-  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   cpu::check_lora_x(op, lora_x, x, lora_A.size());
@@ -427,11 +441,7 @@ at::Tensor ia3_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, co
                                const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,
                                bool feedforward) {
   const char* op = "ia3_linear_int8";
-  check_int8(op, weight, row_scale);
-  const int64_t N = weight.size(0);
-  check_x_and_bias(op, x, N, bias);
-  const int64_t K = x.size(-1);
-  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   const at::Tensor l = cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
                                        feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                    : "output feature (feedforward=False: weight.shape[0])");
@@ -448,10 +458,9 @@ at::Tensor lora_linear_4bit_mixed_cpu(const at::Tensor& x, const at::Tensor& qwe
                                       at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                                       const at::Tensor& rows, const std::optional<at::Tensor>& lora_x) {
   const char* op = "lora_linear_4bit_mixed";
-  check_x_and_bias(op, x, out_features, bias);
   const int64_t K = x.size(-1), N = out_features;
-  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                  nested_blocksize, N, K);
+  const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                      nested_blocksize, N, bias);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "out_features");
   const bool has_lx = lora_x.has_value() && lora_x->defined();
@@ -470,10 +479,9 @@ at::Tensor ia3_linear_4bit_mixed_cpu(const at::Tensor& x, const at::Tensor& qwei
                                      int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
                                      const at::Tensor& rows, bool feedforward) {
   const char* op = "ia3_linear_4bit_mixed";
-  check_x_and_bias(op, x, out_features, bias);
   const int64_t K = x.size(-1), N = out_features;
-  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                  nested_blocksize, N, K);
+  const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                      nested_blocksize, N, bias);
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(ia3_l.size()));
   const auto vecs = cpu::ia3_slot_vectors(op, ia3_l, segs, x.scalar_type(), feedforward ? K : N,
                                           feedforward ? "input feature (feedforward=True: x.shape[-1])"
@@ -488,11 +496,7 @@ at::Tensor lora_linear_int8_mixed_cpu(const at::Tensor& x, const at::Tensor& wei
                                       const std::optional<at::Tensor>& bias, at::TensorList lora_A,
                                       at::TensorList lora_B, const at::Tensor& scales, const at::Tensor& rows) {
   const char* op = "lora_linear_int8_mixed";
-  check_int8(op, weight, row_scale);
-  const int64_t N = weight.size(0);
-  check_x_and_bias(op, x, N, bias);
-  const int64_t K = x.size(-1);
-  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(lora_A.size()));
@@ -505,11 +509,7 @@ at::Tensor ia3_linear_int8_mixed_cpu(const at::Tensor& x, const at::Tensor& weig
                                      const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
                                      const at::Tensor& rows, bool feedforward) {
   const char* op = "ia3_linear_int8_mixed";
-  check_int8(op, weight, row_scale);
-  const int64_t N = weight.size(0);
-  check_x_and_bias(op, x, N, bias);
-  const int64_t K = x.size(-1);
-  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(ia3_l.size()));
   const auto vecs = cpu::ia3_slot_vectors(op, ia3_l, segs, x.scalar_type(), feedforward ? K : N,
                                           feedforward ? "input feature (feedforward=True: x.shape[-1])"
