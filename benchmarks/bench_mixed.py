@@ -160,8 +160,8 @@ def main():
                            peft_mixed_vs_single=1 + paired_overhead(s, "PEFT mixed", "PEFT single"), reps=reps)
                 table.append(row)
                 print(row, flush=True)
-            del ours, pm
-        del base
+            ours = pm = None  # free before the next adapter set
+        base = None
     print()
     print(f"{LAYERS} layers of {DIM}x{DIM}, LoRA r={RANK}; ratios: medians over rounds of the per-round ratio")
     print("| base | rows × tokens | base ms | peftcore single ms | peftcore mixed ms | PEFT single ms | PEFT mixed ms "
