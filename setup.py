@@ -3,7 +3,8 @@
 Environment:
   PEFTCORE_BUILD_CUDA=auto|0|1  auto (default): CUDA when torch is a CUDA build and
                                 CUDA_HOME is found; 0: never; 1: required (error if impossible).
-  TORCH_CUDA_ARCH_LIST          CUDA archs (default "8.0;9.0a+PTX").
+  TORCH_CUDA_ARCH_LIST          CUDA archs. Unset: the visible GPUs' archs (+PTX for the
+                                newest), or, with no GPU visible, DEFAULT_CUDA_ARCHS.
   MAX_JOBS                      parallel compile jobs (read by torch's ninja builder).
   PEFTCORE_CPU_BASELINE=avx2    an AVX2-only build (no AVX-512 code at all, every
                                 portable kernel compiled once for AVX2 + FMA): how the
@@ -18,6 +19,13 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Archs built when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (a builder
+# machine): one cubin per major version from Ampere on (an sm_X0 cubin runs on every
+# sm_Xy, y >= 0: 8.0 covers A10 / L4 / L40S, 10.0 covers B300), plus PTX of the newest so
+# a later GPU can still JIT the kernels. (9.0, not 9.0a: sm_90a code is not forward
+# compatible, and no kernel here uses wgmma / TMA yet.)
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 
 
 def _rel(paths):
@@ -48,7 +56,52 @@ def _cuda_decision():
                 "peftcore build: PEFTCORE_BUILD_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(problems)
             )
         return False, "; ".join(problems), cu_sources
-    return True, f"CUDA {torch.version.cuda}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST')}", cu_sources
+    # Fixed here, before torch's cpp_extension reads it (see _cuda_archs).
+    os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_archs()
+    return True, f"CUDA {torch.version.cuda}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}", cu_sources
+
+
+def _cuda_archs():
+    """TORCH_CUDA_ARCH_LIST as torch's cpp_extension will read it: the user's value, or
+    the visible GPUs' archs (+PTX for the newest: torch's own default, the local-GPU build
+    that `pip install` on a GPU machine wants), or DEFAULT_CUDA_ARCHS without a GPU (torch
+    would otherwise fail on an empty list)."""
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    try:
+        n = torch.cuda.device_count()
+    except Exception:  # no driver: same as no GPU
+        n = 0
+    if n == 0:
+        return DEFAULT_CUDA_ARCHS
+    caps = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(n)})
+    return ";".join(caps[:-1] + [caps[-1] + "+PTX"])
+
+
+def _nvcc_flags():
+    # torch 2.14's headers need C++20. --expt-relaxed-constexpr: std:: constexpr helpers
+    # in device code (numeric_limits); -lineinfo keeps source lines for profilers at no
+    # run-time cost. PEFTCORE_PTXAS_VERBOSE=1 adds -Xptxas -v (register / spill report,
+    # how benchmarks/ptxas.txt is made).
+    flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-DPEFTCORE_WITH_CUDA"]
+    if os.environ.get("PEFTCORE_PTXAS_VERBOSE", "0") == "1":
+        flags += ["-Xptxas", "-v"]
+    return flags
+
+
+def _nvidia_wheel_dirs():
+    """(include, lib) folders of the CUDA libraries that ATen's CUDA headers include
+    (cuBLAS, cuSPARSE, ...): with a pip-installed CUDA torch they live in the nvidia wheels
+    beside torch (site-packages/nvidia/cu<major>/{include,lib}), not in every toolkit.
+    Either is None when absent."""
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    base = os.path.join(site, "nvidia", "cu" + (torch.version.cuda or "").split(".")[0])
+    inc, lib = os.path.join(base, "include"), os.path.join(base, "lib")
+    return (inc if os.path.isdir(inc) else None), (lib if os.path.isdir(lib) else None)
 
 
 def _extensions():
@@ -80,14 +133,18 @@ def _extensions():
         py_limited_api=True,
     )
     if build_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX")
-        cuda_reason = f"CUDA ON (CUDA archs {os.environ['TORCH_CUDA_ARCH_LIST']})"
+        # The wheels' headers as system folders: searched after the toolkit's own -I folder,
+        # so the toolkit's CUDA runtime headers win and only what it lacks comes from there.
+        inc, lib = _nvidia_wheel_dirs()
+        sys_inc = ["-isystem", inc] if inc else []
         ext = CUDAExtension(
             sources=sources + cu_sources,
-            extra_compile_args={"cxx": cxx + ["-DPEFTCORE_WITH_CUDA"], "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx + sys_inc + ["-DPEFTCORE_WITH_CUDA"], "nvcc": _nvcc_flags() + sys_inc},
             extra_link_args=link,
+            library_dirs=[lib] if lib else [],
             **kwargs,
         )
+        cuda_reason = f"CUDA ON ({cuda_reason})"
     else:
         cuda_reason = f"CUDA OFF ({cuda_reason})"
         ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, **kwargs)

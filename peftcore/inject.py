@@ -286,10 +286,16 @@ def check_quantized(name: str, b: nn.Module, kind: str) -> None:
     w = b.weight
     dev = quantized_device(b)
     if dev.type != "cpu":
-        raise UnsupportedAdapterError(
-            f"{where} is quantized and on device {dev}; peftcore's quantized kernels run on CPU only "
-            "(no CUDA kernel yet). Load the base with device_map='cpu'"
-        )
+        # CUDA bases need this build's CUDA kernels (a CPU-only build falls back to nothing
+        # sensible for bitsandbytes' GPU layout): refuse where they are missing.
+        from .native import native_available
+
+        ops = ("lora_linear_4bit", "ia3_linear_4bit") if kind == "4bit" else ("lora_linear_int8", "ia3_linear_int8")
+        if dev.type != "cuda" or not all(native_available(op, "cuda") for op in ops):
+            raise UnsupportedAdapterError(
+                f"{where} is quantized and on device {dev}; this build of peftcore has no {dev.type} kernel for it. "
+                "Load the base with device_map='cpu' (or build peftcore with CUDA for a CUDA base)"
+            )
     if kind == "4bit":
         qs = getattr(w, "quant_state", None)
         if qs is None or not getattr(w, "bnb_quantized", True):

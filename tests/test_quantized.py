@@ -256,8 +256,8 @@ def test_refuses_has_fp16_weights(tmp_path):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_refuses_quantized_layer_off_cpu(root, tmp_path, monkeypatch, bits):
-    """peftcore has no CUDA kernel for quantized bases: a quantized layer off the CPU is
-    refused, naming module and device, model unchanged (the device is faked: no GPU here)."""
+    """A quantized layer on a device this build has no kernel for (here: a CPU-only build,
+    CUDA faked) is refused, naming module and device, model unchanged."""
     model = _qmodel(root, "llama", bits)
     # A first adapter on every quantized layer, so "unchanged" covers adapter state too; it
     # also keeps bitsandbytes from ever running (and packing) a layer: bitsandbytes'

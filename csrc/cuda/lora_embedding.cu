@@ -1,0 +1,96 @@
+// peftcore::lora_embedding on CUDA: y[t] = W[idx_t] + Σ_a s_a · A_a[:, idx_t]ᵀ·B_aᵀ, and its backward.
+// Layout: indices int64/int32 [...], W [V, D] (any strides), A_a [r_a, V], B_a [D, r_a];
+// y [..., D] contiguous. Forward: ATen's embedding gather for W, the rows of A_aᵀ gathered
+// into the fp32 t buffer (the shrink of a one-hot input), then lowrank.cu's expand adding
+// into y in place (one rounding). Out-of-range indices trip the gathers' device-side
+// assert (no host check: that would sync). Backward: ATen index_add / GEMMs following
+// reference.lora_embedding_backward, disabled adapters masked on the device.
+// Tests: tests/test_cuda.py (lora_embedding samples).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "checks_cuda.h"
+#include "lowrank.h"
+#include "ops_cuda.h"
+#include "state.h"
+
+namespace peftcore {
+
+using namespace peftcore::cuda;
+
+namespace {
+
+void check_embedding_args(const char* op, const at::Tensor& indices, const at::Tensor& weight,
+                          at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                          int64_t padding_idx) {
+  check_defined(op, weight, "weight");
+  TORCH_CHECK(weight.is_cuda(), "peftcore::", op, ": weight is on ", weight.device(), " but this kernel runs on CUDA");
+  check_on(op, indices, "indices", weight.device());
+  check_dtype_in(op, indices, "indices", {at::kLong, at::kInt});
+  check_dim(op, weight, "weight", 2);
+  check_float_dtype(op, weight, "weight");
+  const int64_t V = weight.size(0), D = weight.size(1);
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < V, "peftcore::", op, ": padding_idx = ", padding_idx,
+              " is outside [-1, ", V, ") (num_embeddings = weight.shape[0] = ", V, "; -1 means none)");
+  check_adapters(op, lora_A, lora_B, scales, weight.device(), weight.scalar_type(), V,
+                 "weight.shape[0] (num_embeddings)", D, "weight.shape[1] (embedding_dim)");
+}
+
+}  // namespace
+
+at::Tensor lora_embedding_cuda(const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,
+                               at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx) {
+  check_embedding_args("lora_embedding", indices, weight, lora_A, lora_B, scales, padding_idx);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  // padding_idx only affects gradients (as in F.embedding), so the plain gather is exact.
+  at::Tensor y = at::embedding(weight, indices);
+  if (lora_A.empty() || y.numel() == 0) return y;
+  if (!y.is_contiguous()) y = y.contiguous();
+  at::Tensor y2 = y.view({-1, weight.size(1)});
+  add_lowrank_embedding(indices.reshape({-1}).to(at::kLong), lora_A, lora_B, read_state(scales), y2);
+  return y;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_embedding_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,
+    at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx, std::array<bool, 2> output_mask) {
+  const char* op = "lora_embedding_backward";
+  check_embedding_args(op, indices, weight, lora_A, lora_B, scales, padding_idx);
+  const int64_t V = weight.size(0), D = weight.size(1);
+  check_on(op, grad_out, "grad_out", weight.device());
+  check_float_dtype(op, grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == D && grad_out.numel() == indices.numel() * D, "peftcore::",
+              op, ": grad_out has shape ", grad_out.sizes(), " but the forward output has shape indices.shape + [", D,
+              "] with indices.shape = ", indices.sizes());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor idx = indices.reshape({-1}).to(at::kLong);
+  const auto [want_w, want_ad] = output_mask;
+
+  const auto f = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g = grad_out.reshape({-1, D}).to(f);
+  // Tokens at padding_idx send no gradient into the tables they read (W's row, A's
+  // column); B still sees their activations, so it uses the unmasked g.
+  const at::Tensor g_tab = padding_idx < 0 ? g : g * (idx != padding_idx).unsqueeze(1).to(f);
+  at::Tensor gw = want_w ? at::zeros({V, D}, weight.options().dtype(f)).index_add_(0, idx, g_tab).to(weight.scalar_type())
+                         : at::empty({0}, weight.options());
+  std::vector<at::Tensor> gA, gB;
+  if (want_ad) {
+    const State st = read_state(scales);
+    for (size_t a = 0; a < lora_A.size(); ++a) {
+      const at::Tensor &A = lora_A[a], &B = lora_B[a];
+      if (A.size(0) == 0 || !st.maybe_on(a)) {
+        gA.push_back(at::zeros(A.sizes(), A.options()));
+        gB.push_back(at::zeros(B.sizes(), B.options()));
+        continue;
+      }
+      const at::Tensor t = A.to(f).t().index_select(0, idx);            // [n, r]
+      const at::Tensor gt = st.scaled(at::mm(g_tab, B.to(f)), a);       // [n, r]
+      const at::Tensor gAt = at::zeros({V, A.size(0)}, A.options().dtype(f)).index_add_(0, idx, gt);
+      gA.push_back(st.masked(gAt.t(), a).to(A.scalar_type()).contiguous());  // laid out like A
+      gB.push_back(st.masked(st.scaled(at::mm(g.t(), t), a), a).to(B.scalar_type()));
+    }
+  }
+  return {gw, gA, gB};
+}
+
+}  // namespace peftcore

@@ -1,0 +1,337 @@
+"""The CUDA kernels (csrc/cuda/) against reference.py, on a GPU.
+
+Every sample of tests/op_db.py runs on CUDA and is compared with reference.py run on the
+CPU copy of the same arguments (the tolerances of tests/helpers.py; the quantized ops
+within the bounds derived there), twice: with the per-layer state vector (LoRA
+``scales``, IA3 ``active``) on the GPU, as a model moved to the GPU holds it, and on the
+CPU. Then opcheck on CUDA, CUDA-graph capture and replay of lora_linear and
+lora_linear_4bit (switching adapters by writing the state on the device between replays),
+the current-stream rule, and whole-model parity (a tiny transformers model with a LoRA
+adapter: peftcore on CUDA vs peftcore on the CPU).
+
+Marked ``cuda``; skipped as a whole without a GPU or without native CUDA kernels in this
+build (``peftcore.native.native_available(op, "cuda")``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from peftcore import native, reference
+from peftcore._ops import SCHEMAS
+
+if not any(native.native_available(op, "cuda") for op in SCHEMAS):
+    pytest.skip("this build of peftcore has no CUDA kernels (PEFTCORE_BUILD_CUDA)", allow_module_level=True)
+
+
+from tests.helpers import (
+    assert_no_worse_than_reference,
+    assert_within,
+    grad_tol,
+    quant_tolerance,
+    tol,
+)
+from tests.op_db import OPS, dtype_combos, missing_requirements, to_exact
+
+DEV = torch.device("cuda")
+LOW = (torch.bfloat16, torch.float16)
+# The per-adapter state argument of each op (read on the device when it lives there).
+STATE_ARG = {
+    "lora_linear": 5, "lora_linear_backward": 5, "adalora_linear": 6, "ia3_linear": 4, "lora_embedding": 4,
+    "lora_embedding_backward": 5, "lora_linear_4bit": 13, "lora_linear_int8": 6, "ia3_linear_4bit": 12,
+    "ia3_linear_int8": 5,
+}
+QUANT = {"lora_linear_4bit", "lora_linear_int8"}
+IA3_QUANT = {"ia3_linear_4bit", "ia3_linear_int8"}
+DEQUANT = {"dequantize_4bit", "dequantize_int8"}
+BACKWARD = {"lora_linear_backward", "lora_embedding_backward"}
+
+
+def _need_kernel(op_name):
+    # An op without a CUDA kernel yet would run its reference fallback: not what is tested here.
+    if not native.native_available(op_name, "cuda"):
+        pytest.skip(f"peftcore::{op_name} has no CUDA kernel in this build")
+
+
+def to_cuda(args, op_name, state_on_device=True):
+    """The arguments on the GPU as fresh leaves (same strides: a transposed Conv1D weight
+    view stays a transposed view; same requires_grad); the state vector on the GPU or left
+    on the CPU."""
+
+    def conv(a):
+        if isinstance(a, list):
+            return [conv(t) for t in a]
+        if not isinstance(a, torch.Tensor):
+            return a
+        d = a.detach()
+        if not d.is_contiguous() and d.dim() == 2 and d.t().is_contiguous():
+            t = d.t().to(DEV).t()
+        elif not d.is_contiguous():
+            t = torch.empty_strided(d.shape, d.stride(), dtype=d.dtype, device=DEV).copy_(d)
+        else:
+            t = d.to(DEV)
+        return t.requires_grad_() if a.requires_grad else t
+
+    return tuple(a.detach() if i == STATE_ARG.get(op_name) and not state_on_device else conv(a)
+                 for i, a in enumerate(args))
+
+
+def _cases():
+    # The ops whose numerics this file knows how to check; an op added later brings its
+    # own CUDA test (mixed batches: tests of their own).
+    for name, info in OPS.items():
+        if missing_requirements(info) or name not in set(STATE_ARG) | DEQUANT:
+            continue
+        for dt, adt in dtype_combos():
+            for s in info.sample_inputs(dt, adt, False):
+                for on_dev in (True, False) if name in STATE_ARG else (True,):
+                    where = "state-gpu" if on_dev else "state-cpu"
+                    yield pytest.param(name, dt, s, on_dev, id=f"{name}-{str(dt)[6:]}-{str(adt)[6:]}-{s.name}-{where}")
+
+
+def _quant_bound(op_name, dtype, args, y_ref):
+    """The bound of tests/helpers.quant_tolerance for a LoRA op on a quantized base."""
+    if op_name == "lora_linear_4bit":
+        x, *quant, bias, lora_A, lora_B, scales, lora_x = args
+        W = reference.dequantize_4bit(*quant, x.shape[-1], torch.float64)
+        base = reference.lora_linear_4bit(x, *quant, bias, [], [], scales[:0], None)
+    else:
+        x, CB, SCB, bias, lora_A, lora_B, scales, lora_x = args
+        W = reference.dequantize_int8(CB, SCB, torch.float64)
+        base = reference.lora_linear_int8(x, CB, SCB, bias, [], [], scales[:0], None)
+    ax = x.double().abs()
+    s_base = ax @ W.abs().t() + (bias.double().abs() if bias is not None else 0)
+    s_all = s_base.clone()
+    for a, s in enumerate(scales.tolist()):
+        if s != 0.0 and lora_A[a].shape[0] > 0:
+            xa = ax if lora_x is None else lora_x[a].double().abs()
+            s_all = s_all + abs(s) * ((xa @ lora_A[a].double().abs().t()) @ lora_B[a].double().abs().t())
+    return quant_tolerance(dtype, s_base, s_all, base, y_ref)
+
+
+def _ia3_quant_bound(op_name, dtype, args, y_ref):
+    if op_name == "ia3_linear_4bit":
+        x, *quant, bias, ia3_l, active, ff = args
+        W = reference.dequantize_4bit(*quant, x.shape[-1], torch.float64)
+
+        def base(t):
+            return reference.lora_linear_4bit(t, *quant, bias, [], [], torch.zeros(0), None)
+    else:
+        x, CB, SCB, bias, ia3_l, active, ff = args
+        W = reference.dequantize_int8(CB, SCB, torch.float64)
+
+        def base(t):
+            return reference.lora_linear_int8(t, CB, SCB, bias, [], [], torch.zeros(0), None)
+    f = torch.float64 if dtype == torch.float64 else torch.float32
+    l = reference.ia3_vector(ia3_l, active, f)
+    b_abs = bias.double().abs() if bias is not None else 0
+    if l is None:
+        s_base = x.double().abs() @ W.abs().t() + b_abs
+        return quant_tolerance(dtype, s_base, s_base, y_ref, y_ref)
+    if ff:
+        xs = (x.to(f) * l).to(x.dtype)
+        s_base = xs.double().abs() @ W.abs().t() + b_abs
+        return quant_tolerance(dtype, s_base, s_base, base(xs), y_ref)
+    s_base = x.double().abs() @ W.abs().t() + b_abs
+    b = base(x)
+    bound = l.double().abs() * quant_tolerance(dtype, s_base, s_base, b, b)
+    if dtype in LOW:
+        bound = bound + torch.finfo(dtype).eps * y_ref.double().abs()
+    return bound
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    res = []
+    for o in out:
+        res.extend(_flat(o) if not isinstance(o, torch.Tensor) else [o])
+    return res
+
+
+@pytest.mark.parametrize("op_name,dtype,s,state_on_device", list(_cases()))
+def test_sample_matches_reference(op_name, dtype, s, state_on_device):
+    _need_kernel(op_name)
+    info = OPS[op_name]
+    args = s.args
+    cargs = to_cuda(args, op_name, state_on_device)
+    got = info.op(*cargs)
+    torch.cuda.synchronize()
+    want = info.ref(*args)
+    got_l, want_l = _flat(got), _flat(want)
+    assert len(got_l) == len(want_l)
+    for g, w in zip(got_l, want_l):
+        assert g.device.type == "cuda" and g.dtype == w.dtype and g.shape == w.shape, (g.dtype, w.dtype, g.shape)
+    got_c = [g.cpu() for g in got_l]
+    if op_name in DEQUANT:  # one product and one rounding: bit for bit
+        assert torch.equal(got_c[0], want_l[0])
+        return
+    if op_name in BACKWARD:
+        for g, w in zip(got_c, want_l):
+            torch.testing.assert_close(g, w, **grad_tol(dtype))
+        return
+    y, r = got_c[0], want_l[0]
+    assert torch.isfinite(y).all()  # a disabled adapter full of NaN contributes nothing
+    if s.all_scales_zero:
+        # no adapter at work: bit for bit the op without adapters / vectors, on the GPU
+        base_args = list(cargs)
+        i = STATE_ARG[op_name]
+        if op_name.startswith("ia3"):
+            base_args[i - 1], base_args[i] = [], cargs[i][:0]
+        else:
+            n_lists = 3 if op_name == "adalora_linear" else 2
+            for j in range(i - n_lists, i):
+                base_args[j] = []
+            base_args[i] = cargs[i][:0]
+            if op_name != "lora_embedding":
+                base_args[i + 1] = None
+        assert torch.equal(y, info.op(*base_args).cpu())
+        return
+    if op_name in QUANT:
+        assert_within(y, r, _quant_bound(op_name, dtype, args, r), f"{op_name} on CUDA vs reference")
+        return
+    if op_name in IA3_QUANT:
+        assert_within(y, r, _ia3_quant_bound(op_name, dtype, args, r), f"{op_name} on CUDA vs reference")
+        return
+    torch.testing.assert_close(y, r, **tol(dtype))
+    if dtype in LOW:
+        assert_no_worse_than_reference(y, r, info.ref(*to_exact(args)))
+
+
+# ---------------------------------------------------------------------------- opcheck
+# float32 only (opcheck is slow: ~0.2 s a sample); the differentiable ops with requires_grad
+# (autograd registration), the others without. The dtypes' numerics are covered above.
+
+
+def _opcheck_cases():
+    for name, info in OPS.items():
+        if missing_requirements(info):
+            continue
+        rg = info.differentiable
+        for s in info.sample_inputs(torch.float32, torch.float32, rg):
+            if s.meta.get("opcheck", True):
+                yield pytest.param(info, s, rg, id=f"{name}-float32-{'grad-' if rg else ''}{s.name}")
+
+
+@pytest.mark.parametrize("info,s,rg", list(_opcheck_cases()))
+def test_opcheck_cuda(info, s, rg):
+    _need_kernel(info.name)
+    torch.library.opcheck(info.op, to_cuda(s.args, info.name))
+
+
+# ------------------------------------------------------------------ CUDA graphs, streams
+def _lora_linear_args(tokens=4, fin=256, fout=320, ranks=(16, 8), dtype=torch.bfloat16):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(tokens, fin, generator=g).to(DEV, dtype)
+    w = (torch.randn(fout, fin, generator=g) * fin**-0.5).to(DEV, dtype)
+    b = torch.randn(fout, generator=g).to(DEV, dtype)
+    A = [(torch.randn(r, fin, generator=g) * fin**-0.5).to(DEV) for r in ranks]
+    B = [(torch.randn(fout, r, generator=g) * r**-0.5).to(DEV) for r in ranks]
+    scales = torch.tensor([0.5, -1.25], device=DEV)
+    return x, w, b, A, B, scales
+
+
+def _capture(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up outside the graph (allocator, cuBLAS handles)
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 100])
+def test_lora_linear_graph_capture_and_switching(tokens):
+    x, w, b, A, B, scales = _lora_linear_args(tokens)
+    graph, out = _capture(lambda: torch.ops.peftcore.lora_linear(x, w, b, A, B, scales, None))
+    for new in ([0.5, -1.25], [0.0, 2.0], [0.0, 0.0], [1.0, 0.0]):
+        scales.copy_(torch.tensor(new))  # a device write: the graph reads it on replay
+        x.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.lora_linear(*(t.cpu() if isinstance(t, torch.Tensor) else [u.cpu() for u in t]
+                                       for t in (x, w, b, A, B, scales)), None)
+        torch.testing.assert_close(out.cpu(), want, **tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 40])
+def test_lora_linear_4bit_graph_capture(tokens):
+    from tests.op_db import have_bnb, quantize_4bit
+
+    if not have_bnb():
+        pytest.skip("bitsandbytes is not installed")
+    g = torch.Generator().manual_seed(1)
+    fin, fout = 256, 192
+    wf = torch.randn(fout, fin, generator=g) * fin**-0.5
+    q = quantize_4bit(wf, 64, "nf4", True)
+    quant = [q["qweight"], q["absmax"], q["code"], q["blocksize"], q["nested_absmax"], q["nested_code"],
+             q["nested_offset"], q["nested_blocksize"]]
+    cquant = [t.to(DEV) if isinstance(t, torch.Tensor) else t for t in quant]
+    x = torch.randn(tokens, fin, generator=g).to(DEV, torch.bfloat16)
+    A = [(torch.randn(16, fin, generator=g) * fin**-0.5).to(DEV)]
+    B = [(torch.randn(fout, 16, generator=g) * 0.25).to(DEV)]
+    scales = torch.tensor([1.0], device=DEV)
+    graph, out = _capture(lambda: torch.ops.peftcore.lora_linear_4bit(x, *cquant, fout, None, A, B, scales, None))
+    for new in (1.0, 0.0, -2.0):
+        scales.fill_(new)
+        graph.replay()
+        eager = torch.ops.peftcore.lora_linear_4bit(x, *cquant, fout, None, A, B, scales, None)
+        torch.cuda.synchronize()
+        if tokens <= 16:  # the fused GEMV: same kernels, same order, bit for bit
+            assert torch.equal(out, eager)
+        else:  # cuBLAS may pick another algorithm inside a capture
+            torch.testing.assert_close(out, eager, **tol(torch.bfloat16))
+
+
+def test_kernels_run_on_the_current_stream():
+    """Launched on a side stream, the ops must order after that stream's earlier work
+    (they would race with it on the default stream)."""
+    x, w, b, A, B, scales = _lora_linear_args(64, 1024, 1024)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            x2 = x * 1.0  # queued work on the side stream that the op's input depends on
+            torch.cuda._sleep(1_000_000)
+            x2.add_(1.0)
+        y = torch.ops.peftcore.lora_linear(x2, w, b, A, B, scales, None)
+    torch.cuda.current_stream().wait_stream(side)
+    want = torch.ops.peftcore.lora_linear(x + 1.0, w, b, A, B, scales, None)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, want, **tol(torch.bfloat16))
+
+
+# --------------------------------------------------------------------- whole model
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_model_parity_cpu_vs_cuda(dtype):
+    """A tiny Llama with a LoRA adapter: peftcore on CUDA (model moved after adding the
+    adapter: the state buffers move with it) gives peftcore-on-CPU's logits; switching
+    the adapter off on the GPU gives the base model's."""
+    pytest.importorskip("transformers")
+    import peftcore
+    from tests._models import INPUT_IDS, tiny_llama
+
+    model = tiny_llama()
+    cfg = peftcore.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                              init_lora_weights=False)
+    peftcore.add_adapter(model, cfg)
+    with torch.no_grad():
+        ref = model.to(dtype)(INPUT_IDS).logits.float()
+        model.to(DEV)
+        got = model(INPUT_IDS.to(DEV)).logits.float().cpu()
+    # bfloat16: one-ulp differences of the roundings (other summation orders) carried
+    # through two layers; still far below the adapter's effect, checked last.
+    t = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-1, atol=1e-1)
+    torch.testing.assert_close(got, ref, **t)
+    with torch.no_grad(), peftcore.adapters_disabled(model):
+        off = model(INPUT_IDS.to(DEV)).logits.float().cpu()
+    assert (off - got).abs().max() > 1e-2  # the adapter had an effect
