@@ -14,6 +14,8 @@ build (``peftcore.native.native_available(op, "cuda")``).
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -335,3 +337,135 @@ def test_whole_model_parity_cpu_vs_cuda(dtype):
     with torch.no_grad(), peftcore.adapters_disabled(model):
         off = model(INPUT_IDS.to(DEV)).logits.float().cpu()
     assert (off - got).abs().max() > 1e-2  # the adapter had an effect
+
+
+# ---------------------------------------------------------------------- mixed batches
+# The six *_mixed ops (one adapter slot per row group, -1 = base) on every op_db sample:
+# each row group equals the op's single-adapter twin on CUDA (tests/ops/test_mixed_ops.py's
+# _twin and tolerances), and the whole result equals the CPU kernel's. `rows` and `scales`
+# on the GPU (as the model's layers hold them: read on the device, no sync) and on the CPU.
+from tests.ops import test_mixed_ops as _mixed  # noqa: E402
+from tests.ops.test_mixed_ops import _flat as _flat_rows  # noqa: E402
+from tests.ops.test_mixed_ops import _rows, _twin, _with_rows  # noqa: E402
+
+MIXED = [n for n in OPS if n.endswith("_mixed")]
+# Positions of the per-layer state (LoRA scales) and of rows in each mixed op's arguments.
+MIXED_HOST_ARGS = {
+    "lora_linear_mixed": (6, 7), "ia3_linear_mixed": (4,), "lora_linear_4bit_mixed": (13, 14),
+    "lora_linear_int8_mixed": (6, 7), "ia3_linear_4bit_mixed": (12,), "ia3_linear_int8_mixed": (5,),
+}
+MIXED_QUANT = {"lora_linear_4bit_mixed": "lora_linear_4bit", "lora_linear_int8_mixed": "lora_linear_int8",
+               "ia3_linear_4bit_mixed": "ia3_linear_4bit", "ia3_linear_int8_mixed": "ia3_linear_int8"}
+
+
+def _mixed_to_cuda(name, args, state_on_device):
+    cargs = list(to_cuda(args, name))
+    if not state_on_device:
+        for i in MIXED_HOST_ARGS[name]:
+            cargs[i] = args[i]
+    return tuple(cargs)
+
+
+def _mixed_cases():
+    for name in MIXED:
+        if missing_requirements(OPS[name]):
+            continue
+        for dt, adt in dtype_combos():
+            for s in OPS[name].sample_inputs(dt, adt, False):
+                for on_dev in (True, False):
+                    where = "state-gpu" if on_dev else "state-cpu"
+                    yield pytest.param(name, dt, s, on_dev, id=f"{name}-{str(dt)[6:]}-{str(adt)[6:]}-{s.name}-{where}")
+
+
+class _Recorder:
+    """Stands in for torch.ops.peftcore inside _twin: returns (op name, args) of the call."""
+
+    def __getattr__(self, op):
+        return lambda *a: (op, a)
+
+
+def _twin_call(name, args, slot):
+    saved, _mixed.P = _mixed.P, _Recorder()
+    try:
+        return _twin(name, args, slot)
+    finally:
+        _mixed.P = saved
+
+
+def _quant_group_bound(name, dtype, args, slot):
+    """tests/helpers.quant_tolerance's bound of the single-adapter twin (CPU args) against
+    reference.py: a quantized op's CUDA and CPU kernels each lie within it."""
+    op, targs = _twin_call(name, args, slot)
+    r = OPS[op].ref(*targs)
+    return _quant_bound(op, dtype, targs, r) if op in QUANT else _ia3_quant_bound(op, dtype, targs, r)
+
+
+@pytest.mark.parametrize("name,dtype,s,state_on_device", list(_mixed_cases()))
+def test_mixed_groups_match_twins_and_cpu(name, dtype, s, state_on_device):
+    _need_kernel(name)
+    args = s.args
+    cargs = _mixed_to_cuda(name, args, state_on_device)
+    y = OPS[name].op(*cargs)
+    torch.cuda.synchronize()
+    x = args[0]
+    assert y.device.type == "cuda" and y.dtype == x.dtype and y.shape == (*x.shape[:-1], y.shape[-1])
+    yc = y.cpu()
+    assert torch.isfinite(yc).all()  # NaN only in unused / scale-0 slots
+    rows = _rows(args).tolist()
+    per = math.prod(x.shape[:-1]) // len(rows)
+    yf = _flat_rows(yc)
+    want_cpu = _flat_rows(OPS[name].op(*args))  # the CPU kernel
+    for slot in sorted(set(rows)):
+        sel = [i for g, r in enumerate(rows) if r == slot for i in range(g * per, (g + 1) * per)]
+        exp = _flat_rows(_twin(name, cargs, slot).cpu())[sel]
+        got = yf[sel]
+        if slot < 0 and "ia3" not in name:  # the base alone: the very same base pass
+            assert torch.equal(got, exp), f"{name}: base rows differ from the base op on CUDA"
+        else:
+            torch.testing.assert_close(got, exp, **tol(dtype), msg=lambda m: f"{name} slot {slot}: {m}")
+        if name in MIXED_QUANT:  # other base kernels (GEMV / cuBLAS vs CPU): the quantized bound
+            bound = _flat_rows(_quant_group_bound(name, dtype, args, slot))[sel]
+            assert_within(got, want_cpu[sel], 2 * bound, f"{name} slot {slot} on CUDA vs the CPU kernel")
+    if name not in MIXED_QUANT:
+        torch.testing.assert_close(yf, want_cpu, **tol(dtype))
+
+
+def test_mixed_many_adapters_use_several_windows():
+    """40 slots (more than the 32 of one launch): every row still gets its own adapter."""
+    g = torch.Generator().manual_seed(3)
+    n, fin, fout = 40, 64, 48
+    x = torch.randn(2 * n, fin, generator=g)
+    w, b = torch.randn(fout, fin, generator=g) * fin**-0.5, torch.randn(fout, generator=g)
+    A = [torch.randn(4 + a % 5, fin, generator=g) * fin**-0.5 for a in range(n)]
+    B = [torch.randn(fout, 4 + a % 5, generator=g) for a in range(n)]
+    scales = torch.rand(n, generator=g) + 0.5
+    rows = torch.tensor([(7 * i) % (n + 1) - 1 for i in range(n)])  # every slot, and -1
+    args = (x, w, b, A, B, None, scales, rows)
+    cargs = to_cuda(args, "lora_linear_mixed")
+    y = torch.ops.peftcore.lora_linear_mixed(*cargs).cpu()
+    torch.testing.assert_close(y, reference.lora_linear_mixed(*args), **tol(torch.float32))
+    l = [torch.rand(fout, generator=g) + 0.5 for _ in range(n)]
+    yi = torch.ops.peftcore.ia3_linear_mixed(cargs[0], cargs[1], cargs[2], [t.to(DEV) for t in l], cargs[7], False)
+    torch.testing.assert_close(yi.cpu(), reference.ia3_linear_mixed(x, w, b, l, rows, False), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("name", [n for n in MIXED if not missing_requirements(OPS[n])])
+def test_mixed_bad_rows_on_cuda(name):
+    """The CPU kernels' messages; a slot out of range is reported when rows is a CPU
+    tensor, and is the base alone (as -1) when rows lives on the GPU (its values are never
+    read on the host: no sync)."""
+    _need_kernel(name)
+    s = next(s for s in OPS[name].sample_inputs(torch.float32, torch.float32) if s.name == "6rows_3adapters")
+    cargs = _mixed_to_cuda(name, s.args, True)
+    op = OPS[name].op
+    with pytest.raises(RuntimeError, match=rf"{name}: x has 6 rows .* rows holds 4 adapter indices"):
+        op(*_with_rows(cargs, torch.tensor([0, 1, 2, 0], device=DEV)))
+    with pytest.raises(RuntimeError, match=rf"{name}: rows\[1\] = 3 is not an adapter slot"):
+        op(*_with_rows(cargs, torch.tensor([0, 3])))
+    with pytest.raises(RuntimeError, match=rf"{name}: rows has dtype Float"):
+        op(*_with_rows(cargs, torch.tensor([0.0, 1.0], device=DEV)))
+    with pytest.raises(RuntimeError, match=rf"{name}: rows must be 1-D with at least one entry"):
+        op(*_with_rows(cargs, torch.zeros(0, dtype=torch.int64, device=DEV)))
+    y = _flat_rows(op(*_with_rows(cargs, torch.tensor([1, 3, -7], device=DEV))).cpu())
+    base = _flat_rows(op(*_with_rows(cargs, torch.tensor([1, -1, -1], device=DEV))).cpu())
+    assert torch.equal(y, base)

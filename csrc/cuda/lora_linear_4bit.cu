@@ -10,7 +10,9 @@
 // weight is dequantized into a caching-allocator buffer (x's dtype) and cuBLAS runs with
 // fp32 output, then the epilogue pass. The adapters are then added by lowrank.cu.
 // Tests: tests/test_cuda.py (4-bit samples of tests/op_db.py, graph capture).
-// Benchmark: benchmarks/bench_cuda.py (nf4 rows).
+// The *_mixed variants (one adapter per row group, mixed.h) run the same base once for
+// every row, then the per-row terms of lora_linear_mixed.cu / ia3_linear_mixed.cu.
+// Benchmark: benchmarks/bench_cuda.py (nf4 rows, mixed rows).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,6 +22,7 @@
 #include "../common/checks.h"
 #include "checks_cuda.h"
 #include "lowrank.h"
+#include "mixed.h"
 #include "ops_cuda.h"
 #include "quant.h"
 
@@ -299,6 +302,62 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& qweight, const at::Tensor& abs
                                   nested_blocksize, out_features, in_features, qweight.device());
   TORCH_CHECK(at::isFloatingType(dtype), "peftcore::", op, ": dtype must be a floating type but is ", dtype);
   return dequantize(w, qweight.options(), dtype);
+}
+
+// ---- mixed batches (mixed.h): the base once for every row (the GEMV / GEMM above, no
+// adapter in its epilogue: the per-row terms follow), then each row group's adapter.
+at::Tensor lora_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                       const at::Tensor& code, int64_t blocksize,
+                                       const std::optional<at::Tensor>& nested_absmax,
+                                       const std::optional<at::Tensor>& nested_code,
+                                       const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                       int64_t out_features, const std::optional<at::Tensor>& bias,
+                                       at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                       const at::Tensor& rows, const std::optional<at::Tensor>& lora_x) {
+  const char* op = "lora_linear_4bit_mixed";
+  check_quant_x_and_bias(op, x, out_features, bias);
+  const int64_t K = x.size(-1), N = out_features;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                  nested_blocksize, N, K, x.device());
+  check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
+                 "out_features");
+  const bool has_lx = lora_x.has_value() && lora_x->defined();
+  if (has_lx) check_lora_x(op, std::optional<at::TensorList>(at::TensorList(*lora_x)), x, 1);
+  const at::Tensor r = check_rows(op, rows, leading_rows(x), static_cast<int64_t>(lora_A.size()), x.device());
+  at::Tensor y = linear_4bit(x, w, bias, nullptr, nullptr);
+  if (!lora_A.empty() && y.numel() > 0) add_lowrank_mixed(has_lx ? *lora_x : x, lora_A, lora_B, {}, read_state(scales), r, y);
+  return y;
+}
+
+at::Tensor ia3_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                      const at::Tensor& code, int64_t blocksize,
+                                      const std::optional<at::Tensor>& nested_absmax,
+                                      const std::optional<at::Tensor>& nested_code,
+                                      const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                      int64_t out_features, const std::optional<at::Tensor>& bias,
+                                      at::TensorList ia3_l, const at::Tensor& rows, bool feedforward) {
+  const char* op = "ia3_linear_4bit_mixed";
+  check_quant_x_and_bias(op, x, out_features, bias);
+  const int64_t K = x.size(-1), N = out_features, M = leading_rows(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                                  nested_blocksize, N, K, x.device());
+  const at::Tensor r = check_rows(op, rows, M, static_cast<int64_t>(ia3_l.size()), x.device());
+  check_ia3_vectors(op, ia3_l, x.scalar_type(), feedforward ? K : N,
+                    feedforward ? "input feature (feedforward=True: x.shape[-1])"
+                                : "output feature (feedforward=False: out_features)",
+                    x.device());
+  if (ia3_l.empty()) return linear_4bit(x, w, bias, nullptr, nullptr);
+  if (feedforward) {
+    at::Tensor xs = at::empty({M, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    ia3_scale_rows(ia3_l, r, x.reshape({M, K}), xs);
+    return linear_4bit(xs.view(x.sizes()), w, bias, nullptr, nullptr);
+  }
+  at::Tensor y = linear_4bit(x, w, bias, nullptr, nullptr);
+  at::Tensor y2 = y.view({M, N});
+  ia3_scale_rows(ia3_l, r, y2, y2);  // the rounded base (bias included), rounded again: as ia3_linear_4bit
+  return y;
 }
 
 }  // namespace peftcore

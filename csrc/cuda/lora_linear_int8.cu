@@ -7,6 +7,8 @@
 // applied to the sum, bias / rounding / IA3 in the epilogue. More rows (or float64): W
 // dequantized as bitsandbytes does ((CB·SCB)·(1/127) in fp32) into a caching-allocator
 // buffer, cuBLAS with fp32 output, the epilogue pass. Adapters: lowrank.cu.
+// The *_mixed variants (one adapter per row group, mixed.h): the same base once for every
+// row, then the per-row terms of lora_linear_mixed.cu / ia3_linear_mixed.cu.
 // Tests: tests/test_cuda.py (int8 samples of tests/op_db.py). Benchmark: benchmarks/bench_cuda.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,6 +19,7 @@
 #include "../common/checks.h"
 #include "checks_cuda.h"
 #include "lowrank.h"
+#include "mixed.h"
 #include "ops_cuda.h"
 #include "quant.h"
 
@@ -224,6 +227,52 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& weight, const at::Tensor& row_
   const Int8Weight w = check_int8(op, weight, row_scale, weight.device());
   TORCH_CHECK(at::isFloatingType(dtype), "peftcore::", op, ": dtype must be a floating type but is ", dtype);
   return dequantize(w, dtype);
+}
+
+// ---- mixed batches (mixed.h): the base once for every row, then each row group's adapter.
+at::Tensor lora_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                       const std::optional<at::Tensor>& bias, at::TensorList lora_A,
+                                       at::TensorList lora_B, const at::Tensor& scales, const at::Tensor& rows) {
+  const char* op = "lora_linear_int8_mixed";
+  check_x(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Int8Weight w = check_int8(op, weight, row_scale, x.device());
+  const int64_t N = weight.size(0), K = x.size(-1);
+  check_quant_x_and_bias(op, x, N, bias);
+  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
+                 "weight.shape[0] (out_features)");
+  const at::Tensor r = check_rows(op, rows, leading_rows(x), static_cast<int64_t>(lora_A.size()), x.device());
+  at::Tensor y = linear_int8(x, w, bias, nullptr, nullptr);
+  if (!lora_A.empty() && y.numel() > 0) add_lowrank_mixed(x, lora_A, lora_B, {}, read_state(scales), r, y);
+  return y;
+}
+
+at::Tensor ia3_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                      const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
+                                      const at::Tensor& rows, bool feedforward) {
+  const char* op = "ia3_linear_int8_mixed";
+  check_x(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Int8Weight w = check_int8(op, weight, row_scale, x.device());
+  const int64_t N = weight.size(0), K = x.size(-1), M = leading_rows(x);
+  check_quant_x_and_bias(op, x, N, bias);
+  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
+  const at::Tensor r = check_rows(op, rows, M, static_cast<int64_t>(ia3_l.size()), x.device());
+  check_ia3_vectors(op, ia3_l, x.scalar_type(), feedforward ? K : N,
+                    feedforward ? "input feature (feedforward=True: x.shape[-1])"
+                                : "output feature (feedforward=False: weight.shape[0])",
+                    x.device());
+  if (ia3_l.empty()) return linear_int8(x, w, bias, nullptr, nullptr);
+  if (feedforward) {
+    at::Tensor xs = at::empty({M, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    ia3_scale_rows(ia3_l, r, x.reshape({M, K}), xs);
+    return linear_int8(xs.view(x.sizes()), w, bias, nullptr, nullptr);
+  }
+  at::Tensor y = linear_int8(x, w, bias, nullptr, nullptr);
+  at::Tensor y2 = y.view({M, N});
+  ia3_scale_rows(ia3_l, r, y2, y2);  // the rounded base (bias included), rounded again: as ia3_linear_int8
+  return y;
 }
 
 }  // namespace peftcore

@@ -218,6 +218,131 @@ __device__ __forceinline__ void expand_row(const LowrankBatch<T, W>& p, int64_t 
   }
 }
 
+// ---- Mixed batches (lora_linear_mixed.cu): row m uses only the adapter of its row
+// group, slot = rows[m / per] (device memory; nothing is read on the host). A launch
+// carries one window of slots [w0, w0 + p.n) as p.ad[slot - w0]; a row whose slot is
+// outside the window (-1, another window, or an out-of-range value) does nothing in it.
+struct MixedRows {
+  const int64_t* rows;  // [G] slots on the device
+  int64_t per;          // token rows per group (M / G, >= 1)
+  int64_t w0;           // first slot of this launch's window
+};
+
+// Position of row m's adapter in the window, or -1 when the row has no term here.
+template <typename T, typename W>
+__device__ __forceinline__ int mixed_local(const LowrankBatch<T, W>& p, const MixedRows& r, int64_t m) {
+  const int64_t local = r.rows[m / r.per] - r.w0;
+  return local >= 0 && local < p.n ? static_cast<int>(local) : -1;
+}
+
+// Block reduction of the shrink: t[m0 + i, q] = Σ_threads acc[i] (· E[q]) for i < nrows.
+// Every thread of the block calls it (two barriers inside); red: ROWS rows of shared memory.
+template <typename T, typename W, int ROWS>
+__device__ __forceinline__ void shrink_store(const LowrankAdapter<T, W>& ad, int64_t m0, int nrows, int q,
+                                             float (&acc)[ROWS], float (*red)[kShrinkThreads / kWarp]) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    const float v = warp_sum(acc[i]);
+    if (lane == 0) red[i][warp] = v;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const float e = ad.E != nullptr ? ad.E[q] : 1.f;
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+      const float v = warp_sum(lane < kShrinkThreads / kWarp ? red[i][lane] : 0.f);
+      if (lane == 0 && i < nrows) ad.t[(m0 + i) * ad.ldt + q] = ad.E != nullptr ? v * e : v;
+    }
+  }
+  __syncthreads();  // red is free again
+}
+
+// grid (ceil(M / ROWS), max rank of the window); block kShrinkThreads: the gathered shrink,
+// t[m, q] = (x[m]·A_k[q])·E_k[q] with k row m's own adapter. A tile of ROWS rows that
+// share one adapter (the usual case: consecutive rows form the groups) is one
+// shrink_partial over the tile (A's row read once for ROWS rows); a tile that straddles
+// groups takes its rows one at a time. Every test below reads the same values in every
+// thread (block-uniform), so the barriers are reached by all threads or none.
+// All adapters of the window write the same t [M, ldt] (a row has one adapter).
+template <typename T, typename W, int ROWS, bool VEC>
+__global__ void __launch_bounds__(kShrinkThreads)
+    lowrank_shrink_mixed_kernel(const __grid_constant__ LowrankBatch<T, W> p, const MixedRows r) {
+  __shared__ float red[ROWS][kShrinkThreads / kWarp];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * ROWS;
+  const int nrows = static_cast<int>(p.M - m0 < ROWS ? p.M - m0 : ROWS);
+  const int q = blockIdx.y;
+  int loc[ROWS];
+  bool same = true;
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    loc[i] = i < nrows ? mixed_local(p, r, m0 + i) : -1;
+    same = same && (i >= nrows || loc[i] == loc[0]);
+  }
+  // An adapter that is off (scale 0), or has no rank q, gets no t: the expand skips it.
+  const auto acts = [&](int a) {
+    return a >= 0 && q < p.ad[a].rank && state_value(p.scales, p.ad[a].index, p.ad[a].host_scale) != 0.f;
+  };
+  if (same) {
+    if (!acts(loc[0])) return;
+    float acc[ROWS];
+    shrink_partial<T, W, ROWS, VEC>(p.ad[loc[0]], p.K, m0, nrows, q, threadIdx.x, kShrinkThreads, acc);
+    shrink_store<T, W, ROWS>(p.ad[loc[0]], m0, nrows, q, acc, red);
+    return;
+  }
+  for (int i = 0; i < nrows; ++i) {
+    if (!acts(loc[i])) continue;
+    float acc[1];
+    shrink_partial<T, W, 1, VEC>(p.ad[loc[i]], p.K, m0 + i, 1, q, threadIdx.x, kShrinkThreads, acc);
+    shrink_store<T, W, 1>(p.ad[loc[i]], m0 + i, 1, q, acc, red);
+  }
+}
+
+// grid (ceil(M / ROWS), ceil(N / kExpandCols)); block kExpandCols. As lowrank_expand_kernel,
+// but for each adapter of the window that some row of the tile uses (a block-uniform
+// test), the tile's product is formed by expand_accumulate and added only to the rows of
+// that adapter: a select, not a product with 0, so the t of rows of other adapters (never
+// written for them: garbage) cannot leak into y. Consecutive rows usually share a group,
+// so a tile mostly meets one adapter. y is read and written once per row: one rounding.
+template <typename T, typename W, int ROWS>
+__global__ void __launch_bounds__(kExpandCols)
+    lowrank_expand_mixed_kernel(const __grid_constant__ LowrankBatch<T, W> p, const MixedRows r) {
+  __shared__ float Bs[kExpandCols][kRankChunk + 1];
+  __shared__ float ts[ROWS][kRankChunk];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * ROWS;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kExpandCols;
+  const int64_t n = n0 + threadIdx.x;
+  int use[ROWS];
+  bool any = false;
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    use[i] = m0 + i < p.M ? mixed_local(p, r, m0 + i) : -1;
+    any = any || use[i] >= 0;
+  }
+  if (!any) return;  // no row of the tile has an adapter in this window: y stays as it is
+  float acc[ROWS];
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) acc[i] = (m0 + i < p.M && n < p.N) ? static_cast<float>(p.y[(m0 + i) * p.N + n]) : 0.f;
+  for (int a = 0; a < p.n; ++a) {
+    bool used = false;
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) used = used || use[i] == a;
+    if (!used) continue;  // block-uniform
+    const LowrankAdapter<T, W>& ad = p.ad[a];
+    const float s = state_value(p.scales, ad.index, ad.host_scale);
+    if (s == 0.f || ad.rank == 0) continue;  // the shrink skipped it too: its t was never written
+    float part[ROWS];
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) part[i] = 0.f;
+    expand_accumulate<T, W, ROWS>(ad, p.M, p.N, m0, n0, Bs, ts, part);
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) acc[i] = use[i] == a ? acc[i] + part[i] * s : acc[i];
+  }
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i)
+    if (use[i] >= 0 && n < p.N) p.y[(m0 + i) * p.N + n] = from_acc<T>(acc[i]);
+}
+
 // No adapters in the epilogue.
 struct NoLowrank {};
 template <int ROWS>

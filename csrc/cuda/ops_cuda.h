@@ -68,4 +68,37 @@ at::Tensor ia3_linear_int8_cuda(const at::Tensor& x, const at::Tensor& weight, c
 // dequantize_int8: one elementwise kernel, (CB·SCB)·(1/127) as bitsandbytes
 at::Tensor dequantize_int8_cuda(const at::Tensor& weight, const at::Tensor& row_scale, at::ScalarType dtype);
 
+// lora_linear_mixed: cuBLAS base, then per window of 32 slots a gathered shrink + per-row expand
+at::Tensor lora_linear_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,
+                                  const at::Tensor& scales, const at::Tensor& rows);
+// ia3_linear_mixed: cuBLAS base, each row scaled by its slot's vector (x's rows, or y's in place)
+at::Tensor ia3_linear_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 at::TensorList ia3_l, const at::Tensor& rows, bool feedforward);
+// lora_linear_4bit_mixed: the 4-bit base (GEMV or dequantize + cuBLAS), then the per-row LoRA terms
+at::Tensor lora_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                       const at::Tensor& code, int64_t blocksize,
+                                       const std::optional<at::Tensor>& nested_absmax,
+                                       const std::optional<at::Tensor>& nested_code,
+                                       const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                       int64_t out_features, const std::optional<at::Tensor>& bias,
+                                       at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                       const at::Tensor& rows, const std::optional<at::Tensor>& lora_x);
+// ia3_linear_4bit_mixed: the 4-bit base over per-row scaled x (feedforward), or its output rows scaled
+at::Tensor ia3_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                                      const at::Tensor& code, int64_t blocksize,
+                                      const std::optional<at::Tensor>& nested_absmax,
+                                      const std::optional<at::Tensor>& nested_code,
+                                      const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                                      int64_t out_features, const std::optional<at::Tensor>& bias,
+                                      at::TensorList ia3_l, const at::Tensor& rows, bool feedforward);
+// lora_linear_int8_mixed: the int8 base (GEMV or dequantize + cuBLAS), then the per-row LoRA terms
+at::Tensor lora_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                       const std::optional<at::Tensor>& bias, at::TensorList lora_A,
+                                       at::TensorList lora_B, const at::Tensor& scales, const at::Tensor& rows);
+// ia3_linear_int8_mixed: the int8 base over per-row scaled x (feedforward), or its output rows scaled
+at::Tensor ia3_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                                      const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
+                                      const at::Tensor& rows, bool feedforward);
+
 }  // namespace peftcore

@@ -17,4 +17,10 @@ TORCH_LIBRARY_IMPL(peftcore, CUDA, m) {
   m.impl("dequantize_int8", &peftcore::dequantize_int8_cuda);
   m.impl("ia3_linear_4bit", &peftcore::ia3_linear_4bit_cuda);
   m.impl("ia3_linear_int8", &peftcore::ia3_linear_int8_cuda);
+  m.impl("lora_linear_mixed", &peftcore::lora_linear_mixed_cuda);
+  m.impl("ia3_linear_mixed", &peftcore::ia3_linear_mixed_cuda);
+  m.impl("lora_linear_4bit_mixed", &peftcore::lora_linear_4bit_mixed_cuda);
+  m.impl("lora_linear_int8_mixed", &peftcore::lora_linear_int8_mixed_cuda);
+  m.impl("ia3_linear_4bit_mixed", &peftcore::ia3_linear_4bit_mixed_cuda);
+  m.impl("ia3_linear_int8_mixed", &peftcore::ia3_linear_int8_mixed_cuda);
 }
