@@ -244,6 +244,18 @@ at::Tensor linear_4bit(const at::Tensor& x, const Weight4& w, const std::optiona
   return y;
 }
 
+// The checks of every 4-bit op on an x at entry: x and the bias, then the stored weight
+// on x's device (its conversions allocate there).
+Weight4 check_linear_4bit(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& nested_offset,
+                          int64_t nested_blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  check_quant_x_and_bias(op, x, out_features, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                       nested_blocksize, out_features, x.size(-1), x.device());
+}
+
 }  // namespace
 
 at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
@@ -254,11 +266,10 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& qweight,
                                  int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
                                  at::TensorList lora_B, const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_4bit";
-  check_quant_x_and_bias(op, x, out_features, bias);
+  const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code,
+                                      nested_offset, nested_blocksize, out_features, bias);
   const int64_t K = x.size(-1), N = out_features;
   const c10::cuda::CUDAGuard guard(x.device());
-  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                  nested_blocksize, N, K, x.device());
   check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "out_features");
   check_lora_x(op, lora_x, x, lora_A.size());
@@ -276,11 +287,10 @@ at::Tensor ia3_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& qweight, 
                                 int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
                                 const at::Tensor& active, bool feedforward) {
   const char* op = "ia3_linear_4bit";
-  check_quant_x_and_bias(op, x, out_features, bias);
+  const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code,
+                                      nested_offset, nested_blocksize, out_features, bias);
   const int64_t K = x.size(-1), N = out_features;
   const c10::cuda::CUDAGuard guard(x.device());
-  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                  nested_blocksize, N, K, x.device());
   const Ia3 v = prepare_ia3(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
                             feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                         : "output feature (feedforward=False: out_features)",
@@ -315,11 +325,10 @@ at::Tensor lora_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qw
                                        at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                                        const at::Tensor& rows, const std::optional<at::Tensor>& lora_x) {
   const char* op = "lora_linear_4bit_mixed";
-  check_quant_x_and_bias(op, x, out_features, bias);
+  const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code,
+                                      nested_offset, nested_blocksize, out_features, bias);
   const int64_t K = x.size(-1), N = out_features;
   const c10::cuda::CUDAGuard guard(x.device());
-  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                  nested_blocksize, N, K, x.device());
   check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "out_features");
   const bool has_lx = lora_x.has_value() && lora_x->defined();
@@ -338,11 +347,10 @@ at::Tensor ia3_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qwe
                                       int64_t out_features, const std::optional<at::Tensor>& bias,
                                       at::TensorList ia3_l, const at::Tensor& rows, bool feedforward) {
   const char* op = "ia3_linear_4bit_mixed";
-  check_quant_x_and_bias(op, x, out_features, bias);
+  const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code,
+                                      nested_offset, nested_blocksize, out_features, bias);
   const int64_t K = x.size(-1), N = out_features, M = leading_rows(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                  nested_blocksize, N, K, x.device());
   const at::Tensor r = check_rows(op, rows, M, static_cast<int64_t>(ia3_l.size()), x.device());
   check_ia3_vectors(op, ia3_l, x.scalar_type(), feedforward ? K : N,
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"

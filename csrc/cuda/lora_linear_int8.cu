@@ -180,18 +180,27 @@ at::Tensor linear_int8(const at::Tensor& x, const Int8Weight& w, const std::opti
   return y;
 }
 
+// The checks of every int8 op on an x at entry: x, the stored weight on x's device, the
+// bias and in_features.
+Int8Weight check_linear_int8(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& row_scale, const std::optional<at::Tensor>& bias) {
+  check_x(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Int8Weight w = check_int8(op, weight, row_scale, x.device());
+  check_quant_x_and_bias(op, x, weight.size(0), bias);
+  check_size(op, weight, "weight", 1, x.size(-1), "x.shape[-1] (in_features)");
+  return w;
+}
+
 }  // namespace
 
 at::Tensor lora_linear_int8_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
                                  const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
                                  const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_int8";
-  check_x(op, x);
+  const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Int8Weight w = check_int8(op, weight, row_scale, x.device());
   const int64_t N = weight.size(0), K = x.size(-1);
-  check_quant_x_and_bias(op, x, N, bias);
-  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
   check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   check_lora_x(op, lora_x, x, lora_A.size());
@@ -205,12 +214,9 @@ at::Tensor ia3_linear_int8_cuda(const at::Tensor& x, const at::Tensor& weight, c
                                 const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,
                                 bool feedforward) {
   const char* op = "ia3_linear_int8";
-  check_x(op, x);
+  const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Int8Weight w = check_int8(op, weight, row_scale, x.device());
   const int64_t N = weight.size(0), K = x.size(-1);
-  check_quant_x_and_bias(op, x, N, bias);
-  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
   const Ia3 v = prepare_ia3(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
                             feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                         : "output feature (feedforward=False: weight.shape[0])",
@@ -234,12 +240,9 @@ at::Tensor lora_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& we
                                        const std::optional<at::Tensor>& bias, at::TensorList lora_A,
                                        at::TensorList lora_B, const at::Tensor& scales, const at::Tensor& rows) {
   const char* op = "lora_linear_int8_mixed";
-  check_x(op, x);
+  const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Int8Weight w = check_int8(op, weight, row_scale, x.device());
   const int64_t N = weight.size(0), K = x.size(-1);
-  check_quant_x_and_bias(op, x, N, bias);
-  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
   check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   const at::Tensor r = check_rows(op, rows, leading_rows(x), static_cast<int64_t>(lora_A.size()), x.device());
@@ -252,12 +255,9 @@ at::Tensor ia3_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& wei
                                       const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
                                       const at::Tensor& rows, bool feedforward) {
   const char* op = "ia3_linear_int8_mixed";
-  check_x(op, x);
+  const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Int8Weight w = check_int8(op, weight, row_scale, x.device());
   const int64_t N = weight.size(0), K = x.size(-1), M = leading_rows(x);
-  check_quant_x_and_bias(op, x, N, bias);
-  check_size(op, weight, "weight", 1, K, "x.shape[-1] (in_features)");
   const at::Tensor r = check_rows(op, rows, M, static_cast<int64_t>(ia3_l.size()), x.device());
   check_ia3_vectors(op, ia3_l, x.scalar_type(), feedforward ? K : N,
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
