@@ -124,17 +124,8 @@ at::Tensor ia3_linear_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, 
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: weight.shape[0])",
                     x.device());
-  if (ia3_l.empty()) return at::linear(x, weight, bias);
-  if (feedforward) {
-    at::Tensor xs = at::empty({d.n, d.in}, x.options().memory_format(at::MemoryFormat::Contiguous));
-    ia3_scale_rows(ia3_l, r, x.reshape({d.n, d.in}), xs);
-    return at::linear(xs.view(x.sizes()), weight, bias);
-  }
-  at::Tensor y = at::linear(x, weight, bias);
-  if (!y.is_contiguous()) y = y.contiguous();
-  at::Tensor y2 = y.view({d.n, d.out});
-  ia3_scale_rows(ia3_l, r, y2, y2);  // bias included, as PEFT scales the whole base output
-  return y;
+  return ia3_mixed_around(x, ia3_l, r, feedforward,
+                          [&](const at::Tensor& t) { return at::linear(t, weight, bias); });
 }
 
 }  // namespace peftcore

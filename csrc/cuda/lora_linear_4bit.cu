@@ -356,16 +356,8 @@ at::Tensor ia3_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qwe
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: out_features)",
                     x.device());
-  if (ia3_l.empty()) return linear_4bit(x, w, bias, nullptr, nullptr);
-  if (feedforward) {
-    at::Tensor xs = at::empty({M, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
-    ia3_scale_rows(ia3_l, r, x.reshape({M, K}), xs);
-    return linear_4bit(xs.view(x.sizes()), w, bias, nullptr, nullptr);
-  }
-  at::Tensor y = linear_4bit(x, w, bias, nullptr, nullptr);
-  at::Tensor y2 = y.view({M, N});
-  ia3_scale_rows(ia3_l, r, y2, y2);  // the rounded base (bias included), rounded again: as ia3_linear_4bit
-  return y;
+  return ia3_mixed_around(x, ia3_l, r, feedforward,
+                          [&](const at::Tensor& t) { return linear_4bit(t, w, bias, nullptr, nullptr); });
 }
 
 }  // namespace peftcore

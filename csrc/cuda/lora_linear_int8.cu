@@ -263,16 +263,8 @@ at::Tensor ia3_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& wei
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: weight.shape[0])",
                     x.device());
-  if (ia3_l.empty()) return linear_int8(x, w, bias, nullptr, nullptr);
-  if (feedforward) {
-    at::Tensor xs = at::empty({M, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
-    ia3_scale_rows(ia3_l, r, x.reshape({M, K}), xs);
-    return linear_int8(xs.view(x.sizes()), w, bias, nullptr, nullptr);
-  }
-  at::Tensor y = linear_int8(x, w, bias, nullptr, nullptr);
-  at::Tensor y2 = y.view({M, N});
-  ia3_scale_rows(ia3_l, r, y2, y2);  // the rounded base (bias included), rounded again: as ia3_linear_int8
-  return y;
+  return ia3_mixed_around(x, ia3_l, r, feedforward,
+                          [&](const at::Tensor& t) { return linear_int8(t, w, bias, nullptr, nullptr); });
 }
 
 }  // namespace peftcore
