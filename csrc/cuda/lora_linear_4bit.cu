@@ -199,12 +199,9 @@ template <typename T, typename LR>
 void launch_gemv4(const Gemv4Params<T, LR>& p) {
   const unsigned grid = static_cast<unsigned>(ceil_div(p.w.N, kGemvWarps));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int M = p.io.M;
-  if (M == 1) gemv_4bit_kernel<T, 1, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
-  else if (M == 2) gemv_4bit_kernel<T, 2, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
-  else if (M <= 4) gemv_4bit_kernel<T, 4, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
-  else if (M <= 8) gemv_4bit_kernel<T, 8, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
-  else gemv_4bit_kernel<T, 16, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
+  with_row_tile(p.io.M, [&](auto mr) {
+    gemv_4bit_kernel<T, decltype(mr)::value, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

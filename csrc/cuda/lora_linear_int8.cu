@@ -134,12 +134,9 @@ template <typename T, typename LR>
 void launch_gemv8(const Gemv8Params<T, LR>& p) {
   const unsigned grid = static_cast<unsigned>(ceil_div(p.N, kGemvWarps));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int M = p.io.M;
-  if (M == 1) gemv_int8_kernel<T, 1, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
-  else if (M == 2) gemv_int8_kernel<T, 2, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
-  else if (M <= 4) gemv_int8_kernel<T, 4, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
-  else if (M <= 8) gemv_int8_kernel<T, 8, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
-  else gemv_int8_kernel<T, 16, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
+  with_row_tile(p.io.M, [&](auto mr) {
+    gemv_int8_kernel<T, decltype(mr)::value, LR><<<grid, kGemvWarps * kWarp, 0, stream>>>(p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

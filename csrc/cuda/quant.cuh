@@ -4,6 +4,8 @@
 // as reference.lora_linear_4bit / reference.ia3_linear_4bit round it.
 #pragma once
 
+#include <type_traits>
+
 #include "device_utils.cuh"
 #include "ia3.cuh"
 #include "lowrank.cuh"
@@ -42,6 +44,17 @@ __device__ __forceinline__ T base_epilogue(A acc, const A* bias, int64_t n, cons
   T y = from_acc<T>(acc);
   if (has_ia3) y = from_acc<T>(to_acc(y) * ia3_factor(ia3, n));
   return y;
+}
+
+// The fused GEMVs are instantiated for 1, 2, 4, 8 and 16 token rows: calls
+// f(std::integral_constant<int, MR>{}) with the smallest MR >= M (M <= kGemvMaxRows).
+template <typename F>
+void with_row_tile(int M, const F& f) {
+  if (M == 1) f(std::integral_constant<int, 1>{});
+  else if (M == 2) f(std::integral_constant<int, 2>{});
+  else if (M <= 4) f(std::integral_constant<int, 4>{});
+  else if (M <= 8) f(std::integral_constant<int, 8>{});
+  else f(std::integral_constant<int, 16>{});
 }
 
 // Parameters every fused GEMV shares: x rows, the epilogue, y.
