@@ -86,19 +86,20 @@ inline void check_same_count(const char* op, const char* a, size_t na, const cha
 }
 
 // The adapter lists of every LoRA op: lora_A[a] is [r_a, a_cols], lora_B[a] is
-// [b_rows, r_a], on `dev`, float32 or the base dtype; one scale per adapter.
-inline void check_adapters(const char* op, at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
-                           at::DeviceType dev, at::ScalarType base, int64_t a_cols, const char* a_cols_what,
-                           int64_t b_rows, const char* b_rows_what) {
+// [b_rows, r_a], float32 or the base dtype. `on_device(t, name)` checks each tensor's
+// device: the rule is the backend's (the CPU kernels' below, cuda/checks_cuda.h's).
+template <class OnDevice>
+inline void check_adapter_lists(const char* op, at::TensorList lora_A, at::TensorList lora_B, OnDevice&& on_device,
+                                at::ScalarType base, int64_t a_cols, const char* a_cols_what, int64_t b_rows,
+                                const char* b_rows_what) {
   check_same_count(op, "lora_A", lora_A.size(), "lora_B", lora_B.size());
-  check_scales(op, scales, lora_A.size());
   for (size_t a = 0; a < lora_A.size(); ++a) {
     const std::string an = indexed("lora_A", a), bn = indexed("lora_B", a);
     const at::Tensor &A = lora_A[a], &B = lora_B[a];
     check_defined(op, A, an);
     check_defined(op, B, bn);
-    check_device(op, A, an, dev);
-    check_device(op, B, bn, dev);
+    on_device(A, an);
+    on_device(B, bn);
     check_dim(op, A, an, 2);
     check_dim(op, B, bn, 2);
     check_size(op, A, an, 1, a_cols, a_cols_what);
@@ -108,6 +109,17 @@ inline void check_adapters(const char* op, at::TensorList lora_A, at::TensorList
     check_adapter_dtype(op, A, an, base);
     check_adapter_dtype(op, B, bn, base);
   }
+}
+
+// The adapter lists on `dev` with one host-read scale per adapter (the CPU kernels).
+inline void check_adapters(const char* op, at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                           at::DeviceType dev, at::ScalarType base, int64_t a_cols, const char* a_cols_what,
+                           int64_t b_rows, const char* b_rows_what) {
+  check_same_count(op, "lora_A", lora_A.size(), "lora_B", lora_B.size());
+  check_scales(op, scales, lora_A.size());
+  check_adapter_lists(
+      op, lora_A, lora_B, [&](const at::Tensor& t, const std::string& name) { check_device(op, t, name, dev); },
+      base, a_cols, a_cols_what, b_rows, b_rows_what);
 }
 
 }  // namespace peftcore

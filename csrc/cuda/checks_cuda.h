@@ -33,26 +33,16 @@ inline void check_state(const char* op, const at::Tensor& t, const char* name, s
               t.sizes(), " but there are ", n, " adapters (expected [", n, "])");
 }
 
-// common/checks.h's check_adapters with the state rule above for `scales`.
+// common/checks.h's check_adapters with this file's device rules: the adapters on `dev`,
+// `scales` on the CPU or on `dev`.
 inline void check_adapters(const char* op, at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                            const at::Device& dev, at::ScalarType base, int64_t a_cols, const char* a_cols_what,
                            int64_t b_rows, const char* b_rows_what) {
   check_same_count(op, "lora_A", lora_A.size(), "lora_B", lora_B.size());
   check_state(op, scales, "scales", lora_A.size(), dev);
-  for (size_t a = 0; a < lora_A.size(); ++a) {
-    const std::string an = indexed("lora_A", a), bn = indexed("lora_B", a);
-    const at::Tensor &A = lora_A[a], &B = lora_B[a];
-    check_on(op, A, an, dev);
-    check_on(op, B, bn, dev);
-    check_dim(op, A, an, 2);
-    check_dim(op, B, bn, 2);
-    check_size(op, A, an, 1, a_cols, a_cols_what);
-    check_size(op, B, bn, 0, b_rows, b_rows_what);
-    TORCH_CHECK(B.size(1) == A.size(0), "peftcore::", op, ": ", bn, " has shape ", B.sizes(), " but ", an,
-                " has shape ", A.sizes(), " (expected ", bn, " = [", b_rows, ", ", A.size(0), "])");
-    check_adapter_dtype(op, A, an, base);
-    check_adapter_dtype(op, B, bn, base);
-  }
+  check_adapter_lists(
+      op, lora_A, lora_B, [&](const at::Tensor& t, const std::string& name) { check_on(op, t, name, dev); }, base,
+      a_cols, a_cols_what, b_rows, b_rows_what);
 }
 
 inline int64_t leading_rows(const at::Tensor& x) {
