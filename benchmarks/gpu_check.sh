@@ -5,7 +5,7 @@
 #      isolation: the installed CUDA torch is used; TORCH_CUDA_ARCH_LIST default 9.0a,
 #      MAX_JOBS default 16);
 #   2. runs the `cuda` tests (tests/test_cuda.py: every op sample vs the reference, opcheck,
-#      graph capture, whole-model parity);
+#      graph capture, whole-model parity; tests/ops/test_out_variants.py: the .out overloads);
 #   3. sweeps the benchmarks (benchmarks/bench_cuda.py: tokens 1-64, ranks 8/16/64, single
 #      and 4 / 32 adapters, against PyTorch's unfused path and bitsandbytes).
 # Everything lands in $OUT (default benchmarks/results/gpu-check-<time>): build.log,
@@ -54,7 +54,7 @@ $PY -c "import peftcore; print(peftcore.show_config())" > "$OUT/show_config.txt"
 
 # 2. the cuda tests (leave at least 100 s for the benchmarks)
 t0=$(date +%s)
-timeout $(( $(left) - 100 )) $PY -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
+timeout $(( $(left) - 100 )) $PY -m pytest -q -m cuda tests/test_cuda.py tests/ops/test_out_variants.py -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 rc_tests=$?
 note "- cuda tests: rc=$rc_tests in $(( $(date +%s) - t0 )) s: $(tail -n 1 "$OUT/tests.log")"

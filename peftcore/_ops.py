@@ -98,10 +98,44 @@ SCHEMAS = {
         "Tensor rows, bool feedforward) -> Tensor"
     ),
 }
+# The forward ops. Each also has an `.out` overload that writes the result into a caller's
+# buffer (static addresses for CUDA graphs and serving engines):
+#   <name>.out(<arguments>, *, Tensor(a!) out) -> ()
+# It returns nothing, so torch.compile can functionalize it (an alias-annotated return it
+# cannot). The buffer must have the result's shape, dtype and device; it is never resized.
+# Inference only: no autograd.
+FORWARD_OPS = (
+    "lora_linear", "adalora_linear", "ia3_linear", "lora_embedding", "lora_linear_4bit", "lora_linear_int8",
+    "ia3_linear_4bit", "ia3_linear_int8", "lora_linear_mixed", "ia3_linear_mixed", "lora_linear_4bit_mixed",
+    "lora_linear_int8_mixed", "ia3_linear_4bit_mixed", "ia3_linear_int8_mixed",
+)
+
+
+def out_schema(name: str) -> str:
+    """The `.out` overload's schema, derived from the functional one."""
+    functional = SCHEMAS[name]
+    head, tail = f"{name}(", ") -> Tensor"
+    assert functional.startswith(head) and functional.endswith(tail), functional
+    return f"{name}.out({functional[len(head):-len(tail)]}, *, Tensor(a!) out) -> ()"
+
+
 for _schema in SCHEMAS.values():
     lib.define(_schema)
+for _name in FORWARD_OPS:
+    lib.define(out_schema(_name))
 
 _warned: set[str] = set()
+
+
+def _warn_fallback(name, dev):
+    key = f"{name}:{dev}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"peftcore::{name} has no native kernel for device '{dev}' in this build; "
+            "running the pure-PyTorch reference (slower).",
+            stacklevel=4,
+        )
 
 
 def _fallback(name, fn):
@@ -109,45 +143,68 @@ def _fallback(name, fn):
     wherever no native kernel is registered, warning once per (op, device)."""
 
     def kernel(*args):
-        dev = args[0].device.type
-        key = f"{name}:{dev}"
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(
-                f"peftcore::{name} has no native kernel for device '{dev}' in this build; "
-                "running the pure-PyTorch reference (slower).",
-                stacklevel=3,
-            )
+        _warn_fallback(name, args[0].device.type)
         return fn(*args)
 
     return kernel
 
 
-lib.impl("lora_linear", _fallback("lora_linear", reference.lora_linear), "CompositeExplicitAutograd")
-lib.impl(
-    "lora_linear_backward",
-    _fallback("lora_linear_backward", reference.lora_linear_backward),
-    "CompositeExplicitAutograd",
-)
-lib.impl("lora_embedding", _fallback("lora_embedding", reference.lora_embedding), "CompositeExplicitAutograd")
-for _name in ("adalora_linear", "ia3_linear", "dequantize_4bit", "lora_linear_4bit", "dequantize_int8",
-              "lora_linear_int8", "ia3_linear_4bit", "ia3_linear_int8", "lora_linear_mixed", "ia3_linear_mixed",
-              "lora_linear_4bit_mixed", "lora_linear_int8_mixed", "ia3_linear_4bit_mixed", "ia3_linear_int8_mixed"):
+def check_out(name, out, result):
+    """The `.out` boundary check (the native kernels make the same one, common/output.h):
+    `result` is the functional result or its fake."""
+    op = f"peftcore::{name}.out"
+    if out.device != result.device:
+        raise RuntimeError(f"{op}: out is on {out.device} but the result is on {result.device}")
+    if out.dtype != result.dtype:
+        raise RuntimeError(f"{op}: out has dtype {out.dtype} but the result has dtype {result.dtype}")
+    if out.shape != result.shape:
+        raise RuntimeError(f"{op}: out has shape {list(out.shape)} but the result has shape {list(result.shape)} "
+                           "(out is never resized: it is a static buffer)")
+
+
+def _fallback_out(name, fn):
+    """The `.out` overload's fallback: the reference result copied into out."""
+
+    def kernel(*args, out):
+        _warn_fallback(f"{name}.out", args[0].device.type)
+        with torch.no_grad():
+            result = fn(*args)
+            check_out(name, out, result)
+            out.copy_(result)
+
+    return kernel
+
+
+lib.impl("lora_linear_backward", _fallback("lora_linear_backward", reference.lora_linear_backward),
+         "CompositeExplicitAutograd")
+lib.impl("lora_embedding_backward", _fallback("lora_embedding_backward", reference.lora_embedding_backward),
+         "CompositeExplicitAutograd")
+for _name in ("dequantize_4bit", "dequantize_int8", *FORWARD_OPS):
     lib.impl(_name, _fallback(_name, getattr(reference, _name)), "CompositeExplicitAutograd")
-lib.impl(
-    "lora_embedding_backward",
-    _fallback("lora_embedding_backward", reference.lora_embedding_backward),
-    "CompositeExplicitAutograd",
-)
+for _name in FORWARD_OPS:
+    lib.impl(f"{_name}.out", _fallback_out(_name, getattr(reference, _name)), "CompositeExplicitAutograd")
 
 
 # ---------------------------------------------------------------- fake kernels
-@torch.library.register_fake("peftcore::lora_linear")
+_FAKES = {}
+
+
+def _fake(name):
+    """register_fake for peftcore::<name>; a forward op's fake also serves its `.out`."""
+
+    def register(fn):
+        torch.library.register_fake(f"peftcore::{name}")(fn)
+        _FAKES[name] = fn
+        return fn
+
+    return register
+
+@_fake("lora_linear")
 def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scales, lora_x):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("peftcore::lora_linear_backward")
+@_fake("lora_linear_backward")
 def _lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, scales, lora_x, output_mask):
     # Every gradient is a fresh contiguous tensor, whatever the strides of its input
     # (x may be a transposed view, weight is one for Conv1D).
@@ -161,33 +218,33 @@ def _lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, scales, lora
     return gx, gw, gb, gA, gB, gxa
 
 
-@torch.library.register_fake("peftcore::adalora_linear")
+@_fake("adalora_linear")
 def _adalora_linear_fake(x, weight, bias, lora_A, lora_E, lora_B, scales, lora_x):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("peftcore::ia3_linear")
+@_fake("ia3_linear")
 def _ia3_linear_fake(x, weight, bias, ia3_l, active, feedforward):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("peftcore::ia3_linear_4bit")
+@_fake("ia3_linear_4bit")
 def _ia3_linear_4bit_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
                           nested_blocksize, out_features, bias, ia3_l, active, feedforward):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.register_fake("peftcore::ia3_linear_int8")
+@_fake("ia3_linear_int8")
 def _ia3_linear_int8_fake(x, weight, row_scale, bias, ia3_l, active, feedforward):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("peftcore::lora_embedding")
+@_fake("lora_embedding")
 def _lora_embedding_fake(indices, weight, lora_A, lora_B, scales, padding_idx):
     return weight.new_empty((*indices.shape, weight.shape[1]))
 
 
-@torch.library.register_fake("peftcore::lora_embedding_backward")
+@_fake("lora_embedding_backward")
 def _lora_embedding_backward_fake(grad_out, indices, weight, lora_A, lora_B, scales, padding_idx, output_mask):
     want_w, want_ad = output_mask
     gw = weight.new_empty(weight.shape) if want_w else weight.new_empty(0)
@@ -196,58 +253,71 @@ def _lora_embedding_backward_fake(grad_out, indices, weight, lora_A, lora_B, sca
     return gw, gA, gB
 
 
-@torch.library.register_fake("peftcore::dequantize_4bit")
+@_fake("dequantize_4bit")
 def _dequantize_4bit_fake(qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
                           nested_blocksize, out_features, in_features, dtype):
     return qweight.new_empty((out_features, in_features), dtype=dtype)
 
 
-@torch.library.register_fake("peftcore::lora_linear_4bit")
+@_fake("lora_linear_4bit")
 def _lora_linear_4bit_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
                            nested_blocksize, out_features, bias, lora_A, lora_B, scales, lora_x):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.register_fake("peftcore::dequantize_int8")
+@_fake("dequantize_int8")
 def _dequantize_int8_fake(weight, row_scale, dtype):
     return weight.new_empty(weight.shape, dtype=dtype)
 
 
-@torch.library.register_fake("peftcore::lora_linear_int8")
+@_fake("lora_linear_int8")
 def _lora_linear_int8_fake(x, weight, row_scale, bias, lora_A, lora_B, scales, lora_x):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("peftcore::lora_linear_mixed")
+@_fake("lora_linear_mixed")
 def _lora_linear_mixed_fake(x, weight, bias, lora_A, lora_B, lora_E, scales, rows):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("peftcore::ia3_linear_mixed")
+@_fake("ia3_linear_mixed")
 def _ia3_linear_mixed_fake(x, weight, bias, ia3_l, rows, feedforward):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("peftcore::lora_linear_4bit_mixed")
+@_fake("lora_linear_4bit_mixed")
 def _lora_linear_4bit_mixed_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
                                  nested_blocksize, out_features, bias, lora_A, lora_B, scales, rows, lora_x):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.register_fake("peftcore::lora_linear_int8_mixed")
+@_fake("lora_linear_int8_mixed")
 def _lora_linear_int8_mixed_fake(x, weight, row_scale, bias, lora_A, lora_B, scales, rows):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("peftcore::ia3_linear_4bit_mixed")
+@_fake("ia3_linear_4bit_mixed")
 def _ia3_linear_4bit_mixed_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
                                 nested_blocksize, out_features, bias, ia3_l, rows, feedforward):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.register_fake("peftcore::ia3_linear_int8_mixed")
+@_fake("ia3_linear_int8_mixed")
 def _ia3_linear_int8_mixed_fake(x, weight, row_scale, bias, ia3_l, rows, feedforward):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _out_fake(name):
+    fake = _FAKES[name]
+
+    def out_fake(*args, out):
+        check_out(name, out, fake(*args))
+
+    return out_fake
+
+
+for _name in FORWARD_OPS:
+    torch.library.register_fake(f"peftcore::{_name}.out")(_out_fake(_name))
 
 
 # -------------------------------------------------------------------- autograd

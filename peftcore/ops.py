@@ -1,12 +1,23 @@
 """Typed entry points of the peftcore ops (schemas in ``_ops.py``, math in ``reference.py``).
 
 For callers outside the adapter layers; ``layers.py`` calls ``torch.ops.peftcore.*``
-directly, one Python call fewer on every forward."""
+directly, one Python call fewer on every forward. Every forward op takes ``out=``: the
+result is then written into that buffer (see ``_call``)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+
+
+def _call(op, out, *args):
+    """The functional op, or (out given) its ``.out`` overload writing the result into
+    ``out``, a buffer of the result's exact shape, dtype and device (never resized: for
+    CUDA graphs and other static buffers; inference only). Returns the result."""
+    if out is None:
+        return op(*args)
+    op.out(*args, out=out)
+    return out
 
 
 def lora_linear(
@@ -17,6 +28,8 @@ def lora_linear(
     lora_B: Sequence[torch.Tensor],
     scales: torch.Tensor,
     lora_x: Optional[Sequence[torch.Tensor]] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ)·B_aᵀ)``.
 
@@ -25,7 +38,7 @@ def lora_linear(
     (0 = adapter off, skipped); lora_x: optional per-adapter LoRA inputs (dropout).
     Returns [..., out] in x.dtype. See ``reference.lora_linear`` for the exact numerics.
     """
-    return torch.ops.peftcore.lora_linear(x, weight, bias, list(lora_A), list(lora_B), scales, lora_x)
+    return _call(torch.ops.peftcore.lora_linear, out, x, weight, bias, list(lora_A), list(lora_B), scales, lora_x)
 
 
 def adalora_linear(
@@ -37,6 +50,8 @@ def adalora_linear(
     lora_B: Sequence[torch.Tensor],
     scales: torch.Tensor,
     lora_x: Optional[Sequence[torch.Tensor]] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused AdaLoRA ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ``.
 
@@ -44,7 +59,7 @@ def adalora_linear(
     scales[a] = scaling / (ranknum + 1e-5) as PEFT divides (0 = adapter off). See
     ``reference.adalora_linear``.
     """
-    return torch.ops.peftcore.adalora_linear(
+    return _call(torch.ops.peftcore.adalora_linear, out, 
         x, weight, bias, list(lora_A), list(lora_E), list(lora_B), scales, lora_x
     )
 
@@ -56,6 +71,8 @@ def ia3_linear(
     ia3_l: Sequence[torch.Tensor],
     active: Optional[torch.Tensor] = None,
     feedforward: bool = False,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """PEFT's (IA)³ linear layer: ``round(float(x·Wᵀ + b) ⊙ l)``, or with feedforward
     ``round(float(x) ⊙ l)·Wᵀ + b``, l = Π of the active ia3_l vectors.
@@ -65,7 +82,7 @@ def ia3_linear(
     """
     if active is None:
         active = torch.ones(len(ia3_l))
-    return torch.ops.peftcore.ia3_linear(x, weight, bias, list(ia3_l), active, feedforward)
+    return _call(torch.ops.peftcore.ia3_linear, out, x, weight, bias, list(ia3_l), active, feedforward)
 
 
 def lora_embedding(
@@ -75,13 +92,15 @@ def lora_embedding(
     lora_B: Sequence[torch.Tensor],
     scales: torch.Tensor,
     padding_idx: int = -1,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused ``W[idx] + Σ_a scales[a]·(A_aᵀ[idx]·B_aᵀ)``.
 
     indices integer [...]; weight [V, D]; lora_A[a] [r_a, V]; lora_B[a] [D, r_a];
     scales float32 [n]. Returns [..., D] in weight.dtype (``reference.lora_embedding``).
     """
-    return torch.ops.peftcore.lora_embedding(indices, weight, list(lora_A), list(lora_B), scales, padding_idx)
+    return _call(torch.ops.peftcore.lora_embedding, out, indices, weight, list(lora_A), list(lora_B), scales, padding_idx)
 
 
 def dequantize_4bit(
@@ -121,10 +140,12 @@ def lora_linear_4bit(
     nested_code: Optional[torch.Tensor] = None,
     nested_offset: Optional[torch.Tensor] = None,
     nested_blocksize: int = 256,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ)·B_aᵀ)`` over a bitsandbytes 4-bit W,
     read packed (never dequantized whole). See ``reference.lora_linear_4bit``."""
-    return torch.ops.peftcore.lora_linear_4bit(
+    return _call(torch.ops.peftcore.lora_linear_4bit, out, 
         x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
         out_features, bias, list(lora_A), list(lora_B), scales, lora_x,
     )
@@ -144,10 +165,12 @@ def lora_linear_int8(
     lora_B: Sequence[torch.Tensor],
     scales: torch.Tensor,
     lora_x: Optional[Sequence[torch.Tensor]] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ)·B_aᵀ)`` over a bitsandbytes int8 W
     (CB int8 [out, in], SCB float32 [out]). See ``reference.lora_linear_int8``."""
-    return torch.ops.peftcore.lora_linear_int8(
+    return _call(torch.ops.peftcore.lora_linear_int8, out, 
         x, weight, row_scale, bias, list(lora_A), list(lora_B), scales, lora_x
     )
 
@@ -167,12 +190,14 @@ def ia3_linear_4bit(
     nested_code: Optional[torch.Tensor] = None,
     nested_offset: Optional[torch.Tensor] = None,
     nested_blocksize: int = 256,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``ia3_linear`` over a bitsandbytes 4-bit W (the base of ``lora_linear_4bit``),
     the scaling fused into the quantized GEMM. See ``reference.ia3_linear_4bit``."""
     if active is None:
         active = torch.ones(len(ia3_l))
-    return torch.ops.peftcore.ia3_linear_4bit(
+    return _call(torch.ops.peftcore.ia3_linear_4bit, out, 
         x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
         out_features, bias, list(ia3_l), active, feedforward,
     )
@@ -186,9 +211,11 @@ def ia3_linear_int8(
     ia3_l: Sequence[torch.Tensor],
     active: Optional[torch.Tensor] = None,
     feedforward: bool = False,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``ia3_linear`` over a bitsandbytes int8 W (CB int8 [out, in], SCB float32 [out]),
     the scaling fused into the quantized GEMM. See ``reference.ia3_linear_int8``."""
     if active is None:
         active = torch.ones(len(ia3_l))
-    return torch.ops.peftcore.ia3_linear_int8(x, weight, row_scale, bias, list(ia3_l), active, feedforward)
+    return _call(torch.ops.peftcore.ia3_linear_int8, out, x, weight, row_scale, bias, list(ia3_l), active, feedforward)

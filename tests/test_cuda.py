@@ -223,7 +223,7 @@ def _opcheck_cases():
 @pytest.mark.parametrize("info,s,rg", list(_opcheck_cases()))
 def test_opcheck_cuda(info, s, rg):
     _need_kernel(info.name)
-    torch.library.opcheck(info.op, to_cuda(s.args, info.name))
+    torch.library.opcheck(info.op.default, to_cuda(s.args, info.name))
 
 
 # ------------------------------------------------------------------ CUDA graphs, streams

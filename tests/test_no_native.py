@@ -24,6 +24,14 @@ SCRIPT = textwrap.dedent(
     for _ in range(2):
         y = torch.ops.peftcore.lora_linear(x, w, None, A, B, s, None)
     assert torch.equal(y, reference.lora_linear(x, w, None, A, B, s, None))
+    out = torch.empty(3, 5)
+    torch.ops.peftcore.lora_linear(x, w, None, A, B, s, None, out=out)  # the .out overload's fallback
+    assert torch.equal(out, y)
+    try:
+        torch.ops.peftcore.lora_linear(x, w, None, A, B, s, None, out=torch.empty(3, 6))
+        raise AssertionError("a mis-shaped out was accepted")
+    except RuntimeError as e:
+        assert "out has shape [3, 6] but the result has shape [3, 5]" in str(e), e
     idx, W = torch.tensor([1, 2]), torch.randn(4, 3)
     e = torch.ops.peftcore.lora_embedding(idx, W, [torch.randn(2, 4)], [torch.randn(3, 2)], s, -1)
     assert e.shape == (2, 3)

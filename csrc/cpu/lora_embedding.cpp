@@ -1,5 +1,6 @@
 // peftcore::lora_embedding on CPU: y[t] = W[idx_t] + Σ_a s_a · A_a[:, idx_t]ᵀ·B_aᵀ, and its backward.
-// Layout: indices int64/int32 [...], W [V, D], A_a [r_a, V], B_a [D, r_a]; y [..., D] contiguous.
+// Layout: indices int64/int32 [...], W [V, D], A_a [r_a, V], B_a [D, r_a]; y [..., D] contiguous
+// in W's dtype (the .out overload writes it into the caller's `out`: common/output.h).
 // Forward: per thread, gathers the adapters' A columns into T rows, then one expand
 // pass per token reads W's row, adds T·Bt in fp32 and writes y (rounded once). Backward:
 // ATen index_add / GEMMs following reference.lora_embedding_backward.
@@ -78,26 +79,34 @@ void lowrank_embedding(const at::Tensor& idx, const at::Tensor& weight, at::Tens
 
 }  // namespace
 
-at::Tensor lora_embedding_cpu(const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,
-                              at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx) {
+at::Tensor lora_embedding_cpu(at::Tensor* out, const at::Tensor& indices, const at::Tensor& weight,
+                              at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                              int64_t padding_idx) {
   const char* op = "lora_embedding";
   check_embedding_args(op, indices, weight, lora_A, lora_B, scales, padding_idx);
+  const int64_t D = weight.size(1);
   const at::Tensor idx = checked_indices(op, indices, weight.size(0));
-  int64_t R = 0;
-  const auto active = cpu::active_adapters(scales, lora_A, R);
-  // padding_idx only affects gradients (as in F.embedding), so the plain gather is exact.
-  if (active.empty() || idx.numel() == 0 || weight.size(1) == 0) return at::embedding(weight, indices);
   std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
-  shape.push_back(weight.size(1));
-  at::Tensor y = at::empty(shape, weight.options());
-  switch (weight.scalar_type()) {
-    case at::kFloat: lowrank_embedding<float, float>(idx, weight, lora_A, lora_B, active, R, y); break;
-    case at::kBFloat16: lowrank_embedding<c10::BFloat16, float>(idx, weight, lora_A, lora_B, active, R, y); break;
-    case at::kHalf: lowrank_embedding<c10::Half, float>(idx, weight, lora_A, lora_B, active, R, y); break;
-    case at::kDouble: lowrank_embedding<double, double>(idx, weight, lora_A, lora_B, active, R, y); break;
-    default: TORCH_CHECK(false, "peftcore::lora_embedding: unsupported dtype ", weight.scalar_type());
-  }
-  return y;
+  shape.push_back(D);
+  return write_output(op, out, shape, weight, {indices, weight}, [&](at::Tensor& y) {
+    if (y.numel() == 0) return;
+    int64_t R = 0;
+    const auto active = cpu::active_adapters(scales, lora_A, R);
+    if (active.empty()) {
+      // padding_idx only affects gradients (as in F.embedding), so the plain gather
+      // (F.embedding's index_select) is exact.
+      at::Tensor y2 = y.view({idx.numel(), D});
+      at::index_select_out(y2, weight, 0, idx);
+      return;
+    }
+    switch (weight.scalar_type()) {
+      case at::kFloat: lowrank_embedding<float, float>(idx, weight, lora_A, lora_B, active, R, y); break;
+      case at::kBFloat16: lowrank_embedding<c10::BFloat16, float>(idx, weight, lora_A, lora_B, active, R, y); break;
+      case at::kHalf: lowrank_embedding<c10::Half, float>(idx, weight, lora_A, lora_B, active, R, y); break;
+      case at::kDouble: lowrank_embedding<double, double>(idx, weight, lora_A, lora_B, active, R, y); break;
+      default: TORCH_CHECK(false, "peftcore::lora_embedding: unsupported dtype ", weight.scalar_type());
+    }
+  });
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_embedding_backward_cpu(

@@ -21,19 +21,20 @@ namespace peftcore {
 
 using cpu::check_linear_args;
 
-at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
-                           std::optional<at::TensorList> lora_x) {
-  const cpu::LinearDims d = check_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scales, lora_x);
-  // The base goes through the same ATen call as F.linear, so with no active adapter
-  // the result is bit-identical to the frozen layer.
-  at::Tensor y = at::linear(x, weight, bias);
-  int64_t R = 0;
-  const auto active = cpu::active_adapters(scales, lora_A, R);
-  if (active.empty() || y.numel() == 0) return y;
-  if (!y.is_contiguous()) y = y.contiguous();
-  cpu::add_lowrank(x, lora_A, lora_B, lora_x, active, R, d, y);
-  return y;
+at::Tensor lora_linear_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
+                           const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+  const char* op = "lora_linear";
+  const cpu::LinearDims d = check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, lora_x);
+  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    // The base goes through F.linear's ATen calls, so with no active adapter the
+    // result is bit-identical to the frozen layer.
+    linear_into(y, x, weight, bias);
+    int64_t R = 0;
+    const auto active = cpu::active_adapters(scales, lora_A, R);
+    if (active.empty() || y.numel() == 0) return;
+    cpu::add_lowrank(x, lora_A, lora_B, lora_x, active, R, d, y);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,

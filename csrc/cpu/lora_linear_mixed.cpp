@@ -4,7 +4,8 @@
 // e_k = AdaLoRA's singular values when lora_E is given (else 1). Layout: x [..., in] (any
 // strides), W [out, in] (any strides: Conv1D passes a transposed view), A_k [r_k, in],
 // B_k [out, r_k], E_k r_k values, scales [n] (each slot's configured scale; 0 = no term),
-// rows [G] (mixed.h); y [..., out] contiguous.
+// rows [G] (mixed.h); y [..., out] contiguous (the .out overload writes it into the caller's
+// `out`: common/output.h).
 // The base is one ATen GEMM over every row (the weight streams once for the whole batch);
 // the adapters are one parallel region of segmented shrink / expand (mixed.h), reading each
 // used adapter once. Inference only (no autograd).
@@ -18,8 +19,8 @@
 
 namespace peftcore {
 
-at::Tensor lora_linear_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 at::TensorList lora_A, at::TensorList lora_B,
+at::Tensor lora_linear_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
                                  std::optional<at::TensorList> lora_E, const at::Tensor& scales,
                                  const at::Tensor& rows) {
   const char* op = "lora_linear_mixed";
@@ -27,12 +28,11 @@ at::Tensor lora_linear_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, 
   const at::TensorList E = lora_E.has_value() ? *lora_E : at::TensorList();
   if (lora_E.has_value()) cpu::check_lora_E(op, E, lora_A, x.scalar_type());
   const auto segs = cpu::row_segments(op, rows, d.n, int64_t(lora_A.size()));
-  // The base through F.linear's ATen call: rows of the base alone are bit-identical to it.
-  at::Tensor y = at::linear(x, weight, bias);
-  if (segs.empty() || y.numel() == 0) return y;
-  if (!y.is_contiguous()) y = y.contiguous();
-  cpu::add_lowrank_rows(x, segs, lora_A, lora_B, E, scales, d.out, y);
-  return y;
+  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    // The base through F.linear's ATen calls: rows of the base alone are bit-identical to it.
+    linear_into(y, x, weight, bias);
+    cpu::add_lowrank_rows(x, segs, lora_A, lora_B, E, scales, d.out, y);  // no-op when no group has an adapter
+  });
 }
 
 }  // namespace peftcore

@@ -14,6 +14,8 @@
 // AVX512_BF16; float64 for float64 x. The base is rounded to x's dtype once.
 // The *_mixed variants (mixed batches: one adapter per row group, mixed.h) run the same
 // base pass once for every row, then add each group's LoRA terms / scale its rows.
+// Layout: x [..., in] (any strides); y [..., out] contiguous in x's dtype, written by the
+// base pass directly (the .out overload writes it into the caller's `out`: common/output.h).
 // Tests: tests/ops/ (quantized samples in tests/op_db.py), tests/test_quantized.py,
 // tests/ops/test_mixed_ops.py, tests/test_mixed_batch.py.
 // Benchmark: benchmarks/bench_quant.py.
@@ -220,19 +222,17 @@ at::ScalarType compute_type(const at::Tensor& x) {
   return at::kFloat;
 }
 
-// Runs base_product for compute type ct and x's dtype; Panel and Decode are generic
-// lambdas over the compute type (see base_product). IA3 (ia3.h: l in float32, float64
-// for float64 x): in_scale scales x's features, out_scale the outputs; undefined = none.
+// Runs base_product for compute type ct and x's dtype into y (contiguous [..., N], x's
+// dtype; every element written); Panel and Decode are generic lambdas over the compute
+// type (see base_product). IA3 (ia3.h: l in float32, float64 for float64 x): in_scale
+// scales x's features, out_scale the outputs; undefined = none.
 template <typename Panel, typename Decode, typename RowMult>
-at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, const std::optional<at::Tensor>& bias,
-                            at::ScalarType ct, int64_t chunk, int64_t scale_span, const Panel& panel,
-                            const Decode& decode, const RowMult& row_mult, const at::Tensor& in_scale = {},
-                            const at::Tensor& out_scale = {}) {
-  const int64_t K = x_in.size(-1), M = cpu::leading_rows(x_in);
-  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x_in.options().memory_format(at::MemoryFormat::Contiguous));
-  if (M == 0 || N == 0) return y;
+void quantized_linear(at::Tensor& y, const at::Tensor& x_in, const std::optional<at::Tensor>& bias,
+                      at::ScalarType ct, int64_t chunk, int64_t scale_span, const Panel& panel,
+                      const Decode& decode, const RowMult& row_mult, const at::Tensor& in_scale = {},
+                      const at::Tensor& out_scale = {}) {
+  const int64_t K = x_in.size(-1), M = cpu::leading_rows(x_in), N = y.size(-1);
+  if (M == 0 || N == 0) return;
   const int64_t Kp = cpu::round_up(std::max<int64_t>(K, 1), kChunk);
   // IA3 feedforward: x' = round_x(x ⊙ l), made once in x's dtype (the rounding PEFT does)
   // and prepared for the kernels in its place, like any x.
@@ -265,7 +265,6 @@ at::Tensor quantized_linear(const at::Tensor& x_in, int64_t N, const std::option
       base_product<float, float>(xp, M, N, Kp, bp, scale_span, panel, decode, row_mult, nullptr, cs, yp);
     }
   });
-  return y;
 }
 
 void check_x_and_bias(const char* op, const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias) {
@@ -301,15 +300,14 @@ int64_t check_linear_int8(const char* op, const at::Tensor& x, const at::Tensor&
   return N;
 }
 
-at::Tensor finish_with_adapters(const char* op, const at::Tensor& x, at::Tensor y, int64_t N, at::TensorList lora_A,
-                                at::TensorList lora_B, const at::Tensor& scales,
-                                const std::optional<at::TensorList>& lora_x) {
+// y (the base output) += the active adapters' terms, as lora_linear adds them.
+void add_adapters(const at::Tensor& x, at::Tensor& y, at::TensorList lora_A, at::TensorList lora_B,
+                  const at::Tensor& scales, const std::optional<at::TensorList>& lora_x) {
   int64_t R = 0;
   const auto active = cpu::active_adapters(scales, lora_A, R);
-  if (active.empty() || y.numel() == 0) return y;
-  const cpu::LinearDims d{cpu::leading_rows(x), x.size(-1), N};
+  if (active.empty() || y.numel() == 0) return;
+  const cpu::LinearDims d{cpu::leading_rows(x), x.size(-1), y.size(-1)};
   cpu::add_lowrank(x, lora_A, lora_B, lora_x, active, R, d, y);
-  return y;
 }
 
 // First block of a panel, after filling bscale with the scales of all its blocks.
@@ -349,21 +347,20 @@ auto gemv_panel_4bit(const Weight4& w, int64_t chunk) {
 
 int64_t scale_span_4bit(int64_t K, int64_t blocksize) { return (kPanelRows * K) / blocksize + 2; }
 
-// The 4-bit base x·Wᵀ + b (checked arguments), with IA3's scales where given.
-at::Tensor linear_4bit(const at::Tensor& x, const Weight4& w, int64_t N, const std::optional<at::Tensor>& bias,
-                       const at::Tensor& in_scale, const at::Tensor& out_scale) {
+// The 4-bit base y = x·Wᵀ + b (checked arguments), with IA3's scales where given.
+void linear_4bit(at::Tensor& y, const at::Tensor& x, const Weight4& w, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& in_scale, const at::Tensor& out_scale) {
   const int64_t K = x.size(-1), bs = w.packed.blocksize;
   const at::ScalarType ct = compute_type(x);
   const int64_t chunk = cpu::quant::chunk_4bit(K, bs, ct == at::kBFloat16);
-  return quantized_linear(x, N, bias, ct, chunk, scale_span_4bit(K, bs), gemv_panel_4bit(w, chunk),
-                          decoder_4bit(w, chunk), [](int64_t) { return 1.0; }, in_scale, out_scale);
+  quantized_linear(y, x, bias, ct, chunk, scale_span_4bit(K, bs), gemv_panel_4bit(w, chunk), decoder_4bit(w, chunk),
+                   [](int64_t) { return 1.0; }, in_scale, out_scale);
 }
 
-// The LLM.int8 base x·Wᵀ + b (checked arguments), with IA3's scales where given.
-at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                       const std::optional<at::Tensor>& bias, const at::Tensor& in_scale,
-                       const at::Tensor& out_scale) {
-  const int64_t N = weight.size(0), K = x.size(-1);
+// The LLM.int8 base y = x·Wᵀ + b (checked arguments), with IA3's scales where given.
+void linear_int8(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
+                 const std::optional<at::Tensor>& bias, const at::Tensor& in_scale, const at::Tensor& out_scale) {
+  const int64_t K = x.size(-1);
   const at::Tensor cb = weight.contiguous();
   const at::Tensor scb = row_scale.to(at::kFloat).contiguous();
   const int8_t* cbp = cb.const_data_ptr<int8_t>();
@@ -381,8 +378,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::
   at::ScalarType ct = compute_type(x);
   if (M <= cpu::quant::kGemvRows && x.scalar_type() != at::kDouble && cpu::quant::simd_available())
     ct = half && cpu::quant::int16_dot_available() ? at::kShort : at::kFloat;
-  return quantized_linear(
-      x, N, bias, ct, 1, 1,
+  quantized_linear(
+      y, x, bias, ct, 1, 1,
       [&](int64_t n0, int64_t nr, float*, const auto* xp, int64_t Mr, int64_t Kp_, auto* out) {
         return cpu::quant::gemv_int8(cbp, K, n0, nr, xp, Mr, Kp_, out);
       },
@@ -392,8 +389,9 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::
 
 }  // namespace
 
-at::Tensor lora_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                                const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+at::Tensor lora_linear_4bit_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+                                const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                                const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& nested_code,
                                 const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
                                 int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
@@ -405,12 +403,15 @@ at::Tensor lora_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "out_features");
   cpu::check_lora_x(op, lora_x, x, lora_A.size());
-  at::Tensor y = linear_4bit(x, w, N, bias, {}, {});
-  return finish_with_adapters(op, x, std::move(y), N, lora_A, lora_B, scales, lora_x);
+  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_4bit(y, x, w, bias, {}, {});
+    add_adapters(x, y, lora_A, lora_B, scales, lora_x);
+  });
 }
 
-at::Tensor ia3_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                               const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+at::Tensor ia3_linear_4bit_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+                               const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                               const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code,
                                const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
                                int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
@@ -422,35 +423,48 @@ at::Tensor ia3_linear_4bit_cpu(const at::Tensor& x, const at::Tensor& qweight, c
   const at::Tensor l = cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
                                        feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                    : "output feature (feedforward=False: out_features)");
-  return feedforward ? linear_4bit(x, w, N, bias, l, {}) : linear_4bit(x, w, N, bias, {}, l);
+  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+    if (feedforward)
+      linear_4bit(y, x, w, bias, l, {});
+    else
+      linear_4bit(y, x, w, bias, {}, l);
+  });
 }
 
-at::Tensor lora_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                                const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
-                                const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+at::Tensor lora_linear_int8_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
+                                at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_int8";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   cpu::check_lora_x(op, lora_x, x, lora_A.size());
-  at::Tensor y = linear_int8(x, weight, row_scale, bias, {}, {});
-  return finish_with_adapters(op, x, std::move(y), N, lora_A, lora_B, scales, lora_x);
+  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_int8(y, x, weight, row_scale, bias, {}, {});
+    add_adapters(x, y, lora_A, lora_B, scales, lora_x);
+  });
 }
 
-at::Tensor ia3_linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                               const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,
-                               bool feedforward) {
+at::Tensor ia3_linear_int8_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
+                               at::TensorList ia3_l, const at::Tensor& active, bool feedforward) {
   const char* op = "ia3_linear_int8";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   const at::Tensor l = cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
                                        feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                    : "output feature (feedforward=False: weight.shape[0])");
-  return feedforward ? linear_int8(x, weight, row_scale, bias, l, {}) : linear_int8(x, weight, row_scale, bias, {}, l);
+  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    if (feedforward)
+      linear_int8(y, x, weight, row_scale, bias, l, {});
+    else
+      linear_int8(y, x, weight, row_scale, bias, {}, l);
+  });
 }
 
 // ---- mixed batches (mixed.h): the base pass once for every row, then per row group.
-at::Tensor lora_linear_4bit_mixed_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                                      const at::Tensor& code, int64_t blocksize,
+at::Tensor lora_linear_4bit_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+                                      const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                       const std::optional<at::Tensor>& nested_absmax,
                                       const std::optional<at::Tensor>& nested_code,
                                       const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
@@ -466,13 +480,14 @@ at::Tensor lora_linear_4bit_mixed_cpu(const at::Tensor& x, const at::Tensor& qwe
   const bool has_lx = lora_x.has_value() && lora_x->defined();
   if (has_lx) cpu::check_lora_x(op, at::TensorList(*lora_x), x, 1);
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(lora_A.size()));
-  at::Tensor y = linear_4bit(x, w, N, bias, {}, {});
-  cpu::add_lowrank_rows(has_lx ? *lora_x : x, segs, lora_A, lora_B, {}, scales, N, y);
-  return y;
+  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_4bit(y, x, w, bias, {}, {});
+    cpu::add_lowrank_rows(has_lx ? *lora_x : x, segs, lora_A, lora_B, {}, scales, N, y);
+  });
 }
 
-at::Tensor ia3_linear_4bit_mixed_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                                     const at::Tensor& code, int64_t blocksize,
+at::Tensor ia3_linear_4bit_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+                                     const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                      const std::optional<at::Tensor>& nested_absmax,
                                      const std::optional<at::Tensor>& nested_code,
                                      const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
@@ -486,39 +501,48 @@ at::Tensor ia3_linear_4bit_mixed_cpu(const at::Tensor& x, const at::Tensor& qwei
   const auto vecs = cpu::ia3_slot_vectors(op, ia3_l, segs, x.scalar_type(), feedforward ? K : N,
                                           feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                       : "output feature (feedforward=False: out_features)");
-  if (feedforward) return linear_4bit(segs.empty() ? x : cpu::ia3_scaled_input_rows(x, segs, vecs), w, N, bias, {}, {});
-  at::Tensor y = linear_4bit(x, w, N, bias, {}, {});
-  cpu::ia3_scale_output_rows(y, segs, vecs);
-  return y;
+  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+    if (feedforward) {
+      linear_4bit(y, segs.empty() ? x : cpu::ia3_scaled_input_rows(x, segs, vecs), w, bias, {}, {});
+      return;
+    }
+    linear_4bit(y, x, w, bias, {}, {});
+    cpu::ia3_scale_output_rows(y, segs, vecs);
+  });
 }
 
-at::Tensor lora_linear_int8_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                                      const std::optional<at::Tensor>& bias, at::TensorList lora_A,
-                                      at::TensorList lora_B, const at::Tensor& scales, const at::Tensor& rows) {
+at::Tensor lora_linear_int8_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
+                                      at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                      const at::Tensor& rows) {
   const char* op = "lora_linear_int8_mixed";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(lora_A.size()));
-  at::Tensor y = linear_int8(x, weight, row_scale, bias, {}, {});
-  cpu::add_lowrank_rows(x, segs, lora_A, lora_B, {}, scales, N, y);
-  return y;
+  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_int8(y, x, weight, row_scale, bias, {}, {});
+    cpu::add_lowrank_rows(x, segs, lora_A, lora_B, {}, scales, N, y);
+  });
 }
 
-at::Tensor ia3_linear_int8_mixed_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                                     const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
-                                     const at::Tensor& rows, bool feedforward) {
+at::Tensor ia3_linear_int8_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
+                                     at::TensorList ia3_l, const at::Tensor& rows, bool feedforward) {
   const char* op = "ia3_linear_int8_mixed";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(ia3_l.size()));
   const auto vecs = cpu::ia3_slot_vectors(op, ia3_l, segs, x.scalar_type(), feedforward ? K : N,
                                           feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                       : "output feature (feedforward=False: weight.shape[0])");
-  if (feedforward)
-    return linear_int8(segs.empty() ? x : cpu::ia3_scaled_input_rows(x, segs, vecs), weight, row_scale, bias, {}, {});
-  at::Tensor y = linear_int8(x, weight, row_scale, bias, {}, {});
-  cpu::ia3_scale_output_rows(y, segs, vecs);
-  return y;
+  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    if (feedforward) {
+      linear_int8(y, segs.empty() ? x : cpu::ia3_scaled_input_rows(x, segs, vecs), weight, row_scale, bias, {}, {});
+      return;
+    }
+    linear_int8(y, x, weight, row_scale, bias, {}, {});
+    cpu::ia3_scale_output_rows(y, segs, vecs);
+  });
 }
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,

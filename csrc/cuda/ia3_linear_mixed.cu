@@ -3,11 +3,13 @@
 //   feedforward = False: y[m] = round_x(float(x[m]·Wᵀ + b) ⊙ l_k)
 //   feedforward = True:  y[m] = round_x(float(x[m]) ⊙ l_k)·Wᵀ + b
 // Layout: x [..., in] (any strides), W [out, in] (any strides), ia3_l[k] out (in) values,
-// rows [G] on the CPU or the GPU (mixed.h); y [..., out] contiguous. Also the per-row
-// scaling pass the quantized ia3 *_mixed ops use (ia3_scale_rows).
-// Launches: one F.linear (cuBLAS) over every row, and one scaling pass (a scaled copy of
-// x, or y in place) per window of kMaxIa3Slots slots: each row reads its slot on the
-// device and multiplies by that slot's vector (rows of no slot: copied / untouched).
+// rows [G] on the CPU or the GPU (mixed.h); y [..., out] contiguous (a fresh tensor or
+// the caller's `out`). Also the per-row scaling pass the quantized ia3 *_mixed ops use
+// (ia3_scale_rows).
+// Launches: one F.linear (cuBLAS, written into y) over every row, and one scaling pass
+// (a scaled copy of x, or y in place) per window of kMaxIa3Slots slots: each row reads
+// its slot on the device and multiplies by that slot's vector (rows of no slot: copied /
+// untouched).
 // Tests: tests/test_cuda.py (mixed samples of tests/op_db.py). Benchmark:
 // benchmarks/bench_cuda.py (mixed rows).
 #include <ATen/ATen.h>
@@ -114,8 +116,9 @@ namespace peftcore {
 
 using namespace peftcore::cuda;
 
-at::Tensor ia3_linear_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 at::TensorList ia3_l, const at::Tensor& rows, bool feedforward) {
+at::Tensor ia3_linear_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& rows,
+                                 bool feedforward) {
   const char* op = "ia3_linear_mixed";
   const LinearDims d = check_base_linear(op, x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -124,8 +127,10 @@ at::Tensor ia3_linear_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, 
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: weight.shape[0])",
                     x.device());
-  return ia3_mixed_around(x, ia3_l, r, feedforward,
-                          [&](const at::Tensor& t) { return at::linear(t, weight, bias); });
+  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    ia3_mixed_around(x, ia3_l, r, feedforward, y,
+                     [&](const at::Tensor& t, at::Tensor& yt) { linear_into(yt, t, weight, bias); });
+  });
 }
 
 }  // namespace peftcore

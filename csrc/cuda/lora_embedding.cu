@@ -1,13 +1,16 @@
 // peftcore::lora_embedding on CUDA: y[t] = W[idx_t] + Σ_a s_a · A_a[:, idx_t]ᵀ·B_aᵀ, and its backward.
 // Layout: indices int64/int32 [...], W [V, D] (any strides), A_a [r_a, V], B_a [D, r_a];
-// y [..., D] contiguous. Forward: ATen's embedding gather for W, the rows of A_aᵀ gathered
-// into the fp32 t buffer (the shrink of a one-hot input), then lowrank.cu's expand adding
-// into y in place (one rounding). Out-of-range indices trip the gathers' device-side
+// y [..., D] contiguous (a fresh tensor or the caller's `out`). Forward: ATen's embedding
+// gather for W written into y, the rows of A_aᵀ gathered into the fp32 t buffer (the
+// shrink of a one-hot input), then lowrank.cu's expand adding into y in place (one
+// rounding). Out-of-range indices trip the gathers' device-side
 // assert (no host check: that would sync). Backward: ATen index_add / GEMMs following
 // reference.lora_embedding_backward, disabled adapters masked on the device.
 // Tests: tests/test_cuda.py (lora_embedding samples).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <vector>
 
 #include "checks_cuda.h"
 #include "lowrank.h"
@@ -38,17 +41,24 @@ void check_embedding_args(const char* op, const at::Tensor& indices, const at::T
 
 }  // namespace
 
-at::Tensor lora_embedding_cuda(const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,
-                               at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx) {
-  check_embedding_args("lora_embedding", indices, weight, lora_A, lora_B, scales, padding_idx);
+at::Tensor lora_embedding_cuda(at::Tensor* out, const at::Tensor& indices, const at::Tensor& weight,
+                               at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                               int64_t padding_idx) {
+  const char* op = "lora_embedding";
+  check_embedding_args(op, indices, weight, lora_A, lora_B, scales, padding_idx);
   const c10::cuda::CUDAGuard guard(weight.device());
-  // padding_idx only affects gradients (as in F.embedding), so the plain gather is exact.
-  at::Tensor y = at::embedding(weight, indices);
-  if (lora_A.empty() || y.numel() == 0) return y;
-  if (!y.is_contiguous()) y = y.contiguous();
-  at::Tensor y2 = y.view({-1, weight.size(1)});
-  add_lowrank_embedding(indices.reshape({-1}).to(at::kLong), lora_A, lora_B, read_state(scales), y2);
-  return y;
+  const int64_t D = weight.size(1);
+  std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
+  shape.push_back(D);
+  return write_output(op, out, shape, weight, {indices, weight}, [&](at::Tensor& y) {
+    at::Tensor y2 = y.view({indices.numel(), D});  // no -1: D or the index count may be 0
+    const at::Tensor idx = indices.reshape({-1});
+    // at::embedding's own call (index_select of the flat indices): the same gather, written
+    // into y. padding_idx only affects gradients (as in F.embedding), so it is exact.
+    at::index_select_out(y2, weight, 0, idx);
+    if (lora_A.empty() || y.numel() == 0) return;
+    add_lowrank_embedding(idx.to(at::kLong), lora_A, lora_B, read_state(scales), y2);
+  });
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_embedding_backward_cuda(

@@ -1,10 +1,11 @@
 // peftcore::lora_linear on CUDA: y = x·Wᵀ + b + Σ_a s_a · (x_a·A_aᵀ)·B_aᵀ, and its backward.
 // Layout: x [..., in] (any strides), W [out, in] (any strides: GPT-2's Conv1D passes a
-// transposed view), A_a [r_a, in], B_a [out, r_a]; y [..., out] contiguous.
-// Forward: the base through F.linear's ATen call (cuBLAS; with no adapter on, y is the
-// frozen layer's output bit for bit), then the low-rank update of lowrank.cu: one shrink
-// launch over all adapters and one expand launch adding into y in place, on the current
-// stream, scales read on the device when they live there (no sync: graph-capturable).
+// transposed view), A_a [r_a, in], B_a [out, r_a]; y [..., out] contiguous, a fresh
+// tensor or the caller's `out` (the .out overload; common/output.h).
+// Forward: the base written into y through F.linear's ATen calls (cuBLAS; with no adapter
+// on, y is the frozen layer's output bit for bit), then the low-rank update of lowrank.cu:
+// one shrink launch over all adapters and one expand launch adding into y in place, on the
+// current stream, scales read on the device when they live there (no sync: graph-capturable).
 // Backward: ATen GEMMs following reference.lora_linear_backward (training only).
 // Tests: tests/test_cuda.py (lora_linear / lora_linear_backward samples, opcheck, graph
 // capture). Benchmark: benchmarks/bench_cuda.py.
@@ -20,16 +21,17 @@ namespace peftcore {
 
 using namespace peftcore::cuda;
 
-at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
-                            std::optional<at::TensorList> lora_x) {
-  check_linear_args("lora_linear", x, weight, bias, lora_A, lora_B, scales, lora_x);
+at::Tensor lora_linear_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
+                            const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+  const char* op = "lora_linear";
+  const LinearDims d = check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, lora_x);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::linear(x, weight, bias);
-  if (lora_A.empty() || y.numel() == 0) return y;
-  if (!y.is_contiguous()) y = y.contiguous();
-  add_lowrank(x, lora_A, lora_B, lora_x, {}, read_state(scales), y);
-  return y;
+  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_into(y, x, weight, bias);
+    if (lora_A.empty() || y.numel() == 0) return;
+    add_lowrank(x, lora_A, lora_B, lora_x, {}, read_state(scales), y);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,

@@ -8,7 +8,9 @@
 // them with every token row in fp32 and writes the finished output (bias, rounding, IA3's
 // output scale in its epilogue); W is never materialised. More rows (or float64): the
 // weight is dequantized into a caching-allocator buffer (x's dtype) and cuBLAS runs with
-// fp32 output, then the epilogue pass. The adapters are then added by lowrank.cu.
+// fp32 output, then the epilogue pass. The adapters are then added by lowrank.cu. The
+// result y [..., out] (contiguous) is a fresh tensor or the caller's `out` (the .out
+// overloads; common/output.h): both paths write it directly.
 // Tests: tests/test_cuda.py (4-bit samples of tests/op_db.py, graph capture).
 // The *_mixed variants (one adapter per row group, mixed.h) run the same base once for
 // every row, then the per-row terms of lora_linear_mixed.cu / ia3_linear_mixed.cu.
@@ -205,23 +207,19 @@ void launch_gemv4(const Gemv4Params<T, LR>& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The 4-bit base x·Wᵀ + b (checked arguments), with IA3's scales where given: [..., N].
-// With `lora`, the fused GEMV also adds the adapters (shrink launched first, expand in its
+// The 4-bit base x·Wᵀ + b (checked arguments), with IA3's scales where given, written into
+// y (contiguous [..., N], x's dtype: the op's result). With `lora`, the fused GEMV also adds the adapters (shrink launched first, expand in its
 // epilogue) where it can, and sets lora->done; otherwise the caller adds them.
-at::Tensor linear_4bit(const at::Tensor& x, const Weight4& w, const std::optional<at::Tensor>& bias,
-                       const Ia3* in_scale, const Ia3* out_scale, LoraEpilogue* lora = nullptr) {
-  const int64_t K = x.size(-1), N = w.w.N;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(N);
-  at::Tensor y = at::empty(shape, x.options());
-  const int64_t M = leading_rows(x);
-  if (y.numel() == 0) return y;
+void linear_4bit(const at::Tensor& x, const Weight4& w, const std::optional<at::Tensor>& bias, const Ia3* in_scale,
+                 const Ia3* out_scale, at::Tensor& y, LoraEpilogue* lora = nullptr) {
+  const int64_t K = x.size(-1), N = w.w.N, M = leading_rows(x);
+  if (y.numel() == 0) return;
   at::Tensor y2 = y.view({M, N});
   const at::Tensor x2 = quant_rows(x, in_scale);
   const at::Tensor bf = bias_acc(bias, x.scalar_type());
   if (!use_gemv(M, x.scalar_type())) {
     gemm_base(x2, dequantize(w, x.options(), x.scalar_type()), bf, out_scale, y2);
-    return y;
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftcore_gemv_4bit", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -238,7 +236,6 @@ at::Tensor linear_4bit(const at::Tensor& x, const Weight4& w, const std::optiona
       }
     }
   });
-  return y;
 }
 
 // The checks of every 4-bit op on an x at entry: x and the bias, then the stored weight
@@ -255,8 +252,8 @@ Weight4 check_linear_4bit(const char* op, const at::Tensor& x, const at::Tensor&
 
 }  // namespace
 
-at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                                 const at::Tensor& code, int64_t blocksize,
+at::Tensor lora_linear_4bit_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+                                 const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                  const std::optional<at::Tensor>& nested_absmax,
                                  const std::optional<at::Tensor>& nested_code,
                                  const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
@@ -271,13 +268,14 @@ at::Tensor lora_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& qweight,
                  "out_features");
   check_lora_x(op, lora_x, x, lora_A.size());
   LoraEpilogue lora{lora_A, lora_B, lora_x, read_state(scales)};
-  at::Tensor y = linear_4bit(x, w, bias, nullptr, nullptr, lora_A.empty() ? nullptr : &lora);
-  if (!lora.done && !lora_A.empty() && y.numel() > 0) add_lowrank(x, lora_A, lora_B, lora_x, {}, lora.scales, y);
-  return y;
+  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_4bit(x, w, bias, nullptr, nullptr, y, lora_A.empty() ? nullptr : &lora);
+    if (!lora.done && !lora_A.empty() && y.numel() > 0) add_lowrank(x, lora_A, lora_B, lora_x, {}, lora.scales, y);
+  });
 }
 
-at::Tensor ia3_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                                const at::Tensor& code, int64_t blocksize,
+at::Tensor ia3_linear_4bit_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+                                const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                 const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& nested_code,
                                 const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
@@ -292,8 +290,10 @@ at::Tensor ia3_linear_4bit_cuda(const at::Tensor& x, const at::Tensor& qweight, 
                             feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                         : "output feature (feedforward=False: out_features)",
                             x.device());
-  if (v.none()) return linear_4bit(x, w, bias, nullptr, nullptr);
-  return feedforward ? linear_4bit(x, w, bias, &v, nullptr) : linear_4bit(x, w, bias, nullptr, &v);
+  const Ia3* scale = v.none() ? nullptr : &v;  // host flags all off: the base alone
+  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_4bit(x, w, bias, feedforward ? scale : nullptr, feedforward ? nullptr : scale, y);
+  });
 }
 
 at::Tensor dequantize_4bit_cuda(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,
@@ -313,8 +313,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& qweight, const at::Tensor& abs
 
 // ---- mixed batches (mixed.h): the base once for every row (the GEMV / GEMM above, no
 // adapter in its epilogue: the per-row terms follow), then each row group's adapter.
-at::Tensor lora_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                                       const at::Tensor& code, int64_t blocksize,
+at::Tensor lora_linear_4bit_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+                                       const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                        const std::optional<at::Tensor>& nested_absmax,
                                        const std::optional<at::Tensor>& nested_code,
                                        const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
@@ -331,13 +331,15 @@ at::Tensor lora_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qw
   const bool has_lx = lora_x.has_value() && lora_x->defined();
   if (has_lx) check_lora_x(op, std::optional<at::TensorList>(at::TensorList(*lora_x)), x, 1);
   const at::Tensor r = check_rows(op, rows, leading_rows(x), static_cast<int64_t>(lora_A.size()), x.device());
-  at::Tensor y = linear_4bit(x, w, bias, nullptr, nullptr);
-  if (!lora_A.empty() && y.numel() > 0) add_lowrank_mixed(has_lx ? *lora_x : x, lora_A, lora_B, {}, read_state(scales), r, y);
-  return y;
+  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_4bit(x, w, bias, nullptr, nullptr, y);
+    if (!lora_A.empty() && y.numel() > 0)
+      add_lowrank_mixed(has_lx ? *lora_x : x, lora_A, lora_B, {}, read_state(scales), r, y);
+  });
 }
 
-at::Tensor ia3_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                                      const at::Tensor& code, int64_t blocksize,
+at::Tensor ia3_linear_4bit_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+                                      const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                       const std::optional<at::Tensor>& nested_absmax,
                                       const std::optional<at::Tensor>& nested_code,
                                       const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
@@ -353,8 +355,11 @@ at::Tensor ia3_linear_4bit_mixed_cuda(const at::Tensor& x, const at::Tensor& qwe
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: out_features)",
                     x.device());
-  return ia3_mixed_around(x, ia3_l, r, feedforward,
-                          [&](const at::Tensor& t) { return linear_4bit(t, w, bias, nullptr, nullptr); });
+  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+    ia3_mixed_around(x, ia3_l, r, feedforward, y, [&](const at::Tensor& t, at::Tensor& yt) {
+      linear_4bit(t, w, bias, nullptr, nullptr, yt);
+    });
+  });
 }
 
 }  // namespace peftcore

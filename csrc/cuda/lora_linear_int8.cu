@@ -6,7 +6,9 @@
 // summing x·CB in fp32 (exact products for bfloat16 / float16 x), the row's SCB·(1/127)
 // applied to the sum, bias / rounding / IA3 in the epilogue. More rows (or float64): W
 // dequantized as bitsandbytes does ((CB·SCB)·(1/127) in fp32) into a caching-allocator
-// buffer, cuBLAS with fp32 output, the epilogue pass. Adapters: lowrank.cu.
+// buffer, cuBLAS with fp32 output, the epilogue pass. Adapters: lowrank.cu. The result
+// y [..., out] (contiguous) is a fresh tensor or the caller's `out` (the .out overloads;
+// common/output.h): both paths write it directly.
 // The *_mixed variants (one adapter per row group, mixed.h): the same base once for every
 // row, then the per-row terms of lora_linear_mixed.cu / ia3_linear_mixed.cu.
 // Tests: tests/test_cuda.py (int8 samples of tests/op_db.py). Benchmark: benchmarks/bench_cuda.py.
@@ -140,22 +142,19 @@ void launch_gemv8(const Gemv8Params<T, LR>& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The LLM.int8 base x·Wᵀ + b (checked arguments), with IA3's scales where given: [..., N].
-// With `lora`, the fused GEMV also adds the adapters where it can (see linear_4bit).
-at::Tensor linear_int8(const at::Tensor& x, const Int8Weight& w, const std::optional<at::Tensor>& bias,
-                       const Ia3* in_scale, const Ia3* out_scale, LoraEpilogue* lora = nullptr) {
-  const int64_t N = w.cb.size(0), K = w.cb.size(1);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(N);
-  at::Tensor y = at::empty(shape, x.options());
-  const int64_t M = leading_rows(x);
-  if (y.numel() == 0) return y;
+// The LLM.int8 base x·Wᵀ + b (checked arguments), with IA3's scales where given, written
+// into y (contiguous [..., N], x's dtype: the op's result). With `lora`, the fused GEMV
+// also adds the adapters where it can (see linear_4bit).
+void linear_int8(const at::Tensor& x, const Int8Weight& w, const std::optional<at::Tensor>& bias, const Ia3* in_scale,
+                 const Ia3* out_scale, at::Tensor& y, LoraEpilogue* lora = nullptr) {
+  const int64_t N = w.cb.size(0), K = w.cb.size(1), M = leading_rows(x);
+  if (y.numel() == 0) return;
   at::Tensor y2 = y.view({M, N});
   const at::Tensor x2 = quant_rows(x, in_scale);
   const at::Tensor bf = bias_acc(bias, x.scalar_type());
   if (!use_gemv(M, x.scalar_type())) {
     gemm_base(x2, dequantize(w, x.scalar_type()), bf, out_scale, y2);
-    return y;
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftcore_gemv_int8", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -174,7 +173,6 @@ at::Tensor linear_int8(const at::Tensor& x, const Int8Weight& w, const std::opti
       }
     }
   });
-  return y;
 }
 
 // The checks of every int8 op on an x at entry: x, the stored weight on x's device, the
@@ -191,9 +189,10 @@ Int8Weight check_linear_int8(const char* op, const at::Tensor& x, const at::Tens
 
 }  // namespace
 
-at::Tensor lora_linear_int8_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                                 const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
-                                 const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+at::Tensor lora_linear_int8_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
+                                 at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                 std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_int8";
   const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -202,14 +201,15 @@ at::Tensor lora_linear_int8_cuda(const at::Tensor& x, const at::Tensor& weight, 
                  "weight.shape[0] (out_features)");
   check_lora_x(op, lora_x, x, lora_A.size());
   LoraEpilogue lora{lora_A, lora_B, lora_x, read_state(scales)};
-  at::Tensor y = linear_int8(x, w, bias, nullptr, nullptr, lora_A.empty() ? nullptr : &lora);
-  if (!lora.done && !lora_A.empty() && y.numel() > 0) add_lowrank(x, lora_A, lora_B, lora_x, {}, lora.scales, y);
-  return y;
+  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_int8(x, w, bias, nullptr, nullptr, y, lora_A.empty() ? nullptr : &lora);
+    if (!lora.done && !lora_A.empty() && y.numel() > 0) add_lowrank(x, lora_A, lora_B, lora_x, {}, lora.scales, y);
+  });
 }
 
-at::Tensor ia3_linear_int8_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                                const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,
-                                bool feedforward) {
+at::Tensor ia3_linear_int8_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
+                                at::TensorList ia3_l, const at::Tensor& active, bool feedforward) {
   const char* op = "ia3_linear_int8";
   const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -218,8 +218,10 @@ at::Tensor ia3_linear_int8_cuda(const at::Tensor& x, const at::Tensor& weight, c
                             feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                         : "output feature (feedforward=False: weight.shape[0])",
                             x.device());
-  if (v.none()) return linear_int8(x, w, bias, nullptr, nullptr);
-  return feedforward ? linear_int8(x, w, bias, &v, nullptr) : linear_int8(x, w, bias, nullptr, &v);
+  const Ia3* scale = v.none() ? nullptr : &v;  // host flags all off: the base alone
+  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_int8(x, w, bias, feedforward ? scale : nullptr, feedforward ? nullptr : scale, y);
+  });
 }
 
 at::Tensor dequantize_int8_cuda(const at::Tensor& weight, const at::Tensor& row_scale, at::ScalarType dtype) {
@@ -233,9 +235,10 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& weight, const at::Tensor& row_
 }
 
 // ---- mixed batches (mixed.h): the base once for every row, then each row group's adapter.
-at::Tensor lora_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                                       const std::optional<at::Tensor>& bias, at::TensorList lora_A,
-                                       at::TensorList lora_B, const at::Tensor& scales, const at::Tensor& rows) {
+at::Tensor lora_linear_int8_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
+                                       at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                       const at::Tensor& rows) {
   const char* op = "lora_linear_int8_mixed";
   const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -243,14 +246,15 @@ at::Tensor lora_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& we
   check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   const at::Tensor r = check_rows(op, rows, leading_rows(x), static_cast<int64_t>(lora_A.size()), x.device());
-  at::Tensor y = linear_int8(x, w, bias, nullptr, nullptr);
-  if (!lora_A.empty() && y.numel() > 0) add_lowrank_mixed(x, lora_A, lora_B, {}, read_state(scales), r, y);
-  return y;
+  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    linear_int8(x, w, bias, nullptr, nullptr, y);
+    if (!lora_A.empty() && y.numel() > 0) add_lowrank_mixed(x, lora_A, lora_B, {}, read_state(scales), r, y);
+  });
 }
 
-at::Tensor ia3_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                                      const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
-                                      const at::Tensor& rows, bool feedforward) {
+at::Tensor ia3_linear_int8_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
+                                      at::TensorList ia3_l, const at::Tensor& rows, bool feedforward) {
   const char* op = "ia3_linear_int8_mixed";
   const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -260,8 +264,11 @@ at::Tensor ia3_linear_int8_mixed_cuda(const at::Tensor& x, const at::Tensor& wei
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: weight.shape[0])",
                     x.device());
-  return ia3_mixed_around(x, ia3_l, r, feedforward,
-                          [&](const at::Tensor& t) { return linear_int8(t, w, bias, nullptr, nullptr); });
+  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    ia3_mixed_around(x, ia3_l, r, feedforward, y, [&](const at::Tensor& t, at::Tensor& yt) {
+      linear_int8(t, w, bias, nullptr, nullptr, yt);
+    });
+  });
 }
 
 }  // namespace peftcore

@@ -3,12 +3,14 @@
 //   y[m] = x[m]·Wᵀ + b + s_k · ((x[m]·A_kᵀ) ⊙ E_k)·B_kᵀ,   k = rows[group of m] (-1: none).
 // Layout: x [..., in] (any strides), W [out, in] (any strides), A_k [r_k, in], B_k
 // [out, r_k] (any strides), rows [G] int64/int32 on the CPU or the GPU (mixed.h); y
-// [..., out] contiguous. Also the host side of every mixed LoRA term (add_lowrank_mixed,
-// used by the quantized *_mixed ops) and the `rows` checks.
-// Launches: the base is one F.linear (cuBLAS) over every row; then, per window of
-// kMaxAdapters slots (one window for up to 32 adapters), a gathered shrink (each row
-// dots its own slot's A: lowrank_shrink_mixed_kernel, 4-row tiles within a group) and an expand adding to each row
-// only its own slot's term (lowrank_expand_mixed_kernel), slots read on the device.
+// [..., out] contiguous (a fresh tensor or the caller's `out`). Also the host side of
+// every mixed LoRA term (add_lowrank_mixed, used by the quantized *_mixed ops) and the
+// `rows` checks.
+// Launches: the base is one F.linear (cuBLAS, written into y) over every row; then, per
+// window of kMaxAdapters slots (one window for up to 32 adapters), a gathered shrink
+// (each row dots its own slot's A: lowrank_shrink_mixed_kernel, 4-row tiles within a
+// group) and an expand adding to each row only its own slot's term
+// (lowrank_expand_mixed_kernel), slots read on the device.
 // float64 (or shapes past the kernels' grid limits) takes an ATen path with the same
 // per-row selection, masks instead of host reads.
 // Tests: tests/test_cuda.py (mixed samples of tests/op_db.py, against the single-adapter
@@ -217,21 +219,22 @@ namespace peftcore {
 
 using namespace peftcore::cuda;
 
-at::Tensor lora_linear_mixed_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                  at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,
-                                  const at::Tensor& scales, const at::Tensor& rows) {
+at::Tensor lora_linear_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
+                                  std::optional<at::TensorList> lora_E, const at::Tensor& scales,
+                                  const at::Tensor& rows) {
   const char* op = "lora_linear_mixed";
   const LinearDims d = check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, std::nullopt);
   const at::TensorList E = lora_E.has_value() ? *lora_E : at::TensorList();
   if (lora_E.has_value()) check_lora_E(op, E, lora_A, x.device(), x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor r = check_rows(op, rows, d.n, static_cast<int64_t>(lora_A.size()), x.device());
-  // The base through F.linear's ATen call: rows of the base alone are bit-identical to it.
-  at::Tensor y = at::linear(x, weight, bias);
-  if (lora_A.empty() || y.numel() == 0) return y;
-  if (!y.is_contiguous()) y = y.contiguous();
-  add_lowrank_mixed(x, lora_A, lora_B, E, read_state(scales), r, y);
-  return y;
+  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+    // The base through F.linear's ATen calls: rows of the base alone are bit-identical to it.
+    linear_into(y, x, weight, bias);
+    if (lora_A.empty() || y.numel() == 0) return;
+    add_lowrank_mixed(x, lora_A, lora_B, E, read_state(scales), r, y);
+  });
 }
 
 }  // namespace peftcore

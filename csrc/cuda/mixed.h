@@ -39,25 +39,29 @@ void check_ia3_vectors(const char* op, at::TensorList ia3_l, at::ScalarType x_dt
 // of place) or left as they are (in place: out is in). in: any strides; out contiguous.
 void ia3_scale_rows(at::TensorList ia3_l, const at::Tensor& rows, const at::Tensor& in, at::Tensor& out);
 
-// The (IA)³ mixed forward around a base layer (`base`: x -> [..., N] in x's dtype), for the
-// dense and quantized ia3_*_mixed ops (arguments checked, rows from check_rows):
+// The (IA)³ mixed forward around a base layer, for the dense and quantized ia3_*_mixed ops
+// (arguments checked, rows from check_rows): `base(x, y)` writes x's base output into y
+// (contiguous [..., N], x's dtype: the op's result, possibly the caller's `out`).
 // feedforward, each row group's x rows scaled before the base; otherwise its output rows
-// scaled after it, bias included (the rounded base rounded again: ia3_linear's roundings).
+// scaled after it in y, bias included (the rounded base rounded again: ia3_linear's
+// roundings).
 template <typename Base>
-at::Tensor ia3_mixed_around(const at::Tensor& x, at::TensorList ia3_l, const at::Tensor& rows, bool feedforward,
-                            const Base& base) {
-  if (ia3_l.empty()) return base(x);
+void ia3_mixed_around(const at::Tensor& x, at::TensorList ia3_l, const at::Tensor& rows, bool feedforward,
+                      at::Tensor& y, const Base& base) {
+  if (ia3_l.empty()) {
+    base(x, y);
+    return;
+  }
   const int64_t K = x.size(-1), M = leading_rows(x);
   if (feedforward) {
     at::Tensor xs = at::empty({M, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
     ia3_scale_rows(ia3_l, rows, x.reshape({M, K}), xs);
-    return base(xs.view(x.sizes()));
+    base(xs.view(x.sizes()), y);
+    return;
   }
-  at::Tensor y = base(x);
-  if (!y.is_contiguous()) y = y.contiguous();
+  base(x, y);
   at::Tensor y2 = y.view({M, y.size(-1)});
   ia3_scale_rows(ia3_l, rows, y2, y2);
-  return y;
 }
 
 }  // namespace peftcore::cuda
