@@ -3,7 +3,7 @@
 // in W's dtype (the .out overload writes it into the caller's `out`: common/output.h).
 // Forward: per thread, gathers the adapters' A columns into T rows, then one expand
 // pass per token reads W's row, adds T·Bt in fp32 and writes y (rounded once). Backward:
-// ATen index_add / GEMMs following reference.lora_embedding_backward.
+// the ATen index_add / GEMMs of common/lora_backward.h (shared with CUDA).
 // Tests: tests/ops/test_lora_embedding.py, test_opcheck.py, tests/test_autograd.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/lora_backward.h"
 #include "../ops.h"
 #include "lowrank.h"
 #include "lowrank_parallel.h"
@@ -109,7 +110,7 @@ at::Tensor lora_embedding_cpu(at::Tensor* out, const at::Tensor& indices, const 
   });
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_embedding_backward_cpu(
+EmbeddingGrads lora_embedding_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,
     at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx, std::array<bool, 2> output_mask) {
   const char* op = "lora_embedding_backward";
@@ -122,34 +123,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_em
               op, ": grad_out has shape ", grad_out.sizes(), " but the forward output has shape indices.shape + [", D,
               "] with indices.shape = ", indices.sizes());
   const at::Tensor idx = checked_indices(op, indices, V);
-  const auto [want_w, want_ad] = output_mask;
-
-  const auto f = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor g = grad_out.reshape({-1, D}).to(f);
-  // Tokens at padding_idx send no gradient into the tables they read (W's row,
-  // A's column); B still sees their activations, so it uses the unmasked g.
-  const at::Tensor g_tab = padding_idx < 0 ? g : g * (idx != padding_idx).unsqueeze(1).to(f);
-  at::Tensor gw = want_w ? at::zeros({V, D}, weight.options().dtype(f)).index_add_(0, idx, g_tab).to(weight.scalar_type())
-                         : at::empty({0}, weight.options());
-  std::vector<at::Tensor> gA, gB;
-  if (want_ad) {
-    const std::vector<double> scale_of = cpu::scale_per_adapter(scales, lora_A);
-    for (size_t a = 0; a < lora_A.size(); ++a) {
-      const at::Tensor &A = lora_A[a], &B = lora_B[a];
-      if (scale_of[a] == 0.0) {
-        gA.push_back(at::zeros(A.sizes(), A.options()));
-        gB.push_back(at::zeros(B.sizes(), B.options()));
-        continue;
-      }
-      const double s = scale_of[a];
-      const at::Tensor t = A.to(f).t().index_select(0, idx);  // [n, r]
-      const at::Tensor gt = at::mm(g_tab, B.to(f)).mul_(s);   // [n, r]
-      const at::Tensor gAt = at::zeros({V, A.size(0)}, A.options().dtype(f)).index_add_(0, idx, gt);
-      gA.push_back(gAt.t().to(A.scalar_type()).contiguous());  // laid out like A (the fake kernel says so)
-      gB.push_back(at::mm(g.t(), t).mul_(s).to(B.scalar_type()));
-    }
-  }
-  return {gw, gA, gB};
+  return lora_embedding_grads(grad_out, idx, weight, lora_A, lora_B, read_state(scales), padding_idx, output_mask);
 }
 
 }  // namespace peftcore

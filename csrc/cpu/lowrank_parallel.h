@@ -40,14 +40,6 @@ inline std::vector<ActiveAdapter> active_adapters(const at::Tensor& scales, at::
   return active;
 }
 
-// The backward's view of the same rule: each adapter's scale, 0 for one that took no
-// part in the forward (scale 0 or rank 0).
-inline std::vector<double> scale_per_adapter(const at::Tensor& scales, at::TensorList lora_A) {
-  std::vector<double> out(lora_A.size(), 0.0);
-  int64_t R = 0;
-  for (const auto& ad : active_adapters(scales, lora_A, R)) out[ad.index] = ad.scale;
-  return out;
-}
 
 // Below this many multiply-adds a thread hand-off costs more than it saves.
 constexpr int64_t kMinParallelWork = 16384;

@@ -11,7 +11,7 @@
 #include "checks_cuda.h"
 #include "lowrank.h"
 #include "ops_cuda.h"
-#include "state.h"
+#include "../common/state.h"
 
 namespace peftcore {
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "ia3.cuh"
-#include "state.h"
+#include "../common/state.h"
 
 namespace peftcore::cuda {
 

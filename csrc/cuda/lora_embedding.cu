@@ -4,8 +4,8 @@
 // gather for W written into y, the rows of A_aᵀ gathered into the fp32 t buffer (the
 // shrink of a one-hot input), then lowrank.cu's expand adding into y in place (one
 // rounding). Out-of-range indices trip the gathers' device-side
-// assert (no host check: that would sync). Backward: ATen index_add / GEMMs following
-// reference.lora_embedding_backward, disabled adapters masked on the device.
+// assert (no host check: that would sync). Backward: the ATen index_add / GEMMs of
+// common/lora_backward.h (shared with the CPU), disabled adapters masked on the device.
 // Tests: tests/test_cuda.py (lora_embedding samples).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,7 +15,8 @@
 #include "checks_cuda.h"
 #include "lowrank.h"
 #include "ops_cuda.h"
-#include "state.h"
+#include "../common/lora_backward.h"
+#include "../common/state.h"
 
 namespace peftcore {
 
@@ -61,12 +62,12 @@ at::Tensor lora_embedding_cuda(at::Tensor* out, const at::Tensor& indices, const
   });
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_embedding_backward_cuda(
+EmbeddingGrads lora_embedding_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,
     at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx, std::array<bool, 2> output_mask) {
   const char* op = "lora_embedding_backward";
   check_embedding_args(op, indices, weight, lora_A, lora_B, scales, padding_idx);
-  const int64_t V = weight.size(0), D = weight.size(1);
+  const int64_t D = weight.size(1);
   check_on(op, grad_out, "grad_out", weight.device());
   check_float_dtype(op, grad_out, "grad_out");
   TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == D && grad_out.numel() == indices.numel() * D, "peftcore::",
@@ -74,33 +75,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_em
               "] with indices.shape = ", indices.sizes());
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor idx = indices.reshape({-1}).to(at::kLong);
-  const auto [want_w, want_ad] = output_mask;
-
-  const auto f = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor g = grad_out.reshape({-1, D}).to(f);
-  // Tokens at padding_idx send no gradient into the tables they read (W's row, A's
-  // column); B still sees their activations, so it uses the unmasked g.
-  const at::Tensor g_tab = padding_idx < 0 ? g : g * (idx != padding_idx).unsqueeze(1).to(f);
-  at::Tensor gw = want_w ? at::zeros({V, D}, weight.options().dtype(f)).index_add_(0, idx, g_tab).to(weight.scalar_type())
-                         : at::empty({0}, weight.options());
-  std::vector<at::Tensor> gA, gB;
-  if (want_ad) {
-    const State st = read_state(scales);
-    for (size_t a = 0; a < lora_A.size(); ++a) {
-      const at::Tensor &A = lora_A[a], &B = lora_B[a];
-      if (A.size(0) == 0 || !st.maybe_on(a)) {
-        gA.push_back(at::zeros(A.sizes(), A.options()));
-        gB.push_back(at::zeros(B.sizes(), B.options()));
-        continue;
-      }
-      const at::Tensor t = A.to(f).t().index_select(0, idx);            // [n, r]
-      const at::Tensor gt = st.scaled(at::mm(g_tab, B.to(f)), a);       // [n, r]
-      const at::Tensor gAt = at::zeros({V, A.size(0)}, A.options().dtype(f)).index_add_(0, idx, gt);
-      gA.push_back(st.masked(gAt.t(), a).to(A.scalar_type()).contiguous());  // laid out like A
-      gB.push_back(st.masked(st.scaled(at::mm(g.t(), t), a), a).to(B.scalar_type()));
-    }
-  }
-  return {gw, gA, gB};
+  return lora_embedding_grads(grad_out, idx, weight, lora_A, lora_B, read_state(scales), padding_idx, output_mask);
 }
 
 }  // namespace peftcore

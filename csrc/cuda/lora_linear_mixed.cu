@@ -26,7 +26,7 @@
 #include "lowrank.cuh"
 #include "mixed.h"
 #include "ops_cuda.h"
-#include "state.h"
+#include "../common/state.h"
 
 namespace peftcore::cuda {
 

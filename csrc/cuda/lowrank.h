@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "lowrank.cuh"
-#include "state.h"
+#include "../common/state.h"
 
 namespace peftcore::cuda {
 

@@ -14,7 +14,7 @@
 #include <optional>
 
 #include "checks_cuda.h"
-#include "state.h"
+#include "../common/state.h"
 
 namespace peftcore::cuda {
 

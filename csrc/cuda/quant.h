@@ -10,7 +10,7 @@
 #include "ia3.h"
 #include "lowrank.h"
 #include "quant.cuh"
-#include "state.h"
+#include "../common/state.h"
 
 namespace peftcore::cuda {
 

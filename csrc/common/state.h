@@ -1,15 +1,17 @@
-// Per-layer adapter state (LoRA `scales`, IA3 `active`) as the CUDA ops read it.
+// Per-layer adapter state (LoRA `scales`, IA3 `active`) as the kernels read it.
 // On the GPU (the layers' buffers move with the model) the values are never brought to
-// the host: kernels read them from device memory and the ATen paths mask with them as
-// 0-d tensors, so a call does not sync and can be captured in a CUDA graph. On the CPU
+// the host: CUDA kernels read them from device memory and the ATen paths mask with them
+// as 0-d tensors, so a call does not sync and can be captured in a CUDA graph. On the CPU
 // they are read once on the host, and adapters known to be off are skipped outright.
+// Device independent (ATen only): the CUDA ops and the shared backward bodies
+// (lora_backward.h) of both backends use it.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <vector>
 
-namespace peftcore::cuda {
+namespace peftcore {
 
 struct State {
   at::Tensor dev;           // float32, contiguous, on the GPU; undefined for host state
@@ -45,4 +47,4 @@ inline State read_state(const at::Tensor& t) {
   return s;
 }
 
-}  // namespace peftcore::cuda
+}  // namespace peftcore
