@@ -740,57 +740,50 @@ def sample_ia3_linear_mixed(dtype, adapter_dtype=None, requires_grad=False) -> I
 _MIXED_QUANT4 = [("nf4", False, 64), ("fp4", True, 32), ("nf4", True, 128)]
 
 
-def sample_lora_linear_4bit_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
-    """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-    nested_blocksize, out_features, bias, lora_A, lora_B, scales, rows, lora_x)."""
+def _mixed_quant(kind, dtype, adapter_dtype):
+    """Each mixed case over a `kind` ("4bit" / "int8") weight of its shape: (name, o, the
+    weight's op arguments, meta, _mixed_parts(...)). Nothing without bitsandbytes."""
     if not have_bnb():
         return
     adapter_dtype = adapter_dtype or dtype
     for k, (name, (lead, fin, fout, ranks, rows, o)) in enumerate(MIXED_CASES.items()):
-        qt, nested, bs = _MIXED_QUANT4[k % len(_MIXED_QUANT4)]
-        w, q = _quant4_case("mixed:" + name, fin, fout, bs, qt, nested, o)
-        g, x, bias, lora_A, lora_B, scales, rows_t, _ = _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout,
-                                                                     ranks, rows, o)
+        if kind == "4bit":
+            qt, nested, bs = _MIXED_QUANT4[k % len(_MIXED_QUANT4)]
+            w, q = _quant4_case("mixed:" + name, fin, fout, bs, qt, nested, o)
+            weight_args, meta = _quant4_args(q, fout), _mixed_meta(o, weight=w, in_features=fin)
+        else:
+            w, CB, SCB = _int8_case("mixed:" + name, fin, fout, o)
+            weight_args, meta = (CB, SCB), _mixed_meta(o, weight=w)
+        yield name, o, weight_args, meta, _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout, ranks, rows, o)
+
+
+def sample_lora_linear_4bit_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+    nested_blocksize, out_features, bias, lora_A, lora_B, scales, rows, lora_x)."""
+    for name, o, wargs, meta, (g, x, bias, lora_A, lora_B, scales, rows_t, _) in _mixed_quant("4bit", dtype,
+                                                                                             adapter_dtype):
         lora_x = _randn(g, *x.shape, dtype=dtype) if o.get("E") else None  # a separate LoRA input in some cases
-        yield SampleInput(name, (x, *_quant4_args(q, fout), bias, lora_A, lora_B, scales, rows_t, lora_x),
-                          meta=_mixed_meta(o, weight=w, in_features=fin))
+        yield SampleInput(name, (x, *wargs, bias, lora_A, lora_B, scales, rows_t, lora_x), meta=meta)
 
 
 def sample_ia3_linear_4bit_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
     nested_blocksize, out_features, bias, ia3_l, rows, feedforward)."""
-    if not have_bnb():
-        return
-    adapter_dtype = adapter_dtype or dtype
-    for k, (name, (lead, fin, fout, ranks, rows, o)) in enumerate(MIXED_CASES.items()):
-        qt, nested, bs = _MIXED_QUANT4[k % len(_MIXED_QUANT4)]
-        w, q = _quant4_case("mixed:" + name, fin, fout, bs, qt, nested, o)
-        _, x, bias, _, _, _, rows_t, vecs = _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout, ranks, rows, o)
-        yield SampleInput(name, (x, *_quant4_args(q, fout), bias, vecs, rows_t, o.get("ff", False)),
-                          meta=_mixed_meta(o, weight=w, in_features=fin))
+    for name, o, wargs, meta, (_, x, bias, _, _, _, rows_t, vecs) in _mixed_quant("4bit", dtype, adapter_dtype):
+        yield SampleInput(name, (x, *wargs, bias, vecs, rows_t, o.get("ff", False)), meta=meta)
 
 
 def sample_lora_linear_int8_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (x, weight_int8, row_scale, bias, lora_A, lora_B, scales, rows)."""
-    if not have_bnb():
-        return
-    adapter_dtype = adapter_dtype or dtype
-    for name, (lead, fin, fout, ranks, rows, o) in MIXED_CASES.items():
-        w, CB, SCB = _int8_case("mixed:" + name, fin, fout, o)
-        _, x, bias, lora_A, lora_B, scales, rows_t, _ = _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout,
-                                                                     ranks, rows, o)
-        yield SampleInput(name, (x, CB, SCB, bias, lora_A, lora_B, scales, rows_t), meta=_mixed_meta(o, weight=w))
+    for name, o, wargs, meta, (_, x, bias, lora_A, lora_B, scales, rows_t, _) in _mixed_quant("int8", dtype,
+                                                                                             adapter_dtype):
+        yield SampleInput(name, (x, *wargs, bias, lora_A, lora_B, scales, rows_t), meta=meta)
 
 
 def sample_ia3_linear_int8_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (x, weight_int8, row_scale, bias, ia3_l, rows, feedforward)."""
-    if not have_bnb():
-        return
-    adapter_dtype = adapter_dtype or dtype
-    for name, (lead, fin, fout, ranks, rows, o) in MIXED_CASES.items():
-        w, CB, SCB = _int8_case("mixed:" + name, fin, fout, o)
-        _, x, bias, _, _, _, rows_t, vecs = _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout, ranks, rows, o)
-        yield SampleInput(name, (x, CB, SCB, bias, vecs, rows_t, o.get("ff", False)), meta=_mixed_meta(o, weight=w))
+    for name, o, wargs, meta, (_, x, bias, _, _, _, rows_t, vecs) in _mixed_quant("int8", dtype, adapter_dtype):
+        yield SampleInput(name, (x, *wargs, bias, vecs, rows_t, o.get("ff", False)), meta=meta)
 
 
 OPS: dict[str, OpInfo] = {
