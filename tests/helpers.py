@@ -2,6 +2,7 @@
 "no worse than the reference" check used for low-precision dtypes."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 # Native kernel vs reference.py, same inputs, same output dtype. Both compute the
@@ -168,3 +169,15 @@ def check_compiled_matches_eager(m, x, params, exact: bool = False) -> None:
         torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
     for a, b in zip(torch.autograd.grad(y, params, go), grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def has_cuda_kernels() -> bool:
+    """A GPU is present and this build has the CUDA kernels."""
+    from peftcore import native
+
+    return torch.cuda.is_available() and native.native_available("lora_linear", "cuda")
+
+
+# The devices of a test that runs on both: the CPU always, the GPU (marked cuda) when there is one.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not has_cuda_kernels(), reason="no GPU, or this build has no CUDA kernels")])]

@@ -9,8 +9,10 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 
 namespace peftcore {
 
@@ -85,6 +87,11 @@ inline void check_same_count(const char* op, const char* a, size_t na, const cha
               " (one per adapter each)");
 }
 
+// The device rule of the CPU kernels for the templated checks below: t on `dev`.
+inline auto device_rule(const char* op, at::DeviceType dev) {
+  return [op, dev](const at::Tensor& t, const std::string& name) { check_device(op, t, name, dev); };
+}
+
 // The adapter lists of every LoRA op: lora_A[a] is [r_a, a_cols], lora_B[a] is
 // [b_rows, r_a], float32 or the base dtype. `on_device(t, name)` checks each tensor's
 // device: the rule is the backend's (the CPU kernels' below, cuda/checks_cuda.h's).
@@ -117,9 +124,77 @@ inline void check_adapters(const char* op, at::TensorList lora_A, at::TensorList
                            int64_t b_rows, const char* b_rows_what) {
   check_same_count(op, "lora_A", lora_A.size(), "lora_B", lora_B.size());
   check_scales(op, scales, lora_A.size());
-  check_adapter_lists(
-      op, lora_A, lora_B, [&](const at::Tensor& t, const std::string& name) { check_device(op, t, name, dev); },
-      base, a_cols, a_cols_what, b_rows, b_rows_what);
+  check_adapter_lists(op, lora_A, lora_B, device_rule(op, dev), base, a_cols, a_cols_what, b_rows, b_rows_what);
+}
+
+// bitsandbytes' 4-bit weight state for a [N, K] weight (formats: peftcore/reference.py):
+// packed bytes, per-block absmax (float, or uint8 codes with the nested statistics of
+// double quantization), the 16-value code. `on_device(t, name)` is the backend's device
+// rule. The backends then take their pointers from the checked tensors.
+template <class OnDevice>
+inline void check_weight4_state(const char* op, const at::Tensor& qweight, const at::Tensor& absmax,
+                                const at::Tensor& code, int64_t blocksize,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code,
+                                const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize, int64_t N,
+                                int64_t K, OnDevice&& on_device) {
+  check_defined(op, qweight, "qweight");
+  on_device(qweight, "qweight");
+  TORCH_CHECK(N >= 0 && K >= 0, "peftcore::", op, ": out_features (", N, ") and in_features (", K,
+              ") must be >= 0");
+  TORCH_CHECK(blocksize > 0, "peftcore::", op, ": blocksize must be positive but is ", blocksize);
+  TORCH_CHECK(qweight.is_contiguous(), "peftcore::", op, ": qweight must be contiguous (bitsandbytes' packed bytes)");
+  const int64_t bytes = qweight.numel() * qweight.element_size();
+  TORCH_CHECK(bytes == (N * K + 1) / 2, "peftcore::", op, ": qweight holds ", bytes, " bytes but a [", N, ", ", K,
+              "] 4-bit weight needs ", (N * K + 1) / 2, " (shape ", qweight.sizes(), ", dtype ", qweight.scalar_type(),
+              ")");
+  check_defined(op, code, "code");
+  on_device(code, "code");
+  check_float_dtype(op, code, "code");
+  TORCH_CHECK(code.numel() == 16, "peftcore::", op, ": code must hold the 16 values of the 4-bit codes but has shape ",
+              code.sizes());
+  const int64_t n_blocks = (N * K + blocksize - 1) / blocksize;
+  check_defined(op, absmax, "absmax");
+  on_device(absmax, "absmax");
+  TORCH_CHECK(absmax.numel() == n_blocks, "peftcore::", op, ": absmax has ", absmax.numel(), " values but a [", N,
+              ", ", K, "] weight in blocks of ", blocksize, " has ", n_blocks, " blocks");
+  if (!(nested_absmax.has_value() && nested_absmax->defined())) {
+    check_float_dtype(op, absmax, "absmax");
+    return;
+  }
+  TORCH_CHECK(absmax.scalar_type() == at::kByte, "peftcore::", op,
+              ": with nested_absmax (double quantization) absmax must hold uint8 codes but has dtype ",
+              absmax.scalar_type());
+  TORCH_CHECK(nested_code.has_value() && nested_code->defined() && nested_code->numel() == 256, "peftcore::", op,
+              ": double quantization needs nested_code with 256 values");
+  TORCH_CHECK(nested_offset.has_value() && nested_offset->defined() && nested_offset->numel() == 1, "peftcore::", op,
+              ": double quantization needs nested_offset with 1 value");
+  TORCH_CHECK(nested_blocksize > 0, "peftcore::", op, ": nested_blocksize must be positive but is ", nested_blocksize);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{*nested_absmax, "nested_absmax"},
+                                {*nested_code, "nested_code"},
+                                {*nested_offset, "nested_offset"}}) {
+    on_device(t, name);
+    check_float_dtype(op, t, name);
+  }
+  const int64_t n2 = (n_blocks + nested_blocksize - 1) / nested_blocksize;
+  TORCH_CHECK(nested_absmax->numel() == n2, "peftcore::", op, ": nested_absmax has ", nested_absmax->numel(),
+              " values but ", n_blocks, " absmax codes in blocks of ", nested_blocksize, " need ", n2);
+}
+
+// bitsandbytes' LLM.int8 weight state: CB int8 [N, K], SCB (row_scale) N floats.
+template <class OnDevice>
+inline void check_int8_state(const char* op, const at::Tensor& weight, const at::Tensor& row_scale,
+                             OnDevice&& on_device) {
+  check_defined(op, weight, "weight");
+  on_device(weight, "weight");
+  check_dim(op, weight, "weight", 2);
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "peftcore::", op,
+              ": weight must be bitsandbytes' int8 CB but has dtype ", weight.scalar_type());
+  check_defined(op, row_scale, "row_scale");
+  on_device(row_scale, "row_scale");
+  check_float_dtype(op, row_scale, "row_scale");
+  TORCH_CHECK(row_scale.numel() == weight.size(0), "peftcore::", op, ": row_scale (SCB) has ", row_scale.numel(),
+              " values but weight has ", weight.size(0), " rows");
 }
 
 }  // namespace peftcore

@@ -62,74 +62,35 @@ struct Weight4 {
   }
 };
 
-at::Tensor as_float32(const char* op, const at::Tensor& t, const char* name, std::vector<at::Tensor>& keep) {
-  check_device(op, t, name, at::kCPU);
-  check_float_dtype(op, t, name);
+const float* as_float32(const at::Tensor& t, std::vector<at::Tensor>& keep) {
   keep.push_back(t.to(at::kFloat).contiguous());
-  return keep.back();
+  return keep.back().const_data_ptr<float>();
 }
 
 Weight4 check_weight4(const char* op, const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,
                       int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
                       const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& nested_offset,
                       int64_t nested_blocksize, int64_t N, int64_t K) {
+  check_weight4_state(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                      nested_blocksize, N, K, device_rule(op, at::kCPU));
   Weight4 w;
-  check_defined(op, qweight, "qweight");
-  check_device(op, qweight, "qweight", at::kCPU);
-  TORCH_CHECK(N >= 0 && K >= 0, "peftcore::", op, ": out_features (", N, ") and in_features (", K,
-              ") must be >= 0");
-  TORCH_CHECK(blocksize > 0, "peftcore::", op, ": blocksize must be positive but is ", blocksize);
-  TORCH_CHECK(qweight.is_contiguous(), "peftcore::", op, ": qweight must be contiguous (bitsandbytes' packed bytes)");
-  const int64_t bytes = qweight.numel() * qweight.element_size();
-  TORCH_CHECK(bytes == (N * K + 1) / 2, "peftcore::", op, ": qweight holds ", bytes, " bytes but a [", N, ", ", K,
-              "] 4-bit weight needs ", (N * K + 1) / 2, " (shape ", qweight.sizes(), ", dtype ", qweight.scalar_type(),
-              ")");
-  check_defined(op, code, "code");
-  TORCH_CHECK(code.numel() == 16, "peftcore::", op, ": code must hold the 16 values of the 4-bit codes but has shape ",
-              code.sizes());
   w.n_blocks = (N * K + blocksize - 1) / blocksize;
-  w.packed = {static_cast<const uint8_t*>(qweight.const_data_ptr()),
-              as_float32(op, code, "code", w.keep).const_data_ptr<float>(), blocksize, N, K};
-  const bool nested = nested_absmax.has_value() && nested_absmax->defined();
-  check_defined(op, absmax, "absmax");
-  check_device(op, absmax, "absmax", at::kCPU);
-  TORCH_CHECK(absmax.numel() == w.n_blocks, "peftcore::", op, ": absmax has ", absmax.numel(), " values but a [", N,
-              ", ", K, "] weight in blocks of ", blocksize, " has ", w.n_blocks, " blocks");
-  if (!nested) {
-    w.absmax = as_float32(op, absmax, "absmax", w.keep).const_data_ptr<float>();
+  w.packed = {static_cast<const uint8_t*>(qweight.const_data_ptr()), as_float32(code, w.keep), blocksize, N, K};
+  if (!(nested_absmax.has_value() && nested_absmax->defined())) {
+    w.absmax = as_float32(absmax, w.keep);
     return w;
   }
-  TORCH_CHECK(absmax.scalar_type() == at::kByte, "peftcore::", op,
-              ": with nested_absmax (double quantization) absmax must hold uint8 codes but has dtype ",
-              absmax.scalar_type());
-  TORCH_CHECK(nested_code.has_value() && nested_code->defined() && nested_code->numel() == 256, "peftcore::", op,
-              ": double quantization needs nested_code with 256 values");
-  TORCH_CHECK(nested_offset.has_value() && nested_offset->defined() && nested_offset->numel() == 1, "peftcore::", op,
-              ": double quantization needs nested_offset with 1 value");
-  TORCH_CHECK(nested_blocksize > 0, "peftcore::", op, ": nested_blocksize must be positive but is ", nested_blocksize);
-  const int64_t n2 = (w.n_blocks + nested_blocksize - 1) / nested_blocksize;
-  TORCH_CHECK(nested_absmax->numel() == n2, "peftcore::", op, ": nested_absmax has ", nested_absmax->numel(),
-              " values but ", w.n_blocks, " absmax codes in blocks of ", nested_blocksize, " need ", n2);
   w.keep.push_back(absmax.contiguous());
   w.qabsmax = w.keep.back().const_data_ptr<uint8_t>();
-  w.ncode = as_float32(op, *nested_code, "nested_code", w.keep).const_data_ptr<float>();
-  w.nabsmax = as_float32(op, *nested_absmax, "nested_absmax", w.keep).const_data_ptr<float>();
-  w.noffset = as_float32(op, *nested_offset, "nested_offset", w.keep).const_data_ptr<float>()[0];
+  w.ncode = as_float32(*nested_code, w.keep);
+  w.nabsmax = as_float32(*nested_absmax, w.keep);
+  w.noffset = as_float32(*nested_offset, w.keep)[0];
   w.nbs = nested_blocksize;
   return w;
 }
 
 void check_int8(const char* op, const at::Tensor& weight, const at::Tensor& row_scale) {
-  check_defined(op, weight, "weight");
-  check_device(op, weight, "weight", at::kCPU);
-  check_dim(op, weight, "weight", 2);
-  TORCH_CHECK(weight.scalar_type() == at::kChar, "peftcore::", op,
-              ": weight must be bitsandbytes' int8 CB but has dtype ", weight.scalar_type());
-  check_defined(op, row_scale, "row_scale");
-  check_device(op, row_scale, "row_scale", at::kCPU);
-  check_float_dtype(op, row_scale, "row_scale");
-  TORCH_CHECK(row_scale.numel() == weight.size(0), "peftcore::", op, ": row_scale (SCB) has ", row_scale.numel(),
-              " values but weight has ", weight.size(0), " rows");
+  check_int8_state(op, weight, row_scale, device_rule(op, at::kCPU));
 }
 
 // The base product y = x·Wᵀ (+ b) of a block of token rows, threaded over panels of output rows.

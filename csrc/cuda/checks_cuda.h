@@ -22,6 +22,11 @@ inline void check_on(const char* op, const at::Tensor& t, const std::string& nam
               " (all tensors of one call must share a device)");
 }
 
+// check_on as the device rule of common/checks.h's templated checks.
+inline auto device_rule(const char* op, const at::Device& dev) {
+  return [op, dev](const at::Tensor& t, const std::string& name) { check_on(op, t, name, dev); };
+}
+
 // A per-adapter state vector (scales / active): float, [n], on the CPU or on `dev`.
 inline void check_state(const char* op, const at::Tensor& t, const char* name, size_t n, const at::Device& dev) {
   check_defined(op, t, name);
@@ -40,9 +45,7 @@ inline void check_adapters(const char* op, at::TensorList lora_A, at::TensorList
                            int64_t b_rows, const char* b_rows_what) {
   check_same_count(op, "lora_A", lora_A.size(), "lora_B", lora_B.size());
   check_state(op, scales, "scales", lora_A.size(), dev);
-  check_adapter_lists(
-      op, lora_A, lora_B, [&](const at::Tensor& t, const std::string& name) { check_on(op, t, name, dev); }, base,
-      a_cols, a_cols_what, b_rows, b_rows_what);
+  check_adapter_lists(op, lora_A, lora_B, device_rule(op, dev), base, a_cols, a_cols_what, b_rows, b_rows_what);
 }
 
 inline int64_t leading_rows(const at::Tensor& x) {

@@ -129,52 +129,19 @@ Weight4 check_weight4(const char* op, const at::Tensor& qweight, const at::Tenso
                       int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
                       const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& nested_offset,
                       int64_t nested_blocksize, int64_t N, int64_t K, const at::Device& dev) {
+  check_weight4_state(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                      nested_blocksize, N, K, device_rule(op, dev));
   Weight4 r;
-  check_on(op, qweight, "qweight", dev);
-  TORCH_CHECK(N >= 0 && K >= 0, "peftcore::", op, ": out_features (", N, ") and in_features (", K, ") must be >= 0");
-  TORCH_CHECK(blocksize > 0, "peftcore::", op, ": blocksize must be positive but is ", blocksize);
-  TORCH_CHECK(qweight.is_contiguous(), "peftcore::", op, ": qweight must be contiguous (bitsandbytes' packed bytes)");
-  const int64_t bytes = qweight.numel() * qweight.element_size();
-  TORCH_CHECK(bytes == (N * K + 1) / 2, "peftcore::", op, ": qweight holds ", bytes, " bytes but a [", N, ", ", K,
-              "] 4-bit weight needs ", (N * K + 1) / 2, " (shape ", qweight.sizes(), ", dtype ", qweight.scalar_type(),
-              ")");
-  check_on(op, code, "code", dev);
-  check_float_dtype(op, code, "code");
-  TORCH_CHECK(code.numel() == 16, "peftcore::", op, ": code must hold the 16 values of the 4-bit codes but has shape ",
-              code.sizes());
-  const int64_t n_blocks = (N * K + blocksize - 1) / blocksize;
   r.w.q = static_cast<const uint8_t*>(qweight.const_data_ptr());
   r.w.code = f32(code, r.keep);
   r.w.blocksize = blocksize;
   r.w.N = N;
   r.w.K = K;
   r.w.nbs = 1;
-  check_on(op, absmax, "absmax", dev);
-  TORCH_CHECK(absmax.numel() == n_blocks, "peftcore::", op, ": absmax has ", absmax.numel(), " values but a [", N,
-              ", ", K, "] weight in blocks of ", blocksize, " has ", n_blocks, " blocks");
-  const bool nested = nested_absmax.has_value() && nested_absmax->defined();
-  if (!nested) {
-    check_float_dtype(op, absmax, "absmax");
+  if (!(nested_absmax.has_value() && nested_absmax->defined())) {
     r.w.absmax = f32(absmax, r.keep);
     return r;
   }
-  TORCH_CHECK(absmax.scalar_type() == at::kByte, "peftcore::", op,
-              ": with nested_absmax (double quantization) absmax must hold uint8 codes but has dtype ",
-              absmax.scalar_type());
-  TORCH_CHECK(nested_code.has_value() && nested_code->defined() && nested_code->numel() == 256, "peftcore::", op,
-              ": double quantization needs nested_code with 256 values");
-  TORCH_CHECK(nested_offset.has_value() && nested_offset->defined() && nested_offset->numel() == 1, "peftcore::", op,
-              ": double quantization needs nested_offset with 1 value");
-  TORCH_CHECK(nested_blocksize > 0, "peftcore::", op, ": nested_blocksize must be positive but is ", nested_blocksize);
-  check_on(op, *nested_absmax, "nested_absmax", dev);
-  check_on(op, *nested_code, "nested_code", dev);
-  check_on(op, *nested_offset, "nested_offset", dev);
-  check_float_dtype(op, *nested_absmax, "nested_absmax");
-  check_float_dtype(op, *nested_code, "nested_code");
-  check_float_dtype(op, *nested_offset, "nested_offset");
-  const int64_t n2 = (n_blocks + nested_blocksize - 1) / nested_blocksize;
-  TORCH_CHECK(nested_absmax->numel() == n2, "peftcore::", op, ": nested_absmax has ", nested_absmax->numel(),
-              " values but ", n_blocks, " absmax codes in blocks of ", nested_blocksize, " need ", n2);
   r.keep.push_back(absmax.contiguous());
   r.w.qabsmax = r.keep.back().const_data_ptr<uint8_t>();
   r.w.ncode = f32(*nested_code, r.keep);

@@ -108,14 +108,7 @@ struct Int8Weight {
 };
 
 Int8Weight check_int8(const char* op, const at::Tensor& weight, const at::Tensor& row_scale, const at::Device& dev) {
-  check_on(op, weight, "weight", dev);
-  check_dim(op, weight, "weight", 2);
-  TORCH_CHECK(weight.scalar_type() == at::kChar, "peftcore::", op,
-              ": weight must be bitsandbytes' int8 CB but has dtype ", weight.scalar_type());
-  check_on(op, row_scale, "row_scale", dev);
-  check_float_dtype(op, row_scale, "row_scale");
-  TORCH_CHECK(row_scale.numel() == weight.size(0), "peftcore::", op, ": row_scale (SCB) has ", row_scale.numel(),
-              " values but weight has ", weight.size(0), " rows");
+  check_int8_state(op, weight, row_scale, device_rule(op, dev));
   return {weight.contiguous(), row_scale.reshape({-1}).to(at::kFloat).contiguous()};
 }
 

@@ -15,15 +15,8 @@ import torch
 
 from peftcore import native, ops
 from peftcore._ops import FORWARD_OPS
+from tests.helpers import DEVICES, has_cuda_kernels
 from tests.op_db import OPS, dtype_combos, missing_requirements, native_loaded
-
-
-def _has_cuda_kernels():
-    return torch.cuda.is_available() and native.native_available("lora_linear.out", "cuda")
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not _has_cuda_kernels(), reason="no GPU, or this build has no CUDA kernels")])]
 
 
 def _to(args, device):
@@ -168,7 +161,7 @@ def test_out_has_native_cpu_kernel(name):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not _has_cuda_kernels(), reason="no GPU, or this build has no CUDA kernels")
+@pytest.mark.skipif(not has_cuda_kernels(), reason="no GPU, or this build has no CUDA kernels")
 @pytest.mark.parametrize("tokens", [1, 5, 100])
 def test_graph_capture_into_static_buffer(tokens):
     """A captured .out call writes the same buffer on every replay; the state written on

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from peftcore import reference
-from tests.helpers import assert_within, grad_tol, quant_tolerance
+from tests.helpers import DEVICES, assert_within, grad_tol, quant_tolerance
 from tests.op_db import bnb_functional, have_bnb, native_loaded, quantize_4bit, samples
 
 if not have_bnb():
@@ -405,3 +405,62 @@ def test_lower_isa_kernels_pass_quantized_op_tests(isa):
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+# ---- the stored-state checks (common/checks.h check_weight4_state / check_int8_state,
+# shared by the CPU and CUDA kernels): each corruption is refused with the field named.
+def _bad4(q, **changes):
+    d = dict(q)
+    d.update(changes)
+    return d
+
+
+BAD_4BIT = {
+    "qweight_bytes": (lambda q: _bad4(q, qweight=q["qweight"][:-1]), "qweight holds"),
+    "code_size": (lambda q: _bad4(q, code=q["code"][:8]), "code must hold the 16 values"),
+    "code_dtype": (lambda q: _bad4(q, code=q["code"].to(torch.int32)), "code has dtype Int"),
+    "absmax_count": (lambda q: _bad4(q, absmax=q["absmax"][:-1]), "absmax has"),
+    "blocksize": (lambda q: _bad4(q, blocksize=0), "blocksize must be positive"),
+    "nested_float_absmax": (lambda q: _bad4(q, absmax=q["absmax"].float()), "absmax must hold uint8 codes"),
+    "nested_code_missing": (lambda q: _bad4(q, nested_code=None), "nested_code with 256 values"),
+    "nested_offset_size": (lambda q: _bad4(q, nested_offset=torch.zeros(2)), "nested_offset with 1 value"),
+    "nested_blocksize": (lambda q: _bad4(q, nested_blocksize=0), "nested_blocksize must be positive"),
+    "nested_absmax_count": (lambda q: _bad4(q, nested_absmax=q["nested_absmax"][:-1]), "nested_absmax has"),
+    "nested_absmax_dtype": (lambda q: _bad4(q, nested_absmax=q["nested_absmax"].to(torch.int32)),
+                            "nested_absmax has dtype Int"),
+}
+
+
+def _to_dev(v, device):
+    return v.to(device) if isinstance(v, torch.Tensor) else v
+
+
+@pytest.mark.skipif(not have_bnb(), reason="bitsandbytes is not installed")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", sorted(BAD_4BIT))
+def test_bad_4bit_state_is_refused(case, device):
+    fin, fout = 64, 24
+    q = quantize_4bit(torch.randn(fout, fin, generator=torch.Generator().manual_seed(0)), 64, "nf4", True)
+    q.pop("state")
+    corrupt, msg = BAD_4BIT[case]
+    b = {k: _to_dev(v, device) for k, v in corrupt(q).items()}
+    quant = [b[k] for k in ("qweight", "absmax", "code", "blocksize", "nested_absmax", "nested_code",
+                            "nested_offset", "nested_blocksize")]
+    x = torch.randn(3, fin, device=device)
+    with pytest.raises(RuntimeError, match=f"peftcore::lora_linear_4bit: .*{msg}"):
+        torch.ops.peftcore.lora_linear_4bit(x, *quant, fout, None, [], [], torch.zeros(0), None)
+    with pytest.raises(RuntimeError, match=f"peftcore::dequantize_4bit: .*{msg}"):
+        torch.ops.peftcore.dequantize_4bit(*quant, fout, fin, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_int8_state_is_refused(device):
+    CB = torch.randint(-127, 128, (24, 64), dtype=torch.int8, device=device)
+    SCB = torch.rand(24, device=device) + 0.5
+    x = torch.randn(3, 64, device=device)
+    for weight, row_scale, msg in ((CB.float(), SCB, "weight must be bitsandbytes' int8 CB"),
+                                   (CB, SCB[:-1], r"row_scale \(SCB\) has 23 values but weight has 24 rows"),
+                                   (CB.reshape(-1), SCB, "weight must be 2-D"),
+                                   (CB, SCB.to(torch.int32), "row_scale has dtype Int")):
+        with pytest.raises(RuntimeError, match=f"peftcore::lora_linear_int8: {msg}"):
+            torch.ops.peftcore.lora_linear_int8(x, weight, row_scale, None, [], [], torch.zeros(0), None)
