@@ -10,17 +10,25 @@ _C_ERROR: str | None = None  # set by __init__ when peftcore._C failed to load
 
 
 def native_available(op: str, device: str = "cpu") -> bool:
-    """True when ``peftcore::<op>`` has a compiled kernel for ``device`` ("cpu" / "cuda")."""
+    """True when ``peftcore::<op>`` has a compiled kernel for ``device`` ("cpu" / "cuda");
+    ``op`` may name an overload ("lora_linear.out")."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[device]
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"peftcore::{op}", key)
 
 
+def _devices(op: str) -> str:
+    devs = [d for d in ("cpu", "cuda") if native_available(op, d)]
+    return ", ".join(devs) if devs else "none (reference only)"
+
+
 def show_config() -> str:
     """One line per op: which devices have a native kernel (else the reference runs)."""
-    from ._ops import SCHEMAS
+    from ._ops import FORWARD_OPS, SCHEMAS
 
     lines = [f"peftcore._C: {'loaded' if _C_ERROR is None else 'NOT loaded (' + _C_ERROR + ')'}"]
     for op in SCHEMAS:
-        devs = [d for d in ("cpu", "cuda") if native_available(op, d)]
-        lines.append(f"  {op}: native on {', '.join(devs) if devs else 'none (reference only)'}")
+        line = f"  {op}: native on {_devices(op)}"
+        if op in FORWARD_OPS:
+            line += f"; .out native on {_devices(op + '.out')}"
+        lines.append(line)
     return "\n".join(lines)
