@@ -3,9 +3,9 @@
 // y [..., D] contiguous (a fresh tensor or the caller's `out`). Forward: ATen's embedding
 // gather for W written into y, the rows of A_aᵀ gathered into the fp32 t buffer (the
 // shrink of a one-hot input), then lowrank.cu's expand adding into y in place (one
-// rounding). Out-of-range indices trip the gathers' device-side
-// assert (no host check: that would sync). Backward: the ATen index_add / GEMMs of
-// common/lora_backward.h (shared with the CPU), disabled adapters masked on the device.
+// rounding). Out-of-range indices trip the gathers' device-side assert (no host check:
+// that would sync). Backward: the ATen index_add / GEMMs of common/lora_backward.h
+// (shared with the CPU), disabled adapters masked on the device.
 // Tests: tests/test_cuda.py (lora_embedding samples).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
