@@ -199,6 +199,7 @@ def _fake(name):
 
     return register
 
+
 @_fake("lora_linear")
 def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scales, lora_x):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
