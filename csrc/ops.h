@@ -5,7 +5,7 @@
 //
 // Forward ops, X(name, (arguments)): each has the functional op and its `.out` overload
 // (`name.out(arguments, *, Tensor(a!) out) -> ()`), both served by one entry point
-//   at::Tensor name_<device>(at::Tensor* out, arguments)    (common/output.h)
+//   at::Tensor name_<device>(const Out* out, arguments)    (common/output.h)
 // Other ops, X(return type, name, (arguments)): the backward ops and the dequantizers.
 #pragma once
 
@@ -101,9 +101,9 @@ using EmbeddingGrads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vect
 #define PEFTCORE_DECLARE(suffix)                                                               \
   PEFTCORE_FORWARD_OPS(PEFTCORE_DECLARE_FORWARD_##suffix)                                      \
   PEFTCORE_OTHER_OPS(PEFTCORE_DECLARE_OTHER_##suffix)
-#define PEFTCORE_DECLARE_FORWARD_cpu(name, args) at::Tensor name##_cpu(at::Tensor* out, PEFTCORE_UNPAREN args);
+#define PEFTCORE_DECLARE_FORWARD_cpu(name, args) at::Tensor name##_cpu(const Out* out, PEFTCORE_UNPAREN args);
 #define PEFTCORE_DECLARE_OTHER_cpu(ret, name, args) ret name##_cpu args;
-#define PEFTCORE_DECLARE_FORWARD_cuda(name, args) at::Tensor name##_cuda(at::Tensor* out, PEFTCORE_UNPAREN args);
+#define PEFTCORE_DECLARE_FORWARD_cuda(name, args) at::Tensor name##_cuda(const Out* out, PEFTCORE_UNPAREN args);
 #define PEFTCORE_DECLARE_OTHER_cuda(ret, name, args) ret name##_cuda args;
 
 // Inside TORCH_LIBRARY_IMPL(peftcore, <KEY>, m).

@@ -1,7 +1,7 @@
 // The result of a forward op, for both of its overloads: the functional op allocates it,
 // the `.out` overload writes into the caller's buffer (static buffers: CUDA graphs,
 // serving engines). Each native entry point is written once, as
-//   at::Tensor <op>_<device>(at::Tensor* out, <schema arguments>)
+//   at::Tensor <op>_<device>(const Out* out, <schema arguments>)
 // with out == nullptr for the functional op; Forward<> below turns it into the two
 // signatures the dispatcher wants. Device independent (ATen only): used by the CPU and
 // the CUDA kernels alike. Tests: tests/ops/test_out_variants.py, tests/test_cuda.py.
@@ -10,7 +10,6 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
-#include <initializer_list>
 #include <optional>
 #include <vector>
 
@@ -23,17 +22,36 @@ inline std::vector<int64_t> rows_then(const at::Tensor& x, int64_t last) {
   return shape;
 }
 
-// An optional input as write_output's `inputs` take it (undefined when absent).
-inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); }
+// The caller's buffer of a .out call, with every tensor argument of that call (gathered
+// by Forward<>::out), none of which the buffer may share memory with.
+struct Out {
+  at::Tensor& buffer;
+  std::vector<at::Tensor> inputs;
+};
+
+inline void collect_tensors(std::vector<at::Tensor>& v, const at::Tensor& t) {
+  if (t.defined()) v.push_back(t);
+}
+inline void collect_tensors(std::vector<at::Tensor>& v, const std::optional<at::Tensor>& t) {
+  if (t.has_value()) collect_tensors(v, *t);
+}
+inline void collect_tensors(std::vector<at::Tensor>& v, at::TensorList ts) {
+  for (const at::Tensor& t : ts) collect_tensors(v, t);
+}
+inline void collect_tensors(std::vector<at::Tensor>& v, const std::optional<at::TensorList>& ts) {
+  if (ts.has_value()) collect_tensors(v, *ts);
+}
+template <class T>
+void collect_tensors(std::vector<at::Tensor>&, const T&) {}  // ints, bools, dtypes
 
 // Runs write(y) on a contiguous y of `sizes` with like's dtype and device, and returns
-// it: a fresh tensor for the functional op; for the .out overload, *out itself once
-// checked (shape, dtype and device exactly the result's, no memory shared with
-// `inputs`). A non-contiguous out is served through a contiguous temporary and one copy:
+// it: a fresh tensor for the functional op; for the .out overload, the caller's buffer
+// once checked (shape, dtype and device exactly the result's, no memory shared with any
+// input). A non-contiguous buffer is served through a contiguous temporary and one copy:
 // the kernels write rows of contiguous outputs.
 template <class Write>
-at::Tensor write_output(const char* op, at::Tensor* out, at::IntArrayRef sizes, const at::Tensor& like,
-                        std::initializer_list<at::Tensor> inputs, Write&& write) {
+at::Tensor write_output(const char* op, const Out* out, at::IntArrayRef sizes, const at::Tensor& like,
+                        Write&& write) {
   // The ATen calls inside record no autograd: an op with a formula (_ops.py) runs this
   // below autograd already, and the inference-only ones (mixed batches, every .out) would
   // otherwise trip ATen's refusal of out= arguments that require grad, e.g. in an eval()
@@ -45,7 +63,7 @@ at::Tensor write_output(const char* op, at::Tensor* out, at::IntArrayRef sizes, 
     write(y);
     return y;
   }
-  at::Tensor& o = *out;
+  at::Tensor& o = out->buffer;
   TORCH_CHECK(o.defined(), "peftcore::", op, ".out: out is an undefined tensor");
   TORCH_CHECK(o.device() == like.device(), "peftcore::", op, ".out: out is on ", o.device(), " but the result is on ",
               like.device());
@@ -56,13 +74,12 @@ at::Tensor write_output(const char* op, at::Tensor* out, at::IntArrayRef sizes, 
   TORCH_CHECK(at::has_internal_overlap(o) != at::MemOverlap::Yes, "peftcore::", op,
               ".out: out has elements that share memory (e.g. an expanded tensor); it must be writable element by "
               "element");
-  size_t i = 0;
-  for (const at::Tensor& t : inputs) {
-    const auto s = t.defined() ? at::get_overlap_status(o, t) : at::MemOverlapStatus::No;
+  // Every input: the kernels read x, the weights, adapters and state while writing out.
+  for (const at::Tensor& t : out->inputs) {
+    const auto s = at::get_overlap_status(o, t);
     TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, "peftcore::", op,
-                ".out: out shares memory with input #", i, " (shape ", t.sizes(),
+                ".out: out shares memory with an input of shape ", t.sizes(), " (dtype ", t.scalar_type(),
                 "); the op reads its inputs while writing out");
-    ++i;
   }
   if (o.is_contiguous()) {
     write(o);
@@ -101,14 +118,18 @@ inline void linear_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& we
 }
 
 // The dispatcher's two signatures of one forward entry point
-// `at::Tensor Entry(at::Tensor* out, A... args)`: functional(args...) and out(args..., out).
+// `at::Tensor Entry(const Out* out, A... args)`: functional(args...) and out(args..., out).
 template <auto Entry>
 struct Forward;
 
-template <class... A, at::Tensor (*Entry)(at::Tensor*, A...)>
+template <class... A, at::Tensor (*Entry)(const Out*, A...)>
 struct Forward<Entry> {
   static at::Tensor functional(A... args) { return Entry(nullptr, args...); }
-  static void out(A... args, at::Tensor& out) { Entry(&out, args...); }
+  static void out(A... args, at::Tensor& buffer) {
+    Out o{buffer, {}};
+    (collect_tensors(o.inputs, args), ...);
+    Entry(&o, args...);
+  }
 };
 
 }  // namespace peftcore

@@ -17,13 +17,13 @@
 
 namespace peftcore {
 
-at::Tensor adalora_linear_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor adalora_linear_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_E,
                               at::TensorList lora_B, const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
   const char* op = "adalora_linear";
   const cpu::LinearDims d = cpu::check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, lora_x);
   cpu::check_lora_E(op, lora_E, lora_A, x.scalar_type());
-  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     // The base through F.linear's ATen calls: with no active adapter, bit-identical to the frozen layer.
     linear_into(y, x, weight, bias);
     int64_t R = 0;

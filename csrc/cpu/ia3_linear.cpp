@@ -17,7 +17,7 @@
 
 namespace peftcore {
 
-at::Tensor ia3_linear_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor ia3_linear_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,
                           bool feedforward) {
   const char* op = "ia3_linear";
@@ -26,7 +26,7 @@ at::Tensor ia3_linear_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor
       cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? d.in : d.out,
                       feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                   : "output feature (feedforward=False: weight.shape[0])");
-  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     if (l.defined() && feedforward) {
       // The scaled copy of x, then the same GEMM as PEFT's base_layer(x'). A strided x
       // goes through ATen's elementwise ops instead, which keep its memory layout as

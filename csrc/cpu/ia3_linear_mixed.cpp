@@ -17,7 +17,7 @@
 
 namespace peftcore {
 
-at::Tensor ia3_linear_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor ia3_linear_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& rows,
                                 bool feedforward) {
   const char* op = "ia3_linear_mixed";
@@ -26,7 +26,7 @@ at::Tensor ia3_linear_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::
   const auto vecs = cpu::ia3_slot_vectors(op, ia3_l, segs, x.scalar_type(), feedforward ? d.in : d.out,
                                           feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                       : "output feature (feedforward=False: weight.shape[0])");
-  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     if (feedforward) {
       linear_into(y, segs.empty() ? x : cpu::ia3_scaled_input_rows(x, segs, vecs), weight, bias);
       return;

@@ -80,7 +80,7 @@ void lowrank_embedding(const at::Tensor& idx, const at::Tensor& weight, at::Tens
 
 }  // namespace
 
-at::Tensor lora_embedding_cpu(at::Tensor* out, const at::Tensor& indices, const at::Tensor& weight,
+at::Tensor lora_embedding_cpu(const Out* out, const at::Tensor& indices, const at::Tensor& weight,
                               at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                               int64_t padding_idx) {
   const char* op = "lora_embedding";
@@ -89,7 +89,7 @@ at::Tensor lora_embedding_cpu(at::Tensor* out, const at::Tensor& indices, const 
   const at::Tensor idx = checked_indices(op, indices, weight.size(0));
   std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
   shape.push_back(D);
-  return write_output(op, out, shape, weight, {indices, weight}, [&](at::Tensor& y) {
+  return write_output(op, out, shape, weight, [&](at::Tensor& y) {
     if (y.numel() == 0) return;
     int64_t R = 0;
     const auto active = cpu::active_adapters(scales, lora_A, R);

@@ -22,12 +22,12 @@ namespace peftcore {
 
 using cpu::check_linear_args;
 
-at::Tensor lora_linear_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor lora_linear_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
                            const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear";
   const cpu::LinearDims d = check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, lora_x);
-  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     // The base goes through F.linear's ATen calls, so with no active adapter the
     // result is bit-identical to the frozen layer.
     linear_into(y, x, weight, bias);

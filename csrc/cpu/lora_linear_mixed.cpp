@@ -19,7 +19,7 @@
 
 namespace peftcore {
 
-at::Tensor lora_linear_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor lora_linear_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
                                  std::optional<at::TensorList> lora_E, const at::Tensor& scales,
                                  const at::Tensor& rows) {
@@ -28,7 +28,7 @@ at::Tensor lora_linear_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at:
   const at::TensorList E = lora_E.has_value() ? *lora_E : at::TensorList();
   if (lora_E.has_value()) cpu::check_lora_E(op, E, lora_A, x.scalar_type());
   const auto segs = cpu::row_segments(op, rows, d.n, int64_t(lora_A.size()));
-  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     // The base through F.linear's ATen calls: rows of the base alone are bit-identical to it.
     linear_into(y, x, weight, bias);
     cpu::add_lowrank_rows(x, segs, lora_A, lora_B, E, scales, d.out, y);  // no-op when no group has an adapter

@@ -350,7 +350,7 @@ void linear_int8(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, c
 
 }  // namespace
 
-at::Tensor lora_linear_4bit_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+at::Tensor lora_linear_4bit_cpu(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
                                 const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                 const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& nested_code,
@@ -364,13 +364,13 @@ at::Tensor lora_linear_4bit_cpu(at::Tensor* out, const at::Tensor& x, const at::
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "out_features");
   cpu::check_lora_x(op, lora_x, x, lora_A.size());
-  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_4bit(y, x, w, bias, {}, {});
     add_adapters(x, y, lora_A, lora_B, scales, lora_x);
   });
 }
 
-at::Tensor ia3_linear_4bit_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+at::Tensor ia3_linear_4bit_cpu(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
                                const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code,
@@ -384,7 +384,7 @@ at::Tensor ia3_linear_4bit_cpu(at::Tensor* out, const at::Tensor& x, const at::T
   const at::Tensor l = cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
                                        feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                    : "output feature (feedforward=False: out_features)");
-  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     if (feedforward)
       linear_4bit(y, x, w, bias, l, {});
     else
@@ -392,7 +392,7 @@ at::Tensor ia3_linear_4bit_cpu(at::Tensor* out, const at::Tensor& x, const at::T
   });
 }
 
-at::Tensor lora_linear_int8_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor lora_linear_int8_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
                                 at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                                 std::optional<at::TensorList> lora_x) {
@@ -401,13 +401,13 @@ at::Tensor lora_linear_int8_cpu(at::Tensor* out, const at::Tensor& x, const at::
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   cpu::check_lora_x(op, lora_x, x, lora_A.size());
-  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_int8(y, x, weight, row_scale, bias, {}, {});
     add_adapters(x, y, lora_A, lora_B, scales, lora_x);
   });
 }
 
-at::Tensor ia3_linear_int8_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor ia3_linear_int8_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
                                at::TensorList ia3_l, const at::Tensor& active, bool feedforward) {
   const char* op = "ia3_linear_int8";
@@ -415,7 +415,7 @@ at::Tensor ia3_linear_int8_cpu(at::Tensor* out, const at::Tensor& x, const at::T
   const at::Tensor l = cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
                                        feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                    : "output feature (feedforward=False: weight.shape[0])");
-  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     if (feedforward)
       linear_int8(y, x, weight, row_scale, bias, l, {});
     else
@@ -424,7 +424,7 @@ at::Tensor ia3_linear_int8_cpu(at::Tensor* out, const at::Tensor& x, const at::T
 }
 
 // ---- mixed batches (mixed.h): the base pass once for every row, then per row group.
-at::Tensor lora_linear_4bit_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+at::Tensor lora_linear_4bit_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
                                       const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                       const std::optional<at::Tensor>& nested_absmax,
                                       const std::optional<at::Tensor>& nested_code,
@@ -441,13 +441,13 @@ at::Tensor lora_linear_4bit_mixed_cpu(at::Tensor* out, const at::Tensor& x, cons
   const bool has_lx = lora_x.has_value() && lora_x->defined();
   if (has_lx) cpu::check_lora_x(op, at::TensorList(*lora_x), x, 1);
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(lora_A.size()));
-  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_4bit(y, x, w, bias, {}, {});
     cpu::add_lowrank_rows(has_lx ? *lora_x : x, segs, lora_A, lora_B, {}, scales, N, y);
   });
 }
 
-at::Tensor ia3_linear_4bit_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+at::Tensor ia3_linear_4bit_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
                                      const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                      const std::optional<at::Tensor>& nested_absmax,
                                      const std::optional<at::Tensor>& nested_code,
@@ -462,7 +462,7 @@ at::Tensor ia3_linear_4bit_mixed_cpu(at::Tensor* out, const at::Tensor& x, const
   const auto vecs = cpu::ia3_slot_vectors(op, ia3_l, segs, x.scalar_type(), feedforward ? K : N,
                                           feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                       : "output feature (feedforward=False: out_features)");
-  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     if (feedforward) {
       linear_4bit(y, segs.empty() ? x : cpu::ia3_scaled_input_rows(x, segs, vecs), w, bias, {}, {});
       return;
@@ -472,7 +472,7 @@ at::Tensor ia3_linear_4bit_mixed_cpu(at::Tensor* out, const at::Tensor& x, const
   });
 }
 
-at::Tensor lora_linear_int8_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor lora_linear_int8_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
                                       at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                                       const at::Tensor& rows) {
@@ -481,13 +481,13 @@ at::Tensor lora_linear_int8_mixed_cpu(at::Tensor* out, const at::Tensor& x, cons
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(lora_A.size()));
-  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_int8(y, x, weight, row_scale, bias, {}, {});
     cpu::add_lowrank_rows(x, segs, lora_A, lora_B, {}, scales, N, y);
   });
 }
 
-at::Tensor ia3_linear_int8_mixed_cpu(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor ia3_linear_int8_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                      const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
                                      at::TensorList ia3_l, const at::Tensor& rows, bool feedforward) {
   const char* op = "ia3_linear_int8_mixed";
@@ -496,7 +496,7 @@ at::Tensor ia3_linear_int8_mixed_cpu(at::Tensor* out, const at::Tensor& x, const
   const auto vecs = cpu::ia3_slot_vectors(op, ia3_l, segs, x.scalar_type(), feedforward ? K : N,
                                           feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                                       : "output feature (feedforward=False: weight.shape[0])");
-  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     if (feedforward) {
       linear_int8(y, segs.empty() ? x : cpu::ia3_scaled_input_rows(x, segs, vecs), weight, row_scale, bias, {}, {});
       return;

@@ -17,14 +17,14 @@ namespace peftcore {
 
 using namespace peftcore::cuda;
 
-at::Tensor adalora_linear_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor adalora_linear_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_E,
                                at::TensorList lora_B, const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
   const char* op = "adalora_linear";
   const LinearDims d = check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, lora_x);
   check_lora_E(op, lora_E, lora_A, x.device(), x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
-  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     linear_into(y, x, weight, bias);
     if (lora_A.empty() || y.numel() == 0) return;
     add_lowrank(x, lora_A, lora_B, lora_x, lora_E, read_state(scales), y);

@@ -18,7 +18,7 @@ namespace peftcore {
 
 using namespace peftcore::cuda;
 
-at::Tensor ia3_linear_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor ia3_linear_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,
                            bool feedforward) {
   const char* op = "ia3_linear";
@@ -28,7 +28,7 @@ at::Tensor ia3_linear_cuda(at::Tensor* out, const at::Tensor& x, const at::Tenso
                             feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                         : "output feature (feedforward=False: weight.shape[0])",
                             x.device());
-  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     if (v.none()) {
       linear_into(y, x, weight, bias);
     } else if (feedforward) {

@@ -116,7 +116,7 @@ namespace peftcore {
 
 using namespace peftcore::cuda;
 
-at::Tensor ia3_linear_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor ia3_linear_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& rows,
                                  bool feedforward) {
   const char* op = "ia3_linear_mixed";
@@ -127,7 +127,7 @@ at::Tensor ia3_linear_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at:
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: weight.shape[0])",
                     x.device());
-  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     ia3_mixed_around(x, ia3_l, r, feedforward, y,
                      [&](const at::Tensor& t, at::Tensor& yt) { linear_into(yt, t, weight, bias); });
   });

@@ -42,7 +42,7 @@ void check_embedding_args(const char* op, const at::Tensor& indices, const at::T
 
 }  // namespace
 
-at::Tensor lora_embedding_cuda(at::Tensor* out, const at::Tensor& indices, const at::Tensor& weight,
+at::Tensor lora_embedding_cuda(const Out* out, const at::Tensor& indices, const at::Tensor& weight,
                                at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                                int64_t padding_idx) {
   const char* op = "lora_embedding";
@@ -51,7 +51,7 @@ at::Tensor lora_embedding_cuda(at::Tensor* out, const at::Tensor& indices, const
   const int64_t D = weight.size(1);
   std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
   shape.push_back(D);
-  return write_output(op, out, shape, weight, {indices, weight}, [&](at::Tensor& y) {
+  return write_output(op, out, shape, weight, [&](at::Tensor& y) {
     at::Tensor y2 = y.view({indices.numel(), D});  // no -1: D or the index count may be 0
     const at::Tensor idx = indices.reshape({-1});
     // at::embedding's own call (index_select of the flat indices): the same gather, written

@@ -219,7 +219,7 @@ Weight4 check_linear_4bit(const char* op, const at::Tensor& x, const at::Tensor&
 
 }  // namespace
 
-at::Tensor lora_linear_4bit_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+at::Tensor lora_linear_4bit_cuda(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
                                  const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                  const std::optional<at::Tensor>& nested_absmax,
                                  const std::optional<at::Tensor>& nested_code,
@@ -235,13 +235,13 @@ at::Tensor lora_linear_4bit_cuda(at::Tensor* out, const at::Tensor& x, const at:
                  "out_features");
   check_lora_x(op, lora_x, x, lora_A.size());
   LoraEpilogue lora{lora_A, lora_B, lora_x, read_state(scales)};
-  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_4bit(x, w, bias, nullptr, nullptr, y, lora_A.empty() ? nullptr : &lora);
     if (!lora.done && !lora_A.empty() && y.numel() > 0) add_lowrank(x, lora_A, lora_B, lora_x, {}, lora.scales, y);
   });
 }
 
-at::Tensor ia3_linear_4bit_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+at::Tensor ia3_linear_4bit_cuda(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
                                 const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                 const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& nested_code,
@@ -258,7 +258,7 @@ at::Tensor ia3_linear_4bit_cuda(at::Tensor* out, const at::Tensor& x, const at::
                                         : "output feature (feedforward=False: out_features)",
                             x.device());
   const Ia3* scale = v.none() ? nullptr : &v;  // host flags all off: the base alone
-  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_4bit(x, w, bias, feedforward ? scale : nullptr, feedforward ? nullptr : scale, y);
   });
 }
@@ -280,7 +280,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& qweight, const at::Tensor& abs
 
 // ---- mixed batches (mixed.h): the base once for every row (the GEMV / GEMM above, no
 // adapter in its epilogue: the per-row terms follow), then each row group's adapter.
-at::Tensor lora_linear_4bit_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+at::Tensor lora_linear_4bit_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
                                        const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                        const std::optional<at::Tensor>& nested_absmax,
                                        const std::optional<at::Tensor>& nested_code,
@@ -298,14 +298,14 @@ at::Tensor lora_linear_4bit_mixed_cuda(at::Tensor* out, const at::Tensor& x, con
   const bool has_lx = lora_x.has_value() && lora_x->defined();
   if (has_lx) check_lora_x(op, std::optional<at::TensorList>(at::TensorList(*lora_x)), x, 1);
   const at::Tensor r = check_rows(op, rows, leading_rows(x), static_cast<int64_t>(lora_A.size()), x.device());
-  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_4bit(x, w, bias, nullptr, nullptr, y);
     if (!lora_A.empty() && y.numel() > 0)
       add_lowrank_mixed(has_lx ? *lora_x : x, lora_A, lora_B, {}, read_state(scales), r, y);
   });
 }
 
-at::Tensor ia3_linear_4bit_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& qweight,
+at::Tensor ia3_linear_4bit_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
                                       const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                                       const std::optional<at::Tensor>& nested_absmax,
                                       const std::optional<at::Tensor>& nested_code,
@@ -322,7 +322,7 @@ at::Tensor ia3_linear_4bit_mixed_cuda(at::Tensor* out, const at::Tensor& x, cons
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: out_features)",
                     x.device());
-  return write_output(op, out, rows_then(x, N), x, {x, qweight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     ia3_mixed_around(x, ia3_l, r, feedforward, y, [&](const at::Tensor& t, at::Tensor& yt) {
       linear_4bit(t, w, bias, nullptr, nullptr, yt);
     });

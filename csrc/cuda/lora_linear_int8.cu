@@ -182,7 +182,7 @@ Int8Weight check_linear_int8(const char* op, const at::Tensor& x, const at::Tens
 
 }  // namespace
 
-at::Tensor lora_linear_int8_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor lora_linear_int8_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
                                  at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                                  std::optional<at::TensorList> lora_x) {
@@ -194,13 +194,13 @@ at::Tensor lora_linear_int8_cuda(at::Tensor* out, const at::Tensor& x, const at:
                  "weight.shape[0] (out_features)");
   check_lora_x(op, lora_x, x, lora_A.size());
   LoraEpilogue lora{lora_A, lora_B, lora_x, read_state(scales)};
-  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_int8(x, w, bias, nullptr, nullptr, y, lora_A.empty() ? nullptr : &lora);
     if (!lora.done && !lora_A.empty() && y.numel() > 0) add_lowrank(x, lora_A, lora_B, lora_x, {}, lora.scales, y);
   });
 }
 
-at::Tensor ia3_linear_int8_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor ia3_linear_int8_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
                                 at::TensorList ia3_l, const at::Tensor& active, bool feedforward) {
   const char* op = "ia3_linear_int8";
@@ -212,7 +212,7 @@ at::Tensor ia3_linear_int8_cuda(at::Tensor* out, const at::Tensor& x, const at::
                                         : "output feature (feedforward=False: weight.shape[0])",
                             x.device());
   const Ia3* scale = v.none() ? nullptr : &v;  // host flags all off: the base alone
-  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_int8(x, w, bias, feedforward ? scale : nullptr, feedforward ? nullptr : scale, y);
   });
 }
@@ -228,7 +228,7 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& weight, const at::Tensor& row_
 }
 
 // ---- mixed batches (mixed.h): the base once for every row, then each row group's adapter.
-at::Tensor lora_linear_int8_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor lora_linear_int8_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                        const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
                                        at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                                        const at::Tensor& rows) {
@@ -239,13 +239,13 @@ at::Tensor lora_linear_int8_mixed_cuda(at::Tensor* out, const at::Tensor& x, con
   check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   const at::Tensor r = check_rows(op, rows, leading_rows(x), static_cast<int64_t>(lora_A.size()), x.device());
-  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_int8(x, w, bias, nullptr, nullptr, y);
     if (!lora_A.empty() && y.numel() > 0) add_lowrank_mixed(x, lora_A, lora_B, {}, read_state(scales), r, y);
   });
 }
 
-at::Tensor ia3_linear_int8_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor ia3_linear_int8_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
                                       at::TensorList ia3_l, const at::Tensor& rows, bool feedforward) {
   const char* op = "ia3_linear_int8_mixed";
@@ -257,7 +257,7 @@ at::Tensor ia3_linear_int8_mixed_cuda(at::Tensor* out, const at::Tensor& x, cons
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: weight.shape[0])",
                     x.device());
-  return write_output(op, out, rows_then(x, N), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     ia3_mixed_around(x, ia3_l, r, feedforward, y, [&](const at::Tensor& t, at::Tensor& yt) {
       linear_int8(t, w, bias, nullptr, nullptr, yt);
     });

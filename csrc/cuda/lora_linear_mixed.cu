@@ -219,7 +219,7 @@ namespace peftcore {
 
 using namespace peftcore::cuda;
 
-at::Tensor lora_linear_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor lora_linear_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
                                   std::optional<at::TensorList> lora_E, const at::Tensor& scales,
                                   const at::Tensor& rows) {
@@ -229,7 +229,7 @@ at::Tensor lora_linear_mixed_cuda(at::Tensor* out, const at::Tensor& x, const at
   if (lora_E.has_value()) check_lora_E(op, E, lora_A, x.device(), x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor r = check_rows(op, rows, d.n, static_cast<int64_t>(lora_A.size()), x.device());
-  return write_output(op, out, rows_then(x, d.out), x, {x, weight, or_undefined(bias)}, [&](at::Tensor& y) {
+  return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     // The base through F.linear's ATen calls: rows of the base alone are bit-identical to it.
     linear_into(y, x, weight, bias);
     if (lora_A.empty() || y.numel() == 0) return;

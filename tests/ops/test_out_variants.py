@@ -87,11 +87,16 @@ def test_bad_out_is_refused_and_left_untouched(device):
         with pytest.raises(RuntimeError, match=msg):
             op.out(*args, out=out)
         assert torch.equal(out, before)
-    # Buffers the op would read while writing them: x, W, and one that holds the bias.
+    # Buffers the op would read while writing them: x, W, one that holds the bias, an
+    # adapter's B, the LoRA input.
     storage = torch.randn(64, device=device)
-    for out, call_args in ((x, args), (w, args), (storage.view(8, 8), (x, w, storage[56:], *args[3:]))):
+    view = storage.view(8, 8)
+    A, B, s = args[3:6]
+    for out, call_args in ((x, args), (w, args), (view, (x, w, storage[56:], A, B, s, None)),
+                           (view, (x, w, b, [storage[:16].view(2, 8)], B, s, None)),
+                           (view, (x, w, b, A, B, s, [view]))):
         before = out.clone()
-        with pytest.raises(RuntimeError, match="shares memory with input"):
+        with pytest.raises(RuntimeError, match="shares memory with an input of shape"):
             op.out(*call_args, out=out)
         assert torch.equal(out, before)
 
