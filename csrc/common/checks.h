@@ -197,4 +197,45 @@ inline void check_int8_state(const char* op, const at::Tensor& weight, const at:
               " values but weight has ", weight.size(0), " rows");
 }
 
+// Every IA3 vector: defined, on the backend's device (`on_device`), float32 or x's dtype,
+// `features` values (`what` names them in the message).
+template <class OnDevice>
+inline void check_ia3_vectors(const char* op, at::TensorList ia3_l, at::ScalarType x_dtype, int64_t features,
+                              const char* what, OnDevice&& on_device) {
+  for (size_t a = 0; a < ia3_l.size(); ++a) {
+    const std::string n = indexed("ia3_l", a);
+    const at::Tensor& v = ia3_l[a];
+    check_defined(op, v, n);
+    on_device(v, n);
+    check_adapter_dtype(op, v, n, x_dtype);
+    TORCH_CHECK(v.numel() == features, "peftcore::", op, ": ", n, " has shape ", v.sizes(), " (", v.numel(),
+                " values) but must hold one value per ", what, " = ", features,
+                " (PEFT stores (out_features, 1), or (1, in_features) for feedforward layers)");
+  }
+}
+
+// The mixed-batch row index: int32 / int64 [G], G >= 1 dividing the M token rows into
+// equal groups; `on_device(rows)` is the backend's placement rule.
+template <class OnDevice>
+inline void check_rows_shape(const char* op, const at::Tensor& rows, int64_t M, OnDevice&& on_device) {
+  check_defined(op, rows, "rows");
+  on_device(rows);
+  TORCH_CHECK(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt, "peftcore::", op,
+              ": rows has dtype ", rows.scalar_type(), "; expected int64 (one adapter slot per row group, -1 = base)");
+  TORCH_CHECK(rows.dim() == 1 && rows.numel() >= 1, "peftcore::", op,
+              ": rows must be 1-D with at least one entry but has shape ", rows.sizes());
+  const int64_t G = rows.numel();
+  TORCH_CHECK(M % G == 0, "peftcore::", op, ": x has ", M, " rows (the product of its leading dims) but rows holds ",
+              G, " adapter indices; the rows must split into ", G,
+              " equal groups of consecutive rows (one per batch row, with its beams / return sequences)");
+}
+
+// Host values of the row index (G int64 at rp): each -1 (the base) or a slot < n_slots.
+inline void check_row_slots(const char* op, const int64_t* rp, int64_t G, int64_t n_slots) {
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(rp[g] >= -1 && rp[g] < n_slots, "peftcore::", op, ": rows[", g, "] = ", rp[g],
+                " is not an adapter slot (expected -1 for the base or 0..", n_slots - 1, ": there are ", n_slots,
+                " adapters)");
+}
+
 }  // namespace peftcore

@@ -30,21 +30,6 @@ void ia3_scale(const c10::Half* x, int64_t ldx, int64_t csx, const float* l, c10
 void ia3_scale(const double* x, int64_t ldx, int64_t csx, const double* l, double* out, int64_t ldo, int64_t rows,
                int64_t cols);
 
-// Every IA3 vector: defined, on the CPU, float32 or x's dtype, `features` values.
-inline void check_ia3_vectors(const char* op, at::TensorList ia3_l, at::ScalarType x_dtype, int64_t features,
-                              const char* what) {
-  for (size_t a = 0; a < ia3_l.size(); ++a) {
-    const std::string n = indexed("ia3_l", a);
-    const at::Tensor& v = ia3_l[a];
-    check_defined(op, v, n);
-    check_device(op, v, n, at::kCPU);
-    check_adapter_dtype(op, v, n, x_dtype);
-    TORCH_CHECK(v.numel() == features, "peftcore::", op, ": ", n, " has shape ", v.sizes(), " (", v.numel(),
-                " values) but must hold one value per ", what, " = ", features,
-                " (PEFT stores (out_features, 1), or (1, in_features) for feedforward layers)");
-  }
-}
-
 // The combined vector l = Π_{a: active[a] != 0} ia3_l[a] (flattened, in adapter order) as a
 // contiguous 1-D tensor of `features` values in float32 (float64 for float64 x), or an
 // undefined tensor when no adapter is active (the op is then exactly its base layer).
@@ -59,7 +44,7 @@ inline at::Tensor ia3_vector(const char* op, at::TensorList ia3_l, const at::Ten
   TORCH_CHECK(active.dim() == 1 && active.numel() == static_cast<int64_t>(ia3_l.size()), "peftcore::", op,
               ": active has shape ", active.sizes(), " but there are ", ia3_l.size(), " IA3 vectors (expected [",
               ia3_l.size(), "])");
-  check_ia3_vectors(op, ia3_l, x_dtype, features, what);
+  check_ia3_vectors(op, ia3_l, x_dtype, features, what, device_rule(op, at::kCPU));
   const at::Tensor act = active.to(at::kFloat).contiguous();
   const float* ap = act.const_data_ptr<float>();
   std::vector<size_t> on;

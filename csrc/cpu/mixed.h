@@ -37,23 +37,14 @@ struct Segment {
 // Checks `rows` against M token rows and n_slots adapters and returns the segments that
 // use an adapter (slot >= 0), in row order.
 inline std::vector<Segment> row_segments(const char* op, const at::Tensor& rows, int64_t M, int64_t n_slots) {
-  check_defined(op, rows, "rows");
-  TORCH_CHECK(rows.device().is_cpu(), "peftcore::", op, ": rows must be a CPU tensor (read on the host) but is on ",
-              rows.device());
-  TORCH_CHECK(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt, "peftcore::", op,
-              ": rows has dtype ", rows.scalar_type(), "; expected int64 (one adapter slot per row group, -1 = base)");
-  TORCH_CHECK(rows.dim() == 1 && rows.numel() >= 1, "peftcore::", op,
-              ": rows must be 1-D with at least one entry but has shape ", rows.sizes());
+  check_rows_shape(op, rows, M, [&](const at::Tensor& t) {
+    TORCH_CHECK(t.device().is_cpu(), "peftcore::", op, ": rows must be a CPU tensor (read on the host) but is on ",
+                t.device());
+  });
   const int64_t G = rows.numel();
-  TORCH_CHECK(M % G == 0, "peftcore::", op, ": x has ", M, " rows (the product of its leading dims) but rows holds ",
-              G, " adapter indices; the rows must split into ", G,
-              " equal groups of consecutive rows (one per batch row, with its beams / return sequences)");
   const at::Tensor r = rows.to(at::kLong).contiguous();
   const int64_t* rp = r.const_data_ptr<int64_t>();
-  for (int64_t g = 0; g < G; ++g)
-    TORCH_CHECK(rp[g] >= -1 && rp[g] < n_slots, "peftcore::", op, ": rows[", g, "] = ", rp[g],
-                " is not an adapter slot (expected -1 for the base or 0..", n_slots - 1, ": there are ", n_slots,
-                " adapters)");
+  check_row_slots(op, rp, G, n_slots);
   std::vector<Segment> segs;
   const int64_t per = M / G;
   if (per == 0) return segs;
@@ -208,7 +199,7 @@ inline std::vector<at::Tensor> ia3_slot_vectors(const char* op, at::TensorList i
                                                 at::ScalarType x_dtype, int64_t features, const char* what) {
   std::vector<at::Tensor> vecs(ia3_l.size());
   const auto acc = x_dtype == at::kDouble ? at::kDouble : at::kFloat;
-  check_ia3_vectors(op, ia3_l, x_dtype, features, what);
+  check_ia3_vectors(op, ia3_l, x_dtype, features, what, device_rule(op, at::kCPU));
   for (const auto& s : segs)
     if (!vecs[s.slot].defined()) vecs[s.slot] = ia3_l[s.slot].reshape({-1}).to(acc).contiguous();
   return vecs;

@@ -31,15 +31,7 @@ __global__ void ia3_scale_kernel(const T* in, int64_t ldi, int64_t csi, T* out, 
 Ia3 prepare_ia3(const char* op, at::TensorList ia3_l, const at::Tensor& active, at::ScalarType x_dtype,
                 int64_t features, const char* what, const at::Device& dev) {
   check_state(op, active, "active", ia3_l.size(), dev);
-  for (size_t a = 0; a < ia3_l.size(); ++a) {
-    const std::string n = indexed("ia3_l", a);
-    const at::Tensor& v = ia3_l[a];
-    check_on(op, v, n, dev);
-    check_adapter_dtype(op, v, n, x_dtype);
-    TORCH_CHECK(v.numel() == features, "peftcore::", op, ": ", n, " has shape ", v.sizes(), " (", v.numel(),
-                " values) but must hold one value per ", what, " = ", features,
-                " (PEFT stores (out_features, 1), or (1, in_features) for feedforward layers)");
-  }
+  check_ia3_vectors(op, ia3_l, x_dtype, features, what, device_rule(op, dev));
   Ia3 r;
   r.acc = x_dtype == at::kDouble ? at::kDouble : at::kFloat;
   r.active = read_state(active);

@@ -60,19 +60,6 @@ __global__ void ia3_scale_rows_kernel(const T* in, int64_t ldi, int64_t csi, T* 
 
 }  // namespace
 
-void check_ia3_vectors(const char* op, at::TensorList ia3_l, at::ScalarType x_dtype, int64_t features,
-                       const char* what, const at::Device& dev) {
-  for (size_t a = 0; a < ia3_l.size(); ++a) {
-    const std::string n = indexed("ia3_l", a);
-    const at::Tensor& v = ia3_l[a];
-    check_on(op, v, n, dev);
-    check_adapter_dtype(op, v, n, x_dtype);
-    TORCH_CHECK(v.numel() == features, "peftcore::", op, ": ", n, " has shape ", v.sizes(), " (", v.numel(),
-                " values) but must hold one value per ", what, " = ", features,
-                " (PEFT stores (out_features, 1), or (1, in_features) for feedforward layers)");
-  }
-}
-
 void ia3_scale_rows(at::TensorList ia3_l, const at::Tensor& rows, const at::Tensor& in, at::Tensor& out) {
   const int64_t M = in.size(0), F = in.size(1), n_slots = static_cast<int64_t>(ia3_l.size());
   const bool in_place = in.data_ptr() == out.data_ptr();
@@ -126,7 +113,7 @@ at::Tensor ia3_linear_mixed_cuda(const Out* out, const at::Tensor& x, const at::
   check_ia3_vectors(op, ia3_l, x.scalar_type(), feedforward ? d.in : d.out,
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: weight.shape[0])",
-                    x.device());
+                    device_rule(op, x.device()));
   return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     ia3_mixed_around(x, ia3_l, r, feedforward, y,
                      [&](const at::Tensor& t, at::Tensor& yt) { linear_into(yt, t, weight, bias); });

@@ -321,7 +321,7 @@ at::Tensor ia3_linear_4bit_mixed_cuda(const Out* out, const at::Tensor& x, const
   check_ia3_vectors(op, ia3_l, x.scalar_type(), feedforward ? K : N,
                     feedforward ? "input feature (feedforward=True: x.shape[-1])"
                                 : "output feature (feedforward=False: out_features)",
-                    x.device());
+                    device_rule(op, x.device()));
   return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     ia3_mixed_around(x, ia3_l, r, feedforward, y, [&](const at::Tensor& t, at::Tensor& yt) {
       linear_4bit(t, w, bias, nullptr, nullptr, yt);

@@ -31,24 +31,13 @@
 namespace peftcore::cuda {
 
 at::Tensor check_rows(const char* op, const at::Tensor& rows, int64_t M, int64_t n_slots, const at::Device& dev) {
-  check_defined(op, rows, "rows");
-  TORCH_CHECK(rows.device().is_cpu() || rows.device() == dev, "peftcore::", op, ": rows is on ", rows.device(),
-              " but must be on the CPU or on ", dev, " (the model's device)");
-  TORCH_CHECK(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt, "peftcore::", op,
-              ": rows has dtype ", rows.scalar_type(), "; expected int64 (one adapter slot per row group, -1 = base)");
-  TORCH_CHECK(rows.dim() == 1 && rows.numel() >= 1, "peftcore::", op,
-              ": rows must be 1-D with at least one entry but has shape ", rows.sizes());
-  const int64_t G = rows.numel();
-  TORCH_CHECK(M % G == 0, "peftcore::", op, ": x has ", M, " rows (the product of its leading dims) but rows holds ",
-              G, " adapter indices; the rows must split into ", G,
-              " equal groups of consecutive rows (one per batch row, with its beams / return sequences)");
+  check_rows_shape(op, rows, M, [&](const at::Tensor& t) {
+    TORCH_CHECK(t.device().is_cpu() || t.device() == dev, "peftcore::", op, ": rows is on ", t.device(),
+                " but must be on the CPU or on ", dev, " (the model's device)");
+  });
   if (rows.device().is_cpu()) {  // host values: checked as the CPU kernels check them
     const at::Tensor r = rows.to(at::kLong).contiguous();
-    const int64_t* rp = r.const_data_ptr<int64_t>();
-    for (int64_t g = 0; g < G; ++g)
-      TORCH_CHECK(rp[g] >= -1 && rp[g] < n_slots, "peftcore::", op, ": rows[", g, "] = ", rp[g],
-                  " is not an adapter slot (expected -1 for the base or 0..", n_slots - 1, ": there are ", n_slots,
-                  " adapters)");
+    check_row_slots(op, r.const_data_ptr<int64_t>(), r.numel(), n_slots);
   }
   // Device values are never read here (no sync): the kernels treat an out-of-range slot
   // as -1. int64 on the device: no narrowing, so a huge value cannot wrap into a slot.
@@ -83,18 +72,6 @@ void generic_lowrank_mixed(const at::Tensor& xa, at::TensorList lora_A, at::Tens
     acc = at::where(mask, acc + scales.scaled(at::mm(t, lora_B[a].to(f).t()), a), acc);
   }
   y.copy_(acc.reshape(y.sizes()));
-}
-
-template <typename F>
-void dispatch_xw(at::ScalarType xt, at::ScalarType wt, const F& f) {
-  switch (xt) {
-    case at::kFloat: f(float{}, float{}); break;
-    case at::kBFloat16:
-      wt == at::kFloat ? f(c10::BFloat16{}, float{}) : f(c10::BFloat16{}, c10::BFloat16{});
-      break;
-    case at::kHalf: wt == at::kFloat ? f(c10::Half{}, float{}) : f(c10::Half{}, c10::Half{}); break;
-    default: TORCH_CHECK(false, "peftcore: internal error: no CUDA mixed low-rank kernel for ", xt);
-  }
 }
 
 // One slot prepared for the kernels (undefined A: rank 0 or known off, never read).

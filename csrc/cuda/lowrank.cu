@@ -129,19 +129,6 @@ at::ScalarType adapter_dtype(at::TensorList lora_A, at::TensorList lora_B, const
   return w;
 }
 
-// Dispatch over (x dtype, adapter dtype): the adapters are float32 or x's dtype.
-template <typename F>
-void dispatch_xw(at::ScalarType xt, at::ScalarType wt, const F& f) {
-  switch (xt) {
-    case at::kFloat: f(float{}, float{}); break;
-    case at::kBFloat16:
-      wt == at::kFloat ? f(c10::BFloat16{}, float{}) : f(c10::BFloat16{}, c10::BFloat16{});
-      break;
-    case at::kHalf: wt == at::kFloat ? f(c10::Half{}, float{}) : f(c10::Half{}, c10::Half{}); break;
-    default: TORCH_CHECK(false, "peftcore: internal error: no CUDA low-rank kernel for ", xt);
-  }
-}
-
 std::vector<size_t> active_indices(at::TensorList lora_A, const State& scales) {
   std::vector<size_t> on;
   for (size_t a = 0; a < lora_A.size(); ++a)

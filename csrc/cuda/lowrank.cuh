@@ -348,4 +348,17 @@ struct NoLowrank {};
 template <int ROWS>
 __device__ __forceinline__ void expand_row(const NoLowrank&, int64_t, int, float (&)[ROWS]) {}
 
+// Dispatch over (x dtype, adapter dtype): the adapters are float32 or x's dtype.
+template <typename F>
+inline void dispatch_xw(at::ScalarType xt, at::ScalarType wt, const F& f) {
+  switch (xt) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kBFloat16:
+      wt == at::kFloat ? f(c10::BFloat16{}, float{}) : f(c10::BFloat16{}, c10::BFloat16{});
+      break;
+    case at::kHalf: wt == at::kFloat ? f(c10::Half{}, float{}) : f(c10::Half{}, c10::Half{}); break;
+    default: TORCH_CHECK(false, "peftcore: internal error: no CUDA low-rank kernel for ", xt);
+  }
+}
+
 }  // namespace peftcore::cuda

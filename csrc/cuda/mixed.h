@@ -29,11 +29,6 @@ at::Tensor check_rows(const char* op, const at::Tensor& rows, int64_t M, int64_t
 void add_lowrank_mixed(const at::Tensor& xa, at::TensorList lora_A, at::TensorList lora_B, at::TensorList lora_E,
                        const State& scales, const at::Tensor& rows, at::Tensor& y);
 
-// ia3_l checked as prepare_ia3 checks them (features values each, float32 or x's dtype,
-// on dev), with ia3.cu's messages.
-void check_ia3_vectors(const char* op, at::TensorList ia3_l, at::ScalarType x_dtype, int64_t features,
-                       const char* what, const at::Device& dev);
-
 // The per-row (IA)³ scaling of a [M, F] matrix: row m of a group with slot k gets
 // out[m] = round(acc(in[m]) ⊙ ia3_l[k]) (ia3.cu's rounding); other rows are copied (out
 // of place) or left as they are (in place: out is in). in: any strides; out contiguous.
