@@ -456,7 +456,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
     IA3: vectors of ones (``init_ia3_weights=False``: random). As in PEFT, every parameter
     except this adapter's (and the biases / modules_to_save its config names) is frozen.
     All adapters on one model use one method. Raises (model unchanged) for invalid names
-    or configs."""
+    or configs. The model keeps its training mode (new layers take their base module's)."""
     if not isinstance(config, AdapterConfig):
         raise AdapterConfigError(
             f"config must be a peftcore.LoraConfig, AdaLoraConfig or IA3Config, got {type(config).__name__}"
@@ -487,8 +487,10 @@ def load_adapter(
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (else
     ``adapter_model.bin`` through ``torch.load(weights_only=True)``). Adapter tensors are kept
     in float32 (float64 on a float64 base), as PEFT does. Each module's rank comes from its
-    tensors (AdaLoRA: the kept triplets of ``rank_pattern``, possibly none). With ``is_trainable`` the adapter's parameters require grad and the rest of the
-    model is frozen; otherwise they are frozen.
+    tensors (AdaLoRA: the kept triplets of ``rank_pattern``, possibly none). With
+    ``is_trainable`` the adapter's parameters require grad, the rest of the model is frozen
+    and the model keeps its training mode; otherwise they are frozen and the model is put
+    in eval mode (as PEFT and transformers do), so LoRA dropout is off.
 
     Every failure raises a ``peftcore.PeftcoreError`` (a ``ValueError``) or
     ``AdapterFileNotFoundError`` (a ``FileNotFoundError``) naming the file, key or module,
@@ -519,6 +521,8 @@ def load_adapter(
     except AdapterConfigError as e:
         raise AdapterConfigError(f"{config_path}: {e}") from None
     _commit(model, plan, trainable=is_trainable)
+    if not is_trainable:
+        model.eval()  # loaded for inference (PEFT and transformers do the same): no dropout
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -608,7 +612,7 @@ def from_pretrained(path_or_repo_id, *, model_class=None, adapter_name: str = "d
     (transformers 5 no longer takes them bare; quantized bases must be on CPU, e.g.
     ``device_map="cpu"``); ``revision``, ``subfolder`` and
     ``is_trainable`` apply to the adapter, ``token``, ``cache_dir`` and ``local_files_only``
-    to both. Returns the model with the adapter active."""
+    to both. Returns the model with the adapter active, in eval mode unless ``is_trainable``."""
     import transformers
 
     hub_kw = {k: base_kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in base_kwargs}

@@ -25,6 +25,7 @@ from .layers import (
     LoraLinear8bit,
     ModulesToSaveWrapper,
     bnb_kind,
+    follow_mode,
     int8_state,
     module_shape,
 )
@@ -340,7 +341,7 @@ _WRAPPERS = {  # method -> base kind -> layer class
 def new_wrapper(module: nn.Module, device: torch.device, peft_type: str = "LORA", feedforward: bool = False) -> AdapterLayer:
     """The adapter layer of method ``peft_type`` that will carry adapters for a plain base
     module (its state tensor on ``device``, the base weight's). ``feedforward``: IA3's
-    input scaling."""
+    input scaling. It takes ``module``'s training mode."""
     if peft_type == "LORA" and isinstance(module, nn.Embedding):
         layer = LoraEmbedding(module)
     else:
@@ -348,6 +349,7 @@ def new_wrapper(module: nn.Module, device: torch.device, peft_type: str = "LORA"
         layer = cls(module, feedforward) if peft_type == "IA3" else cls(module)
     if device.type != "cpu":
         layer._buffers[layer.state_name] = layer._buffers[layer.state_name].to(device)
+    follow_mode(layer, module)
     return layer
 
 

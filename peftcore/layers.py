@@ -32,6 +32,18 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def follow_mode(new: nn.Module, replaced: nn.Module) -> None:
+    """Give a module peftcore creates, and the containers it creates inside it, the
+    training mode of the module it replaces (``replaced`` itself is not touched). A fresh
+    nn.Module is in training mode: in an eval model that would run LoRA dropout on every
+    inference call."""
+    mode = replaced.training
+    new.training = mode
+    for child in new.children():
+        if child is not replaced:
+            child.training = mode
+
+
 class AdapterLayer(nn.Module):
     """What every adapter layer has: ``base_layer``; per-adapter parameters in the
     ``nn.ParameterDict``s named by ``param_dicts`` (one entry per adapter, in the same
@@ -580,6 +592,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.mixed_names: list[str] | None = None
+        follow_mode(self, original_module)  # each copy is a deepcopy: it has the original's modes
 
     def forward(self, *args, **kwargs):
         if self.mixed_names is not None:
