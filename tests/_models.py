@@ -176,10 +176,8 @@ def logits(model: nn.Module, input_ids: Optional[torch.Tensor] = None) -> torch.
 # ---------------------------------------------------------------------- snapshots
 def _adapter_names(model: nn.Module) -> Optional[list]:
     """Names of the adapters peftcore holds for ``model`` (None when none were ever added)."""
-    try:
-        from peftcore.switching import get_state
-    except ImportError:  # internals moved: fall back to active_adapters only
-        return None
+    from peftcore.switching import get_state
+
     st = get_state(model)
     return None if st is None else sorted(st.configs)
 

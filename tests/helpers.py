@@ -108,6 +108,95 @@ def quant_tolerance(dtype: torch.dtype, s_base: torch.Tensor, s_all: torch.Tenso
     return 1.1 * (QUANT_PRODUCT_ERROR[dtype] * s_base + rounding + QUANT_ACC_ERROR[dtype] * s_all)
 
 
+def split_quantized(op_name, args):
+    """lora_linear_4bit / _int8 arguments as (x, W as float64 [out, in], bias, lora_A,
+    lora_B, scales, lora_x, base args builder: the same call without adapters)."""
+    from peftcore import reference
+
+    if op_name == "lora_linear_4bit":
+        x, *quant, bias, lora_A, lora_B, scales, lora_x = args
+        W = reference.dequantize_4bit(*quant, x.shape[-1], torch.float64)
+
+        def base_args():
+            return (x, *quant, bias, [], [], scales[:0], None)
+
+    else:
+        x, CB, SCB, bias, lora_A, lora_B, scales, lora_x = args
+        W = reference.dequantize_int8(CB, SCB, torch.float64)
+
+        def base_args():
+            return (x, CB, SCB, bias, [], [], scales[:0], None)
+
+    return x, W, bias, lora_A, lora_B, scales, lora_x, base_args
+
+
+def split_ia3_quantized(op_name, args):
+    """ia3_linear_4bit / _int8 arguments as (x, W float64, bias, ia3_l, active, feedforward,
+    base(op, x') -> op without IA3 on x', the name of that base op)."""
+    from peftcore import reference
+
+    if op_name == "ia3_linear_4bit":
+        x, *quant, bias, ia3_l, active, ff = args
+        W = reference.dequantize_4bit(*quant, x.shape[-1], torch.float64)
+
+        def base(op, t):
+            return op(t, *quant, bias, [], [], torch.zeros(0), None)
+
+        base_name = "lora_linear_4bit"
+    else:
+        x, CB, SCB, bias, ia3_l, active, ff = args
+        W = reference.dequantize_int8(CB, SCB, torch.float64)
+
+        def base(op, t):
+            return op(t, CB, SCB, bias, [], [], torch.zeros(0), None)
+
+        base_name = "lora_linear_int8"
+    return x, W, bias, ia3_l, active, ff, base, base_name
+
+
+def _magnitudes(x, W, bias, lora_A, lora_B, scales, lora_x):
+    """S_base = |x|·|W|ᵀ + |b| and S = S_base + Σ_active |s|·(|x_a|·|A|ᵀ)·|B|ᵀ, float64."""
+    ax = x.detach().double().abs()
+    s_base = ax @ W.abs().t()
+    if bias is not None:
+        s_base = s_base + bias.detach().double().abs()
+    s_all = s_base.clone()
+    for a, s in enumerate(scales.tolist()):
+        if s == 0.0 or lora_A[a].shape[0] == 0:
+            continue
+        xa = ax if lora_x is None else lora_x[a].detach().double().abs()
+        s_all = s_all + abs(s) * ((xa @ lora_A[a].detach().double().abs().t()) @ lora_B[a].detach().double().abs().t())
+    return s_base, s_all
+
+
+def quantized_bound(op_name, dtype, args, r):
+    """Per-element bound (float64) on |native - reference| of one of the four quantized
+    single-adapter ops (lora_ / ia3_linear_4bit / _int8) at ``args``; ``r`` is the
+    reference's result there (see quant_tolerance). IA3 scales the base bound through l:
+    on x before the base (feedforward) or after it, with one more rounding in bf16 / fp16."""
+    from peftcore import reference
+
+    ref = getattr(reference, op_name)
+    if op_name.startswith("lora_"):
+        x, W, bias, lora_A, lora_B, scales, lora_x, base_args = split_quantized(op_name, args)
+        s_base, s_all = _magnitudes(x, W, bias, lora_A, lora_B, scales, lora_x)
+        return quant_tolerance(dtype, s_base, s_all, ref(*base_args()), r)
+    x, W, bias, ia3_l, active, ff, base, base_name = split_ia3_quantized(op_name, args)
+    ref_base = getattr(reference, base_name)
+    f = torch.float64 if dtype == torch.float64 else torch.float32
+    l = reference.ia3_vector(ia3_l, active, f)  # noqa: E741
+    if l is not None and ff:
+        x = (x.to(f) * l).to(x.dtype)
+    s_base = x.detach().double().abs() @ W.abs().t() + (bias.detach().double().abs() if bias is not None else 0)
+    b = base(ref_base, x)
+    if l is None or ff:
+        return quant_tolerance(dtype, s_base, s_base, b, r)
+    bound = l.double().abs() * quant_tolerance(dtype, s_base, s_base, b, b)
+    if dtype in (torch.bfloat16, torch.float16):  # the second rounding, after the scale
+        bound = bound + torch.finfo(dtype).eps * r.double().abs()
+    return bound
+
+
 def assert_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, what: str = ""):
     """|got - want| <= bound element-wise (float64), with the worst offender in the message."""
     assert got.shape == want.shape == bound.shape, (got.shape, want.shape, bound.shape)

@@ -8,8 +8,8 @@ NaN, per-adapter lora_x, ...; for (IA)³ both directions, inactive vectors full 
 entries 0). The quantized-base ops (``dequantize_4bit``, ``lora_linear_4bit``,
 ``dequantize_int8``, ``lora_linear_int8``) get weights quantized by bitsandbytes itself,
 over odd shapes, every blocksize from 32 to 4096 (blocks straddling rows, a block larger
-than the weight), nf4 / fp4, nested statistics or not; without bitsandbytes their
-generators yield nothing. Generators take the compute dtype, the adapter dtype
+than the weight), nf4 / fp4, nested statistics or not (bitsandbytes is a test dependency: without it
+the run fails, see tests/conftest.py). Generators take the compute dtype, the adapter dtype
 (float32 or the compute dtype) and whether the differentiable inputs require grad.
 Samples are deterministic (seeded per case).
 """
@@ -59,7 +59,6 @@ class OpInfo:
     ref: Callable  # reference.<name>
     sample_inputs: Callable[..., Iterator[SampleInput]]
     differentiable: bool  # has an autograd formula (the forward ops)
-    requires: tuple = ()  # optional packages the samples need (none without them)
 
 
 def _gen(name: str, dtype: torch.dtype) -> torch.Generator:
@@ -322,33 +321,22 @@ def sample_lora_embedding_backward(dtype, adapter_dtype=None, requires_grad=Fals
 # ------------------------------------------------------- bitsandbytes-quantized bases
 # The quantized weights are made by bitsandbytes itself (its own packing, block
 # scales, nested statistics), so the samples test peftcore against the real format.
-# Without bitsandbytes the quantized generators yield nothing (the ops' OpInfo says
-# so in ``requires``) and the rest of this file works as before.
-
-_BNB: list = []
+# bitsandbytes is a test dependency (tests/conftest.py fails the run without it).
 
 
 def bnb_functional():
-    """``bitsandbytes.functional``, or None when bitsandbytes is not importable."""
-    if not _BNB:
-        import logging
+    """``bitsandbytes.functional`` (imported once, with its import-time log quieted: it
+    reports a CPU kernel hub it cannot reach, which is not our business)."""
+    import logging
 
-        # bitsandbytes logs at import (e.g. a CPU kernel hub it cannot reach); not our business.
-        logger = logging.getLogger("bitsandbytes")
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        try:
-            import bitsandbytes.functional as bnbF
-        except Exception:  # ImportError, or a broken native library
-            bnbF = None
-        finally:
-            logger.setLevel(level)
-        _BNB.append(bnbF)
-    return _BNB[0]
-
-
-def have_bnb() -> bool:
-    return bnb_functional() is not None
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnbF
+    finally:
+        logger.setLevel(level)
+    return bnbF
 
 
 def _quant_weight(g, fout, fin, zero_row=False):
@@ -464,8 +452,6 @@ def _quant4_args(q, fout):
 def sample_lora_linear_4bit(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
     nested_blocksize, out_features, bias, lora_A, lora_B, scales, lora_x)."""
-    if not have_bnb():
-        return
     adapter_dtype = adapter_dtype or dtype
     for name, (lead, fin, fout, bs, qt, nested, ranks, o) in QUANT4_CASES.items():
         w, q = _quant4_case(name, fin, fout, bs, qt, nested, o)
@@ -492,8 +478,6 @@ def sample_lora_linear_4bit(dtype, adapter_dtype=None, requires_grad=False) -> I
 def sample_dequantize_4bit(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
     nested_blocksize, out_features, in_features, dtype); one per distinct quantized weight."""
-    if not have_bnb():
-        return
     seen = set()
     for name, (lead, fin, fout, bs, qt, nested, ranks, o) in QUANT4_CASES.items():
         key = (fin, fout, bs, qt, nested, o.get("storage"), o.get("zero_row", False))
@@ -543,8 +527,6 @@ def _int8_case(name, fin, fout, o):
 
 def sample_lora_linear_int8(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (x, weight_int8, row_scale, bias, lora_A, lora_B, scales, lora_x)."""
-    if not have_bnb():
-        return
     adapter_dtype = adapter_dtype or dtype
     for name, (lead, fin, fout, ranks, o) in INT8_CASES.items():
         w, CB, SCB = _int8_case(name, fin, fout, o)
@@ -569,8 +551,6 @@ def sample_lora_linear_int8(dtype, adapter_dtype=None, requires_grad=False) -> I
 
 def sample_dequantize_int8(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (weight_int8, row_scale, dtype); one per distinct quantized weight."""
-    if not have_bnb():
-        return
     seen = set()
     for name, (lead, fin, fout, ranks, o) in INT8_CASES.items():
         key = (fin, fout, o.get("zero_row", False))
@@ -643,8 +623,6 @@ def _ia3_quant_sample(name, g, lead, fin, fout, n, o, dtype, adapter_dtype, requ
 def sample_ia3_linear_4bit(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
     nested_blocksize, out_features, bias, ia3_l, active, feedforward)."""
-    if not have_bnb():
-        return
     adapter_dtype = adapter_dtype or dtype
     for name, (lead, fin, fout, bs, qt, nested, n, o) in IA3_QUANT4_CASES.items():
         w, q = _quant4_case("ia3:" + name, fin, fout, bs, qt, nested, o)
@@ -655,8 +633,6 @@ def sample_ia3_linear_4bit(dtype, adapter_dtype=None, requires_grad=False) -> It
 
 def sample_ia3_linear_int8(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (x, weight_int8, row_scale, bias, ia3_l, active, feedforward)."""
-    if not have_bnb():
-        return
     adapter_dtype = adapter_dtype or dtype
     for name, (lead, fin, fout, n, o) in IA3_INT8_CASES.items():
         w, CB, SCB = _int8_case("ia3:" + name, fin, fout, o)
@@ -743,8 +719,6 @@ _MIXED_QUANT4 = [("nf4", False, 64), ("fp4", True, 32), ("nf4", True, 128)]
 def _mixed_quant(kind, dtype, adapter_dtype):
     """Each mixed case over a `kind` ("4bit" / "int8") weight of its shape: (name, o, the
     weight's op arguments, meta, _mixed_parts(...)). Nothing without bitsandbytes."""
-    if not have_bnb():
-        return
     adapter_dtype = adapter_dtype or dtype
     for k, (name, (lead, fin, fout, ranks, rows, o)) in enumerate(MIXED_CASES.items()):
         if kind == "4bit":
@@ -813,27 +787,27 @@ OPS: dict[str, OpInfo] = {
     ),
     "dequantize_4bit": OpInfo(
         "dequantize_4bit", torch.ops.peftcore.dequantize_4bit, reference.dequantize_4bit, sample_dequantize_4bit,
-        False, requires=("bitsandbytes",),
+        False,
     ),
     "lora_linear_4bit": OpInfo(
         "lora_linear_4bit", torch.ops.peftcore.lora_linear_4bit, reference.lora_linear_4bit, sample_lora_linear_4bit,
-        True, requires=("bitsandbytes",),
+        True,
     ),
     "dequantize_int8": OpInfo(
         "dequantize_int8", torch.ops.peftcore.dequantize_int8, reference.dequantize_int8, sample_dequantize_int8,
-        False, requires=("bitsandbytes",),
+        False,
     ),
     "lora_linear_int8": OpInfo(
         "lora_linear_int8", torch.ops.peftcore.lora_linear_int8, reference.lora_linear_int8, sample_lora_linear_int8,
-        True, requires=("bitsandbytes",),
+        True,
     ),
     "ia3_linear_4bit": OpInfo(
         "ia3_linear_4bit", torch.ops.peftcore.ia3_linear_4bit, reference.ia3_linear_4bit, sample_ia3_linear_4bit,
-        True, requires=("bitsandbytes",),
+        True,
     ),
     "ia3_linear_int8": OpInfo(
         "ia3_linear_int8", torch.ops.peftcore.ia3_linear_int8, reference.ia3_linear_int8, sample_ia3_linear_int8,
-        True, requires=("bitsandbytes",),
+        True,
     ),
     "lora_linear_mixed": OpInfo(
         "lora_linear_mixed", torch.ops.peftcore.lora_linear_mixed, reference.lora_linear_mixed,
@@ -845,31 +819,21 @@ OPS: dict[str, OpInfo] = {
     ),
     "lora_linear_4bit_mixed": OpInfo(
         "lora_linear_4bit_mixed", torch.ops.peftcore.lora_linear_4bit_mixed, reference.lora_linear_4bit_mixed,
-        sample_lora_linear_4bit_mixed, False, requires=("bitsandbytes",),
+        sample_lora_linear_4bit_mixed, False,
     ),
     "lora_linear_int8_mixed": OpInfo(
         "lora_linear_int8_mixed", torch.ops.peftcore.lora_linear_int8_mixed, reference.lora_linear_int8_mixed,
-        sample_lora_linear_int8_mixed, False, requires=("bitsandbytes",),
+        sample_lora_linear_int8_mixed, False,
     ),
     "ia3_linear_4bit_mixed": OpInfo(
         "ia3_linear_4bit_mixed", torch.ops.peftcore.ia3_linear_4bit_mixed, reference.ia3_linear_4bit_mixed,
-        sample_ia3_linear_4bit_mixed, False, requires=("bitsandbytes",),
+        sample_ia3_linear_4bit_mixed, False,
     ),
     "ia3_linear_int8_mixed": OpInfo(
         "ia3_linear_int8_mixed", torch.ops.peftcore.ia3_linear_int8_mixed, reference.ia3_linear_int8_mixed,
-        sample_ia3_linear_int8_mixed, False, requires=("bitsandbytes",),
+        sample_ia3_linear_int8_mixed, False,
     ),
 }
-
-
-def missing_requirements(info: OpInfo) -> list[str]:
-    """The optional packages an op's samples need that are not importable here."""
-    import importlib.util
-
-    def ok(pkg):
-        return have_bnb() if pkg == "bitsandbytes" else importlib.util.find_spec(pkg) is not None
-
-    return [p for p in info.requires if not ok(p)]
 
 
 def to_exact(args: tuple) -> tuple:

@@ -367,11 +367,12 @@ def test_switching_under_compile_does_not_recompile(method):
         step()
         with torch.no_grad():
             got = compiled(x)
-        torch.testing.assert_close(got, eager(), rtol=1e-6, atol=1e-6)
+        # CompileCounter runs the captured graph eagerly: the same kernels, the same bits
+        assert torch.equal(got, eager()), i
         outs.append(got)
         assert counter.frame_count == 1, f"recompiled after step {i} (frame_count={counter.frame_count})"
     with torch.no_grad():
-        assert torch.equal(outs[3], base(x)) or torch.allclose(outs[3], base(x), atol=1e-6)
+        assert torch.equal(outs[3], base(x))  # disabled: exactly the base (state 0 skips every adapter)
     assert not torch.allclose(outs[0], outs[1], atol=1e-4)  # b -> a changed the output
     assert not torch.allclose(outs[1], outs[2], atol=1e-4)  # a -> a+b
     assert not torch.allclose(outs[2], outs[3], atol=1e-4)  # disabled

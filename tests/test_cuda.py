@@ -9,8 +9,8 @@ lora_linear_4bit (switching adapters by writing the state on the device between 
 the current-stream rule, and whole-model parity (a tiny transformers model with a LoRA
 adapter: peftcore on CUDA vs peftcore on the CPU).
 
-Marked ``cuda``; skipped as a whole without a GPU or without native CUDA kernels in this
-build (``peftcore.native.native_available(op, "cuda")``).
+Marked ``cuda``; without a GPU or without native CUDA kernels in this build
+(``tests.helpers.has_cuda_kernels``) tests/conftest.py deselects it as a whole.
 """
 from __future__ import annotations
 
@@ -19,26 +19,19 @@ import math
 import pytest
 import torch
 
+# Without a GPU or without CUDA kernels in this build, tests/conftest.py deselects every
+# item here (and says how many in one summary line).
 pytestmark = pytest.mark.cuda
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
-
-from peftcore import native, reference
-from peftcore._ops import SCHEMAS
-
-if not any(native.native_available(op, "cuda") for op in SCHEMAS):
-    pytest.skip("this build of peftcore has no CUDA kernels (PEFTCORE_BUILD_CUDA)", allow_module_level=True)
-
-
-from tests.helpers import (
+from peftcore import native, reference  # noqa: E402
+from tests.helpers import (  # noqa: E402
     assert_no_worse_than_reference,
     assert_within,
     grad_tol,
     quant_tolerance,
     tol,
 )
-from tests.op_db import OPS, dtype_combos, missing_requirements, to_exact
+from tests.op_db import OPS, dtype_combos, to_exact  # noqa: E402
 
 DEV = torch.device("cuda")
 LOW = (torch.bfloat16, torch.float16)
@@ -87,7 +80,7 @@ def _cases():
     # The ops whose numerics this file knows how to check; an op added later brings its
     # own CUDA test (mixed batches: tests of their own).
     for name, info in OPS.items():
-        if missing_requirements(info) or name not in set(STATE_ARG) | DEQUANT:
+        if name not in set(STATE_ARG) | DEQUANT:
             continue
         for dt, adt in dtype_combos():
             for s in info.sample_inputs(dt, adt, False):
@@ -212,8 +205,6 @@ def test_sample_matches_reference(op_name, dtype, s, state_on_device):
 
 def _opcheck_cases():
     for name, info in OPS.items():
-        if missing_requirements(info):
-            continue
         rg = info.differentiable
         for s in info.sample_inputs(torch.float32, torch.float32, rg):
             if s.meta.get("opcheck", True):
@@ -267,10 +258,8 @@ def test_lora_linear_graph_capture_and_switching(tokens):
 
 @pytest.mark.parametrize("tokens", [1, 16, 40])
 def test_lora_linear_4bit_graph_capture(tokens):
-    from tests.op_db import have_bnb, quantize_4bit
+    from tests.op_db import quantize_4bit
 
-    if not have_bnb():
-        pytest.skip("bitsandbytes is not installed")
     g = torch.Generator().manual_seed(1)
     fin, fout = 256, 192
     wf = torch.randn(fout, fin, generator=g) * fin**-0.5
@@ -318,7 +307,6 @@ def test_whole_model_parity_cpu_vs_cuda(dtype):
     """A tiny Llama with a LoRA adapter: peftcore on CUDA (model moved after adding the
     adapter: the state buffers move with it) gives peftcore-on-CPU's logits; switching
     the adapter off on the GPU gives the base model's."""
-    pytest.importorskip("transformers")
     import peftcore
     from tests._models import INPUT_IDS, tiny_llama
 
@@ -368,8 +356,6 @@ def _mixed_to_cuda(name, args, state_on_device):
 
 def _mixed_cases():
     for name in MIXED:
-        if missing_requirements(OPS[name]):
-            continue
         for dt, adt in dtype_combos():
             for s in OPS[name].sample_inputs(dt, adt, False):
                 for on_dev in (True, False):
@@ -450,7 +436,7 @@ def test_mixed_many_adapters_use_several_windows():
     torch.testing.assert_close(yi.cpu(), reference.ia3_linear_mixed(x, w, b, l, rows, False), **tol(torch.float32))
 
 
-@pytest.mark.parametrize("name", [n for n in MIXED if not missing_requirements(OPS[n])])
+@pytest.mark.parametrize("name", MIXED)
 def test_mixed_bad_rows_on_cuda(name):
     """The CPU kernels' messages; a slot out of range is reported when rows is a CPU
     tensor, and is the base alone (as -1) when rows lives on the GPU (its values are never

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402
 
 import peftcore  # noqa: E402
 from tests._models import assert_unchanged, fresh_base, model_snapshot, perturb_trainable, rel_err  # noqa: E402

@@ -16,8 +16,7 @@ import warnings
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-pytest.importorskip("transformers")
+import peft  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import peftcore  # noqa: E402
@@ -440,7 +439,6 @@ def test_quantized_bases(tmp_path, method, qid):
     """IA3 / AdaLoRA on Linear4bit / Linear8bitLt: peftcore's fused quantized ops against the
     exact oracle (bitsandbytes' dequantized weight in nn.Linear + PEFT's adapter), and
     against PEFT on bitsandbytes' own kernels (their CPU rounding, see test_quantized.py)."""
-    pytest.importorskip("bitsandbytes")
     from tests._models import dequantized_copy, logits, peft_model, quantized_model, saved_tiny
     from tests.test_quantized import BNB4_RTOL, BNB8_RTOL
 
@@ -466,7 +464,6 @@ def test_quantized_bases(tmp_path, method, qid):
 def test_ia3_merge_on_4bit_requantizes_w_times_l(tmp_path):
     """PEFT cannot merge IA3 into bitsandbytes layers; peftcore re-quantizes W ⊙ l with the
     layer's settings (bit for bit what bitsandbytes makes of that weight)."""
-    pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bf
 
     from tests._models import bnb_dense_weight, quantized_model, saved_tiny

@@ -13,13 +13,12 @@ import warnings
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402
 
 import peftcore  # noqa: E402
 from tests._models import (  # noqa: E402
     INPUT_IDS, fresh_base, perturb_trainable, quantized_model, rel_err, saved_tiny, tiny_bert,
 )
-from tests.op_db import have_bnb  # noqa: E402
 
 NAMES = ["b", "__base__", "a", "c", "a"]  # three adapters of different ranks, the base, a repeat
 IDS = torch.cat([INPUT_IDS, INPUT_IDS.flip(1), INPUT_IDS[:1] % 50 + 3])  # 5 distinct rows of 12 tokens
@@ -185,7 +184,6 @@ def test_modules_to_save_rows(tmp_path):
 QUANT = {"nf4": dict(bits=4), "int8": dict(bits=8)}
 
 
-@pytest.mark.skipif(not have_bnb(), reason="bitsandbytes is not installed")
 @pytest.mark.parametrize("method", ["lora", "ia3", "adalora"])
 @pytest.mark.parametrize("q", list(QUANT))
 def test_quantized_bases(tmp_path, q, method):

@@ -13,8 +13,7 @@ import warnings
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import peftcore  # noqa: E402

@@ -24,8 +24,7 @@ import warnings
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-pytest.importorskip("transformers")
+import peft  # noqa: E402
 
 import peftcore  # noqa: E402
 from peftcore.layers import AdapterLayer, ModulesToSaveWrapper  # noqa: E402

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402
 
 import peftcore  # noqa: E402
 from peftcore.layers import LoraLayer  # noqa: E402

@@ -18,11 +18,8 @@ import pytest
 import torch
 
 from peftcore import reference
-from tests.helpers import assert_within, grad_tol, quant_tolerance
-from tests.op_db import have_bnb, native_loaded, quantize_4bit, quantize_int8, samples
-
-if not have_bnb():
-    pytest.skip("bitsandbytes is not installed", allow_module_level=True)
+from tests.helpers import assert_within, grad_tol, quantized_bound, split_ia3_quantized
+from tests.op_db import native_loaded, quantize_4bit, quantize_int8, samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GENERIC_RUN = os.environ.get("PEFTCORE_CPU_ISA") in ("generic", "avx2")
@@ -34,30 +31,9 @@ FWD = [("ia3_linear_4bit", p) for p in samples("ia3_linear_4bit", combos=COMBOS)
 FWD_PARAMS = [pytest.param(op, *p[1:], id=f"{op}-{p[0]}") for op, p in FWD]
 
 
-def _split(op_name, args):
-    """(x, W float64, bias, ia3_l, active, feedforward, base(x') -> the op without IA3)."""
-    if op_name == "ia3_linear_4bit":
-        x, *quant, bias, ia3_l, active, ff = args
-        W = reference.dequantize_4bit(*quant, x.shape[-1], torch.float64)
-
-        def base(op, t):
-            return op(t, *quant, bias, [], [], torch.zeros(0), None)
-
-        base_name = "lora_linear_4bit"
-    else:
-        x, CB, SCB, bias, ia3_l, active, ff = args
-        W = reference.dequantize_int8(CB, SCB, torch.float64)
-
-        def base(op, t):
-            return op(t, CB, SCB, bias, [], [], torch.zeros(0), None)
-
-        base_name = "lora_linear_int8"
-    return x, W, bias, ia3_l, active, ff, base, base_name
-
-
 @pytest.mark.parametrize("op_name,dtype,adapter_dtype,s", FWD_PARAMS)
 def test_ia3_quantized_matches_reference(op_name, dtype, adapter_dtype, s):
-    x, W, bias, ia3_l, active, ff, base, base_name = _split(op_name, s.args)
+    x, W, bias, ia3_l, active, ff, base, base_name = split_ia3_quantized(op_name, s.args)
     y = getattr(torch.ops.peftcore, op_name)(*s.args)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], W.shape[0])
     assert torch.isfinite(y).all()
@@ -75,18 +51,7 @@ def test_ia3_quantized_matches_reference(op_name, dtype, adapter_dtype, s):
         assert torch.equal(y, (base(native_base, x).to(f) * l).to(x.dtype))
     # And within the base's bound of the reference (through l).
     r = getattr(reference, op_name)(*s.args)
-    ref_base = getattr(reference, base_name)
-    if ff:
-        xs = (x.to(f) * l).to(x.dtype)
-        s_base = xs.detach().double().abs() @ W.abs().t() + (bias.detach().double().abs() if bias is not None else 0)
-        bound = quant_tolerance(dtype, s_base, s_base, base(ref_base, xs), r)
-    else:
-        s_base = x.detach().double().abs() @ W.abs().t() + (bias.detach().double().abs() if bias is not None else 0)
-        b = base(ref_base, x)
-        bound = l.double().abs() * quant_tolerance(dtype, s_base, s_base, b, b)
-        if dtype in (torch.bfloat16, torch.float16):  # the second rounding, after the scale
-            bound = bound + torch.finfo(dtype).eps * r.double().abs()
-    assert_within(y, r, bound, f"{op_name} vs reference")
+    assert_within(y, r, quantized_bound(op_name, dtype, s.args, r), f"{op_name} vs reference")
 
 
 GRAD = [pytest.param(op, s, id=f"{op}-{s.name}") for op in ("ia3_linear_4bit", "ia3_linear_int8")
@@ -95,7 +60,7 @@ GRAD = [pytest.param(op, s, id=f"{op}-{s.name}") for op in ("ia3_linear_4bit", "
 
 @pytest.mark.parametrize("op_name,s", GRAD)
 def test_ia3_quantized_autograd_matches_reference(op_name, s):
-    x, _, bias, ia3_l, _, _, _, _ = _split(op_name, s.args)
+    x, _, bias, ia3_l, _, _, _, _ = split_ia3_quantized(op_name, s.args)
     leaves = [t for t in (x, bias, *ia3_l) if t is not None]
     y = getattr(torch.ops.peftcore, op_name)(*s.args)
     go = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))

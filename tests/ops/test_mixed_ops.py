@@ -5,7 +5,8 @@ over every sample of tests/op_db.py:
     ia3_linear and their quantized forms) run on the whole batch with that group's adapter
     as the only active one — the same base pass, so only the low-rank / scaling order can
     differ (tests/helpers.py tolerances);
-  * the dense ops against reference.py (group by group, the spec) as well;
+  * every op against reference.py (the spec): the dense ones within tests/helpers.py's
+    tolerances, the quantized ones group by group within their single op's bound;
   * groups of the base alone, and batches of only base rows, are bit for bit the base;
   * NaN in an adapter no row uses, or in a slot whose scale is 0, never shows;
   * boundary errors name the op, the argument and the values; torch.compile(fullgraph).
@@ -17,17 +18,18 @@ import math
 import pytest
 import torch
 
-from tests.helpers import assert_no_worse_than_reference, tol
-from tests.op_db import OPS, missing_requirements, samples, to_exact
+from peftcore import reference
+from tests.helpers import assert_no_worse_than_reference, assert_within, quantized_bound, tol
+from tests.op_db import OPS, samples, to_exact
 
 MIXED = [n for n in OPS if n.endswith("_mixed")]
-CASES = [pytest.param(n, *p[1:], id=f"{n}-{p[0]}") for n in MIXED if not missing_requirements(OPS[n])
+CASES = [pytest.param(n, *p[1:], id=f"{n}-{p[0]}") for n in MIXED
          for p in samples(n)]
 P = torch.ops.peftcore
 
 
-def _twin(name, args, slot):
-    """The single-adapter op on the same batch with adapter `slot` alone active (-1: none)."""
+def _twin_args(name, args, slot):
+    """(single-adapter op, its arguments): the same batch with adapter `slot` alone active (-1: none)."""
     def only(n, value):
         s = torch.zeros(n)
         if slot >= 0:
@@ -37,24 +39,29 @@ def _twin(name, args, slot):
     if name == "lora_linear_mixed":
         x, w, b, A, B, E, scales, rows = args
         st = only(len(A), scales[slot].item() if slot >= 0 else 0.0)
-        return P.lora_linear(x, w, b, A, B, st, None) if E is None else P.adalora_linear(x, w, b, A, E, B, st, None)
+        return ("lora_linear", (x, w, b, A, B, st, None)) if E is None else ("adalora_linear", (x, w, b, A, E, B, st, None))
     if name == "ia3_linear_mixed":
         x, w, b, l, rows, ff = args
-        return P.ia3_linear(x, w, b, l, only(len(l), 1.0), ff)
+        return "ia3_linear", (x, w, b, l, only(len(l), 1.0), ff)
     if name == "lora_linear_4bit_mixed":
         x, *q, out, b, A, B, scales, rows, lx = args
         st = only(len(A), scales[slot].item() if slot >= 0 else 0.0)
-        return P.lora_linear_4bit(x, *q, out, b, A, B, st, None if lx is None else [lx] * len(A))
+        return "lora_linear_4bit", (x, *q, out, b, A, B, st, None if lx is None else [lx] * len(A))
     if name == "lora_linear_int8_mixed":
         x, cb, scb, b, A, B, scales, rows = args
-        return P.lora_linear_int8(x, cb, scb, b, A, B, only(len(A), scales[slot].item() if slot >= 0 else 0.0), None)
+        return "lora_linear_int8", (x, cb, scb, b, A, B, only(len(A), scales[slot].item() if slot >= 0 else 0.0), None)
     if name == "ia3_linear_4bit_mixed":
         x, *q, out, b, l, rows, ff = args
-        return P.ia3_linear_4bit(x, *q, out, b, l, only(len(l), 1.0), ff)
+        return "ia3_linear_4bit", (x, *q, out, b, l, only(len(l), 1.0), ff)
     if name == "ia3_linear_int8_mixed":
         x, cb, scb, b, l, rows, ff = args
-        return P.ia3_linear_int8(x, cb, scb, b, l, only(len(l), 1.0), ff)
+        return "ia3_linear_int8", (x, cb, scb, b, l, only(len(l), 1.0), ff)
     raise AssertionError(name)
+
+
+def _twin(name, args, slot):
+    single, single_args = _twin_args(name, args, slot)
+    return getattr(P, single)(*single_args)
 
 
 def _rows(args):
@@ -97,19 +104,40 @@ def test_dense_matches_reference(name, dtype, adapter_dtype, s):
         assert_no_worse_than_reference(y, r, info.ref(*to_exact(s.args)))
 
 
+QUANTIZED = [p for p in CASES if p.values[0] not in ("lora_linear_mixed", "ia3_linear_mixed")]
+
+
+@pytest.mark.parametrize("name,dtype,adapter_dtype,s", QUANTIZED)
+def test_quantized_matches_reference(name, dtype, adapter_dtype, s):
+    """Native against reference.py's mixed op, group by group within the bound of the
+    group's single-adapter op (tests/helpers.py quantized_bound: the quantized base's
+    product rounding plus the accumulation order)."""
+    info = OPS[name]
+    y, r = info.op(*s.args), info.ref(*s.args)
+    assert r.shape == y.shape and r.dtype == y.dtype
+    rows = _rows(s.args).tolist()
+    per = math.prod(s.args[0].shape[:-1]) // len(rows)
+    yf, rf = _flat(y), _flat(r)
+    for slot in sorted(set(rows)):
+        single, args = _twin_args(name, s.args, slot)
+        bound = _flat(quantized_bound(single, dtype, args, getattr(reference, single)(*args)))
+        sel = [i for g, q in enumerate(rows) if q == slot for i in range(g * per, (g + 1) * per)]
+        assert_within(yf[sel], rf[sel], bound[sel], f"{name} slot {slot} vs reference")
+
+
 def _with_rows(args, rows):
     i = max(k for k, a in enumerate(args) if a is _rows(args))
     return (*args[:i], rows, *args[i + 1:])
 
 
-@pytest.mark.parametrize("name", [n for n in MIXED if not missing_requirements(OPS[n])])
+@pytest.mark.parametrize("name", MIXED)
 def test_all_base_rows_are_the_base_op(name):
     s = next(s for s in OPS[name].sample_inputs(torch.float32, torch.float32) if s.name == "6rows_3adapters")
     y = OPS[name].op(*_with_rows(s.args, torch.full((6,), -1)))
     assert torch.equal(y, _twin(name, s.args, -1))
 
 
-@pytest.mark.parametrize("name", [n for n in MIXED if not missing_requirements(OPS[n])])
+@pytest.mark.parametrize("name", MIXED)
 def test_bad_rows_are_named(name):
     s = next(s for s in OPS[name].sample_inputs(torch.float32, torch.float32) if s.name == "6rows_3adapters")
     op = OPS[name].op
@@ -123,7 +151,7 @@ def test_bad_rows_are_named(name):
         op(*_with_rows(s.args, torch.zeros(0, dtype=torch.int64)))
 
 
-@pytest.mark.parametrize("name", [n for n in MIXED if not missing_requirements(OPS[n])])
+@pytest.mark.parametrize("name", MIXED)
 def test_compiled_matches_eager(name):
     s = next(s for s in OPS[name].sample_inputs(torch.float32, torch.float32) if s.name == "beams_2groups_of_3")
     op = OPS[name].op

@@ -16,7 +16,7 @@ import torch
 from peftcore import native, ops
 from peftcore._ops import FORWARD_OPS
 from tests.helpers import DEVICES, has_cuda_kernels
-from tests.op_db import OPS, dtype_combos, missing_requirements, native_loaded
+from tests.op_db import OPS, dtype_combos, native_loaded
 
 
 def _to(args, device):
@@ -39,8 +39,6 @@ def _strided(shape, dtype, device):
 def _cases():
     for name in FORWARD_OPS:
         info = OPS[name]
-        if missing_requirements(info):
-            continue
         for dt, adt in dtype_combos():
             for s in info.sample_inputs(dt, adt, False):
                 yield pytest.param(name, s, id=f"{name}-{str(dt)[6:]}-{str(adt)[6:]}-{s.name}")
@@ -115,8 +113,6 @@ def test_bad_inputs_leave_out_untouched(device):
 def _opcheck_cases():
     for name in FORWARD_OPS:
         info = OPS[name]
-        if missing_requirements(info):
-            continue
         for s in info.sample_inputs(torch.float32, torch.float32, False):
             if s.meta.get("opcheck", True):
                 yield pytest.param(name, s, id=f"{name}-{s.name}")
@@ -133,8 +129,6 @@ def test_opcheck_out(name, s):
 @pytest.mark.parametrize("name", ["lora_linear", "ia3_linear_int8", "lora_linear_mixed"])
 def test_compiled_out_matches_eager(name):
     info = OPS[name]
-    if missing_requirements(info):
-        pytest.skip(f"samples of {name} need {', '.join(missing_requirements(info))}")
     s = next(iter(info.sample_inputs(torch.float32, torch.float32, False)))
     op = getattr(torch.ops.peftcore, name)
     want = op(*s.args)

@@ -24,11 +24,8 @@ import pytest
 import torch
 
 from peftcore import reference
-from tests.helpers import DEVICES, assert_within, grad_tol, quant_tolerance
-from tests.op_db import bnb_functional, have_bnb, native_loaded, quantize_4bit, samples
-
-if not have_bnb():
-    pytest.skip("bitsandbytes is not installed", allow_module_level=True)
+from tests.helpers import DEVICES, assert_within, grad_tol, quantized_bound, split_quantized
+from tests.op_db import bnb_functional, native_loaded, quantize_4bit, samples
 
 bnbF = bnb_functional()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,44 +107,10 @@ FWD4 = list(samples("lora_linear_4bit", combos=FWD_COMBOS))
 FWD8 = list(samples("lora_linear_int8", combos=FWD_COMBOS))
 
 
-def _split(op_name, args):
-    """(x, W as float64 [out, in], bias, lora_A, lora_B, scales, lora_x, base args builder)."""
-    if op_name == "lora_linear_4bit":
-        x, *quant, bias, lora_A, lora_B, scales, lora_x = args
-        W = reference.dequantize_4bit(*quant, x.shape[-1], torch.float64)
-
-        def base_args():
-            return (x, *quant, bias, [], [], scales[:0], None)
-
-    else:
-        x, CB, SCB, bias, lora_A, lora_B, scales, lora_x = args
-        W = reference.dequantize_int8(CB, SCB, torch.float64)
-
-        def base_args():
-            return (x, CB, SCB, bias, [], [], scales[:0], None)
-
-    return x, W, bias, lora_A, lora_B, scales, lora_x, base_args
-
-
-def _magnitudes(x, W, bias, lora_A, lora_B, scales, lora_x):
-    """S_base = |x|·|W|ᵀ + |b| and S = S_base + Σ_active |s|·(|x_a|·|A|ᵀ)·|B|ᵀ, float64."""
-    ax = x.detach().double().abs()
-    s_base = ax @ W.abs().t()
-    if bias is not None:
-        s_base = s_base + bias.detach().double().abs()
-    s_all = s_base.clone()
-    for a, s in enumerate(scales.tolist()):
-        if s == 0.0 or lora_A[a].shape[0] == 0:
-            continue
-        xa = ax if lora_x is None else lora_x[a].detach().double().abs()
-        s_all = s_all + abs(s) * ((xa @ lora_A[a].detach().double().abs().t()) @ lora_B[a].detach().double().abs().t())
-    return s_base, s_all
-
-
 def _check_forward(op_name, dtype, s):
     op = getattr(torch.ops.peftcore, op_name)
     ref = getattr(reference, op_name)
-    x, W, bias, lora_A, lora_B, scales, lora_x, base_args = _split(op_name, s.args)
+    x, W, bias, lora_A, lora_B, scales, lora_x, base_args = split_quantized(op_name, s.args)
     y = op(*s.args)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], W.shape[0])
     # A scale-0 adapter full of NaN must contribute exactly nothing.
@@ -157,9 +120,7 @@ def _check_forward(op_name, dtype, s):
         assert torch.equal(y, op(*base_args()))
         return
     r = ref(*s.args)
-    base = ref(*base_args())
-    s_base, s_all = _magnitudes(x, W, bias, lora_A, lora_B, scales, lora_x)
-    assert_within(y, r, quant_tolerance(dtype, s_base, s_all, base, r), f"{op_name} vs reference")
+    assert_within(y, r, quantized_bound(op_name, dtype, s.args, r), f"{op_name} vs reference")
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype,s", **_params(FWD4))
@@ -178,7 +139,7 @@ GRAD8 = list(samples("lora_linear_int8", combos=[(torch.float32, torch.float32)]
 
 
 def _leaves(op_name, args):
-    x, _, bias, lora_A, lora_B, _, lora_x, _ = _split(op_name, args)
+    x, _, bias, lora_A, lora_B, _, lora_x, _ = split_quantized(op_name, args)
     return [t for t in (x, bias, *lora_A, *lora_B, *(lora_x or ())) if t is not None]
 
 
@@ -435,7 +396,6 @@ def _to_dev(v, device):
     return v.to(device) if isinstance(v, torch.Tensor) else v
 
 
-@pytest.mark.skipif(not have_bnb(), reason="bitsandbytes is not installed")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(BAD_4BIT))
 def test_bad_4bit_state_is_refused(case, device):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peftcore
-from tests.op_db import OPS, missing_requirements, native_loaded
+from tests.op_db import OPS, native_loaded
 
 
 def _peftcore_ops():
@@ -20,8 +20,6 @@ def _peftcore_ops():
 def test_op_has_samples(op):
     assert op in OPS, f"peftcore::{op} has no entry in tests/op_db.py"
     info = OPS[op]
-    if missing_requirements(info):
-        pytest.skip(f"samples of {op} need {', '.join(missing_requirements(info))}")
     assert any(True for _ in info.sample_inputs(torch.float32, torch.float32, False))
 
 
