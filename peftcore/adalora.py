@@ -50,7 +50,7 @@ from torch import nn
 
 from .config import AdaLoraConfig
 from .errors import PeftcoreError
-from .switching import get_state
+from .state import get_state
 
 __all__ = ["adalora_orthogonal_loss", "update_and_allocate"]
 
@@ -85,7 +85,7 @@ def _adapter_params(model: nn.Module, name: str) -> list[tuple[str, str, str, nn
     return out
 
 
-def _trainable_adalora(model: nn.Module, caller: str) -> tuple[str, AdaLoraConfig, list]:
+def trainable_adalora(model: nn.Module, caller: str) -> tuple[str, AdaLoraConfig, list]:
     """The one AdaLoRA adapter of ``model`` whose parameters require grad (PEFT trains
     exactly one AdaLoRA adapter at a time)."""
     st = get_state(model)
@@ -247,7 +247,7 @@ def update_and_allocate(model: nn.Module, global_step: int) -> None:
         raise PeftcoreError(f"{caller}: global_step must be an integer, got {global_step!r}") from None
     if global_step < 0:
         raise PeftcoreError(f"{caller}: global_step must be >= 0, got {global_step}")
-    name, config, params = _trainable_adalora(model, caller)
+    name, config, params = trainable_adalora(model, caller)
     _check_hyper(config, name, caller)
     alloc = _allocator(model, name, config, params)
     final = config.total_step - config.tfinal
@@ -280,7 +280,7 @@ def adalora_orthogonal_loss(model: nn.Module) -> torch.Tensor:
     loss the model computed (``AdaLoraModel.forward``). A 0-d tensor (zero if the adapter
     has no such parameters); add it to the loss before ``backward()``."""
     caller = "adalora_orthogonal_loss"
-    name, config, params = _trainable_adalora(model, caller)
+    name, config, params = trainable_adalora(model, caller)
     w = config.orth_reg_weight
     if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
         raise PeftcoreError(f"{caller}: adapter {name!r} has orth_reg_weight={w!r}; it must be >= 0")

@@ -21,13 +21,14 @@ from . import hub, inject, merge, peft_format
 from .config import CONFIG_NAME, AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
 from .errors import AdapterConfigError, AdapterNameError, AdapterWeightsError, PeftcoreError, UnsupportedAdapterError
 from .layers import AdapterLayer, Conv1D, ModulesToSaveWrapper, adalora_scaling, lora_scaling
-from .switching import after_delete, apply_state, get_state
+from .state import apply_state, drop_state, get_state
+from .switching import after_delete
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 _RESERVED = {"__base__"}
 
 
-def _check_name(model: nn.Module, name: str) -> None:
+def check_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name:
         raise AdapterNameError(f"adapter name must be a non-empty string, got {name!r}")
     if not _NAME_RE.fullmatch(name) or name in _RESERVED:
@@ -56,7 +57,7 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 @dataclass
-class _Entry:
+class Entry:
     path: str
     module: nn.Module  # what is at `path` now (a plain module, or an AdapterLayer)
     add_kwargs: dict  # the layer's add(name, **add_kwargs): tensors and per-adapter values
@@ -64,11 +65,11 @@ class _Entry:
 
 
 @dataclass
-class _Plan:
+class Plan:
     name: str
     config: AdapterConfig
     targets: object
-    lora: list[_Entry] = field(default_factory=list)
+    lora: list[Entry] = field(default_factory=list)
     mts: list[tuple[str, nn.Module, nn.Module]] = field(default_factory=list)  # path, current, new copy
     writes: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # key, param, value
 
@@ -103,7 +104,7 @@ def _prepare_config(model: nn.Module, config: AdapterConfig, found) -> AdapterCo
     return config
 
 
-def _feedforward(plan: _Plan, path: str, module: nn.Module) -> bool:
+def _feedforward(plan: Plan, path: str, module: nn.Module) -> bool:
     """IA3: whether ``path`` scales its input; a layer that already has IA3 adapters keeps
     its kind, so a second adapter that disagrees is refused."""
     ff = inject.is_feedforward(plan.config.feedforward_modules, path)
@@ -170,24 +171,24 @@ def _new_ia3(config: IA3Config, module: nn.Module, ff: bool) -> dict:
     return dict(l=l.to(**_adapter_kw(module)))
 
 
-def _plan_new(model: nn.Module, name: str, config: AdapterConfig) -> _Plan:
+def plan_new(model: nn.Module, name: str, config: AdapterConfig) -> Plan:
     targets, found = inject.find_targets(model, config)
-    plan = _Plan(name, _prepare_config(model, config, found), targets)
+    plan = Plan(name, _prepare_config(model, config, found), targets)
     for path, module in found:
         if isinstance(config, IA3Config):
             ff = _feedforward(plan, path, module)
-            plan.lora.append(_Entry(path, module, _new_ia3(config, module, ff), ff))
+            plan.lora.append(Entry(path, module, _new_ia3(config, module, ff), ff))
         elif isinstance(config, AdaLoraConfig):
-            plan.lora.append(_Entry(path, module, _new_adalora(config, module)))
+            plan.lora.append(Entry(path, module, _new_adalora(config, module)))
         else:
-            plan.lora.append(_Entry(path, module, _new_lora(config, path, module)))
+            plan.lora.append(Entry(path, module, _new_lora(config, path, module)))
     _plan_modules_to_save(model, plan, None, None)
     if config.modules_to_save and not plan.mts:
         raise AdapterConfigError(f"modules_to_save={config.modules_to_save!r} matched no module")
     return plan
 
 
-def _plan_modules_to_save(model: nn.Module, plan: _Plan, remaining: Optional[dict], source: Optional[str]) -> None:
+def _plan_modules_to_save(model: nn.Module, plan: Plan, remaining: Optional[dict], source: Optional[str]) -> None:
     """A fresh copy of each modules_to_save module; when loading (``remaining``: the file's
     unbound tensors) filled from the file's tensors, which are taken out of ``remaining``."""
     for path, module in inject.find_modules_to_save(model, plan.config.modules_to_save):
@@ -282,20 +283,20 @@ def _bind_ia3(path: str, module: nn.Module, ff: bool, remaining: dict, source: s
     return dict(l=l.to(**_adapter_kw(module)))
 
 
-def _plan_load(model: nn.Module, name: str, config: AdapterConfig, sd: dict, source: str) -> _Plan:
+def plan_load(model: nn.Module, name: str, config: AdapterConfig, sd: dict, source: str) -> Plan:
     """Bind every tensor of ``sd`` (prefix already stripped) to the model, or raise."""
     targets, found = inject.find_targets(model, config)
-    plan = _Plan(name, _prepare_config(model, config, found), targets)
+    plan = Plan(name, _prepare_config(model, config, found), targets)
     remaining = dict(sd)
 
     for path, module in found:
         if isinstance(config, IA3Config):
             ff = _feedforward(plan, path, module)
-            plan.lora.append(_Entry(path, module, _bind_ia3(path, module, ff, remaining, source), ff))
+            plan.lora.append(Entry(path, module, _bind_ia3(path, module, ff, remaining, source), ff))
         elif isinstance(config, AdaLoraConfig):
-            plan.lora.append(_Entry(path, module, _bind_adalora(config, path, module, remaining, source)))
+            plan.lora.append(Entry(path, module, _bind_adalora(config, path, module, remaining, source)))
         else:
-            plan.lora.append(_Entry(path, module, _bind_lora(config, path, module, remaining, source)))
+            plan.lora.append(Entry(path, module, _bind_lora(config, path, module, remaining, source)))
     _plan_modules_to_save(model, plan, remaining, source)
 
     # Remaining keys must be base tensors the config says the adapter carries.
@@ -336,7 +337,7 @@ def _plan_load(model: nn.Module, name: str, config: AdapterConfig, sd: dict, sou
     return plan
 
 
-def _commit(model: nn.Module, plan: _Plan, *, trainable: bool) -> None:
+def commit(model: nn.Module, plan: Plan, *, trainable: bool) -> None:
     """Apply a checked plan; on any exception undo every step taken, in reverse."""
     undo: list = []
     st = get_state(model, create=True)
@@ -377,7 +378,7 @@ def _commit(model: nn.Module, plan: _Plan, *, trainable: bool) -> None:
         for fn in reversed(undo):
             fn()
         if st is not None and not st.configs:
-            model.__dict__.pop("_peftcore_adapters", None)
+            drop_state(model)
         else:
             apply_state(model, st)
         raise
@@ -415,7 +416,7 @@ def _mark_trainable(model: nn.Module, name: str, config: AdapterConfig, trainabl
     return changed
 
 
-def _check_not_merged(model: nn.Module, verb: str) -> None:
+def check_not_merged(model: nn.Module, verb: str) -> None:
     merged = sorted(merge.merged_in(model))
     if merged:
         raise PeftcoreError(
@@ -461,12 +462,12 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
         raise AdapterConfigError(
             f"config must be a peftcore.LoraConfig, AdaLoraConfig or IA3Config, got {type(config).__name__}"
         )
-    _check_name(model, adapter_name)
-    _check_not_merged(model, "add_adapter")
+    check_name(model, adapter_name)
+    check_not_merged(model, "add_adapter")
     config.check_supported(new=True)
     _check_method(model, config, "add_adapter", True)
-    plan = _plan_new(model, adapter_name, config)
-    _commit(model, plan, trainable=True)
+    plan = plan_new(model, adapter_name, config)
+    commit(model, plan, trainable=True)
 
 
 def load_adapter(
@@ -495,8 +496,8 @@ def load_adapter(
     Every failure raises a ``peftcore.PeftcoreError`` (a ``ValueError``) or
     ``AdapterFileNotFoundError`` (a ``FileNotFoundError``) naming the file, key or module,
     and leaves the model exactly as it was."""
-    _check_name(model, adapter_name)
-    _check_not_merged(model, "load_adapter")
+    check_name(model, adapter_name)
+    check_not_merged(model, "load_adapter")
 
     def resolve(filename, required):
         return hub.resolve_file(
@@ -517,10 +518,10 @@ def load_adapter(
         raise type(e)(f"{path_or_repo_id}{'/' + subfolder if subfolder else ''}: {e}") from None
     sd = peft_format.strip_prefix(peft_format.read_weights(weights_path))
     try:
-        plan = _plan_load(model, adapter_name, config, sd, weights_path)
+        plan = plan_load(model, adapter_name, config, sd, weights_path)
     except AdapterConfigError as e:
         raise AdapterConfigError(f"{config_path}: {e}") from None
-    _commit(model, plan, trainable=is_trainable)
+    commit(model, plan, trainable=is_trainable)
     if not is_trainable:
         model.eval()  # loaded for inference (PEFT and transformers do the same): no dropout
 
@@ -555,7 +556,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     del st.configs[adapter_name]
     del st.targets[adapter_name]
     if not st.configs:
-        model.__dict__.pop("_peftcore_adapters", None)
+        drop_state(model)
         return
     after_delete(model, st, adapter_name)
 

@@ -24,11 +24,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .api import _check_name, _check_not_merged, _commit, _Entry, _Plan
+from .api import Entry, Plan, check_name, check_not_merged, commit
 from .config import IA3Config
 from .errors import AdapterConfigError, AdapterNameError, UnsupportedAdapterError
 from .layers import AdapterLayer, LoraLayer
-from .switching import _require_state
+from .state import require_state
 
 COMBINATIONS = ("svd", "linear", "cat")
 
@@ -86,7 +86,7 @@ def add_weighted_adapter(
     docstring). ``combination_type``: "svd" (default, as PEFT), "linear" or "cat" for LoRA;
     ignored for IA3 (weighted sum). Raises (model unchanged) for unknown names, mixed
     methods, unequal ranks with "linear", or modules_to_save in the sources."""
-    st = _require_state(model)
+    st = require_state(model)
     adapters, weights = list(adapters), [float(w) for w in weights]
     if not adapters or len(adapters) != len(weights):
         raise AdapterConfigError(
@@ -95,8 +95,8 @@ def add_weighted_adapter(
     unknown = [n for n in adapters if n not in st.configs]
     if unknown:
         raise AdapterNameError(f"add_weighted_adapter: unknown adapter(s) {unknown}; loaded: {sorted(st.configs)}")
-    _check_name(model, adapter_name)
-    _check_not_merged(model, "add_weighted_adapter")
+    check_name(model, adapter_name)
+    check_not_merged(model, "add_weighted_adapter")
     configs = [st.configs[n] for n in adapters]
     kind = configs[0].peft_type
     if kind == "ADALORA":
@@ -110,13 +110,13 @@ def add_weighted_adapter(
               if isinstance(m, AdapterLayer) and any(n in m.adapter_names for n in adapters)]
     config = copy.deepcopy(configs[0])
     config.target_modules = _union([c.target_modules for c in configs], "target_modules")
-    plan = _Plan(adapter_name, config, config.target_modules)
+    plan = Plan(adapter_name, config, config.target_modules)
 
     if isinstance(config, IA3Config):
         config.feedforward_modules = _union([c.feedforward_modules for c in configs], "feedforward_modules")
         for path, m in layers:
             l = sum(w * m.ia3_l[n].detach() for n, w in zip(adapters, weights) if n in m.adapter_names)  # noqa: E741
-            plan.lora.append(_Entry(path, m, dict(l=l.clone())))
+            plan.lora.append(Entry(path, m, dict(l=l.clone())))
     else:
         if combination_type not in COMBINATIONS:
             raise UnsupportedAdapterError(
@@ -139,6 +139,6 @@ def add_weighted_adapter(
             present = [(n, w) for n, w in zip(adapters, weights) if n in m.adapter_names]
             A, B = _lora_factors(m, present, combination_type, rank, svd_clamp, svd_full_matrices, svd_driver)
             dt = m.adapter_weights(present[0][0])[0].dtype
-            plan.lora.append(_Entry(path, m, dict(A=A.to(dt).contiguous(), B=B.to(dt).contiguous(), scaling=1.0,
+            plan.lora.append(Entry(path, m, dict(A=A.to(dt).contiguous(), B=B.to(dt).contiguous(), scaling=1.0,
                                                   dropout_p=config.lora_dropout)))
-    _commit(model, plan, trainable=False)
+    commit(model, plan, trainable=False)

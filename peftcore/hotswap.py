@@ -1,6 +1,6 @@
 """``hotswap_adapter``: replace a loaded adapter's weights in place (PEFT's hot-swap).
 
-The new adapter is read and checked like any load (``api._plan_load``: every key bound,
+The new adapter is read and checked like any load (``api.plan_load``: every key bound,
 every shape checked) before anything changes. Then its tensors are copied into the
 existing parameters: no module is rebuilt, no tensor is replaced, so a ``torch.compile``d
 model does not recompile. A smaller rank is zero-padded into the existing slot (the extra
@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 
 from . import hub, peft_format
-from .api import _plan_load
+from .api import plan_load
 from .config import CONFIG_NAME
 from .errors import AdapterConfigError, AdapterNameError, PeftcoreError, UnsupportedAdapterError
 from .layers import AdapterLayer, LoraLayer
-from .switching import _require_state, apply_state
+from .state import apply_state, require_state
 
 
 def _fill(slot: torch.Tensor, new: Optional[torch.Tensor], rows: bool) -> None:
@@ -51,7 +51,7 @@ def hotswap_adapter(
     """Load the adapter at ``path_or_repo_id`` into the slot of loaded adapter
     ``adapter_name`` (same method, modules among the old adapter's, rank no larger). Every
     failure raises naming the file, key or module, with the model unchanged."""
-    st = _require_state(model)
+    st = require_state(model)
     if adapter_name not in st.configs:
         raise AdapterNameError(f"hotswap_adapter: no adapter named {adapter_name!r}; loaded: {sorted(st.configs)}")
 
@@ -72,7 +72,7 @@ def hotswap_adapter(
     weights_path = peft_format.find_weights(resolve)
     sd = peft_format.strip_prefix(peft_format.read_weights(weights_path))
     try:
-        plan = _plan_load(model, adapter_name, config, sd, weights_path)
+        plan = plan_load(model, adapter_name, config, sd, weights_path)
     except AdapterConfigError as e:
         raise AdapterConfigError(f"{config_path}: {e}") from None
     if plan.mts or plan.writes:

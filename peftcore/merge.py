@@ -55,7 +55,7 @@ from .layers import (
     stored_4bit,
     unpack_cpu_4bit,
 )
-from .switching import _STATE_ATTR, _require_state, apply_state
+from .state import apply_state, drop_state, require_state
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
@@ -195,7 +195,7 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
     module docstring). Adapters already merged in a layer are skipped with a warning.
     ``safe_merge`` checks every new weight for NaN/inf first and raises
     ``PeftcoreError`` naming the module, leaving the model unchanged."""
-    st = _require_state(model)
+    st = require_state(model)
     if not st.enabled:
         raise PeftcoreError("merge_adapter: adapters are disabled; call peftcore.enable_adapters(model) first")
     names = list(st.active) if adapter_names is None else (
@@ -224,7 +224,7 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
 def unmerge_adapter(model: nn.Module) -> None:
     """Subtract every merged adapter from the base weights again and give the adapters
     back their kernel scales. On quantized bases this re-quantizes (lossy, PEFT's method)."""
-    st = _require_state(model)
+    st = require_state(model)
     if any(m.merged_adapters and m.peft_type == "IA3" for _, m in lora_layers(model)):
         warnings.warn("unmerge_adapter: IA3 unmerge divides by l + 1e-8 (as PEFT): the result can be inaccurate")
     for _, layer in lora_layers(model):
@@ -245,7 +245,7 @@ def _unload(model: nn.Module) -> nn.Module:
             keep = m.modules_to_save[m.active_adapter] if m.active_adapter is not None else m.original_module
             parent, child = inject.get_parent(model, path)
             setattr(parent, child, keep)
-    model.__dict__.pop(_STATE_ATTR, None)
+    drop_state(model)
     return model
 
 
@@ -261,7 +261,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging and return the model with its original modules.
     As in PEFT, deltas merged earlier with ``merge_adapter`` stay in the weights (call
     ``unmerge_adapter`` first to take them out)."""
-    _require_state(model)
+    require_state(model)
     return _unload(model)
 
 

@@ -23,25 +23,9 @@ import torch.nn as nn
 
 from .errors import AdapterNameError, PeftcoreError, UnsupportedAdapterError
 from .layers import AdapterLayer, LoraEmbedding, ModulesToSaveWrapper
-from .switching import AdapterState, _require_state
+from .state import AdapterState, bind_rows, require_state
 
 BASE = "__base__"
-
-
-def bind_rows(model: nn.Module, st: AdapterState) -> None:
-    """Give every adapter layer its (rows, scales) for st.mixed, and every modules_to_save
-    wrapper its per-row module choice (called on entry and after any structural change)."""
-    names = st.mixed
-    for m in model.modules():
-        if isinstance(m, AdapterLayer):
-            slots = m.adapter_names
-            pos = {n: i for i, n in enumerate(slots)}
-            dev = m._buffers[m.state_name].device
-            rows = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.int64, device=dev)
-            scales = torch.tensor([m._on_value(n) for n in slots], dtype=torch.float32, device=dev)
-            m.__dict__["_mixed"] = (rows, scales)
-        elif isinstance(m, ModulesToSaveWrapper):
-            m.mixed_names = list(names)
 
 
 def _unbind(model: nn.Module) -> None:
@@ -88,7 +72,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     Raises ``AdapterNameError`` for an unknown name or an empty list, ``PeftcoreError`` in
     training mode, with merged adapters or when a block is already open, and (on the model's
     forward) for a batch whose size is not a whole multiple of ``len(adapter_names)``."""
-    st = _require_state(model)
+    st = require_state(model)
     if isinstance(adapter_names, str):
         raise AdapterNameError("mixed_batch takes one adapter name per row (a list), not a single string")
     names = list(adapter_names)

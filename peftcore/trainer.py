@@ -9,9 +9,9 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
-from .adalora import _trainable_adalora, adalora_orthogonal_loss, update_and_allocate
+from .adalora import adalora_orthogonal_loss, trainable_adalora, update_and_allocate
 from .api import save_pretrained
-from .switching import get_state
+from .state import get_state
 
 
 class AdapterCheckpointCallback(TrainerCallback):
@@ -76,7 +76,7 @@ class AdaLoraCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("AdaLoraCallback: the Trainer passed no model")
-        name, config, _ = _trainable_adalora(model, "AdaLoraCallback")  # clear errors before training
+        name, config, _ = trainable_adalora(model, "AdaLoraCallback")  # clear errors before training
         if state.max_steps and state.max_steps != config.total_step:
             warnings.warn(
                 f"AdaLoraCallback: adapter {name!r} has total_step={config.total_step} but the Trainer runs "

@@ -176,7 +176,7 @@ def logits(model: nn.Module, input_ids: Optional[torch.Tensor] = None) -> torch.
 # ---------------------------------------------------------------------- snapshots
 def _adapter_names(model: nn.Module) -> Optional[list]:
     """Names of the adapters peftcore holds for ``model`` (None when none were ever added)."""
-    from peftcore.switching import get_state
+    from peftcore.state import get_state
 
     st = get_state(model)
     return None if st is None else sorted(st.configs)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 import peftcore
 from peftcore import adalora_orthogonal_loss, update_and_allocate
 from peftcore.errors import PeftcoreError
-from peftcore.switching import get_state
+from peftcore.state import get_state
 from tests._models import VOCAB, tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
