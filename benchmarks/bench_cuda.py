@@ -140,7 +140,7 @@ def sweep_lora_linear(tokens, ranks, rec, quick):
                     scales = torch.full((n,), 0.5, device=DEV)
                     sf = [0.5] * n
                     common = dict(kind="lora_linear", fin=fin, fout=fout, tokens=M, rank=r, adapters=n, base_us=base_us)
-                    us, eager = time_us(lambda: torch.ops.peftcore.lora_linear(x, W, None, A, B, scales, None))
+                    us, eager = time_us(lambda: torch.ops.peftcore.lora_linear(x, W, None, A, B, None, scales, None))
                     rec.append(dict(common, variant="peftcore summed" if n > 1 else "peftcore", us=us, eager=eager))
                     us, _ = time_us(lambda: unfused(x, lambda t: F.linear(t, W), A, B, sf))
                     rec.append(dict(common, variant="unfused summed" if n > 1 else "unfused", us=us))
@@ -210,9 +210,9 @@ def sweep_quant(tokens, rec, quick, stream_bw, spec_bw):
             io = (M * fin + M * fout) * 2
             ad_bytes = (16 * fin + fout * 16) * 2
             c4 = dict(kind="nf4", fin=fin, fout=fout, tokens=M)
-            us_base, _ = time_us(lambda: torch.ops.peftcore.lora_linear_4bit(x, *q4, fout, None, [], [], none, None))
+            us_base, _ = time_us(lambda: torch.ops.peftcore.lora_linear_4bit(x, *q4, fout, None, [], [], None, none, None))
             rec.append(dict(c4, variant="peftcore base", us=us_base, bytes=w4_bytes + io))
-            us, _ = time_us(lambda: torch.ops.peftcore.lora_linear_4bit(x, *q4, fout, None, A, B, sc, None))
+            us, _ = time_us(lambda: torch.ops.peftcore.lora_linear_4bit(x, *q4, fout, None, A, B, None, sc, None))
             rec.append(dict(c4, variant="peftcore + LoRA r16", us=us, base_us=us_base, bytes=w4_bytes + io + ad_bytes))
             if bnb4 is not None:
                 qw, st = bnb4
@@ -225,9 +225,9 @@ def sweep_quant(tokens, rec, quick, stream_bw, spec_bw):
                 us, _ = time_us(lambda: unfused(x, bnb_base, A, B, [0.5]))
                 rec.append(dict(c4, variant="bitsandbytes + unfused LoRA r16 (PEFT)", us=us))
             c8 = dict(kind="int8", fin=fin, fout=fout, tokens=M)
-            us_base8, _ = time_us(lambda: torch.ops.peftcore.lora_linear_int8(x, CB, SCB, None, [], [], none, None))
+            us_base8, _ = time_us(lambda: torch.ops.peftcore.lora_linear_int8(x, CB, SCB, None, [], [], None, none, None))
             rec.append(dict(c8, variant="peftcore base", us=us_base8, bytes=fout * fin + fout * 4 + io))
-            us, _ = time_us(lambda: torch.ops.peftcore.lora_linear_int8(x, CB, SCB, None, A, B, sc, None))
+            us, _ = time_us(lambda: torch.ops.peftcore.lora_linear_int8(x, CB, SCB, None, A, B, None, sc, None))
             rec.append(dict(c8, variant="peftcore + LoRA r16", us=us, base_us=us_base8))
             if lin8 is not None:
                 xh = x.to(torch.float16)

@@ -6,8 +6,8 @@ Compares, per shape / token count / dtype (r = 16, one fp32 adapter as PEFT keep
                         (reference.lora_linear: x.to(fp32) @ Aᵀ @ Bᵀ · s, add, cast back),
   * fused               torch.ops.peftcore.lora_linear (native kernel).
 Then the same for peftcore::lora_embedding, peftcore::ia3_linear (both directions: the eager
-PEFT (IA)³ forward vs the fused op) and peftcore::adalora_linear (eager PEFT SVDLinear chain
-vs fused).
+PEFT (IA)³ forward vs the fused op) and peftcore::lora_linear with lora_E (AdaLoRA: eager
+PEFT SVDLinear chain vs fused).
 Weights are cycled through > 128 MiB of copies so that every call streams them from
 DRAM, as in a real model; candidates run interleaved and the median is reported.
 Prints Markdown tables.  Usage: python benchmarks/bench_lora_linear.py [--quick] [--tables ia3,adalora]
@@ -55,16 +55,16 @@ def bench_case(fin, fout, T, dtype, repeats):
 
     def ref():
         i = nxt()
-        return reference.lora_linear(x, Ws[i], bs[i], [As[i]], [Bs[i]], scales)
+        return reference.lora_linear(x, Ws[i], bs[i], [As[i]], [Bs[i]], None, scales)
 
     def fused():
         i = nxt()
-        return torch.ops.peftcore.lora_linear(x, Ws[i], bs[i], [As[i]], [Bs[i]], scales, None)
+        return torch.ops.peftcore.lora_linear(x, Ws[i], bs[i], [As[i]], [Bs[i]], None, scales, None)
 
     i0 = 0
     torch.testing.assert_close(
-        torch.ops.peftcore.lora_linear(x, Ws[i0], bs[i0], [As[i0]], [Bs[i0]], scales, None),
-        reference.lora_linear(x, Ws[i0], bs[i0], [As[i0]], [Bs[i0]], scales),
+        torch.ops.peftcore.lora_linear(x, Ws[i0], bs[i0], [As[i0]], [Bs[i0]], None, scales, None),
+        reference.lora_linear(x, Ws[i0], bs[i0], [As[i0]], [Bs[i0]], None, scales),
         rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
         atol=2e-2 if dtype == torch.bfloat16 else 1e-4,
     )
@@ -179,9 +179,9 @@ def bench_ia3(quick: bool, fin: int = 4096, fout: int = 4096):
 
 
 def bench_adalora(quick: bool, fin: int = 4096, fout: int = 4096):
-    """peftcore::adalora_linear vs PEFT's eager SVDLinear chain (x @ (A*E).T @ B.T * s,
+    """peftcore::lora_linear with lora_E vs PEFT's eager SVDLinear chain (x @ (A*E).T @ B.T * s,
     fp32 adapters, r = 16) vs F.linear alone."""
-    print(f"\n| adalora_linear {fin}x{fout} r={RANK} | T | dtype | F.linear ms | eager PEFT ms | fused ms | fused vs eager |")
+    print(f"\n| lora_linear + lora_E (AdaLoRA) {fin}x{fout} r={RANK} | T | dtype | F.linear ms | eager PEFT ms | fused ms | fused vs eager |")
     print("|---|---:|---|---:|---:|---:|---:|")
     scales = torch.tensor([2.0 / (RANK + 1e-5)])
     for T in TOKENS:
@@ -207,7 +207,7 @@ def bench_adalora(quick: bool, fin: int = 4096, fout: int = 4096):
 
             def fused():
                 W, b, A, E, B = nxt()
-                return torch.ops.peftcore.adalora_linear(x, W, b, [A], [E], [B], scales, None)
+                return torch.ops.peftcore.lora_linear(x, W, b, [A], [B], [E], scales, None)
 
             with torch.inference_mode():
                 t = interleaved({"base": base, "eager": eager, "fused": fused},

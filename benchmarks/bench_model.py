@@ -97,7 +97,7 @@ def main():
     import peftcore
 
     print(env_line())
-    op = {"lora": "lora_linear", "ia3": "ia3_linear", "adalora": "adalora_linear"}[args.method]
+    op = {"lora": "lora_linear", "ia3": "ia3_linear", "adalora": "lora_linear"}[args.method]
     print(f"method {args.method}; peftcore native kernels: {peftcore.native_available(op)}")
     print(f"read bandwidth (1 GiB sum, best of 5): {read_bandwidth_gbs():.1f} GB/s")
     rows = []

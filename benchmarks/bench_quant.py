@@ -154,11 +154,11 @@ def bench_format(fmt: str, n_layers: int, dtypes, repeats: int, rows: list):
     if fmt == "int8":
         def ours(x, i):
             A, B = ads[i]
-            return torch.ops.peftcore.lora_linear_int8(x, *std[i], None, [A], [B], scales, None)
+            return torch.ops.peftcore.lora_linear_int8(x, *std[i], None, [A], [B], None, scales, None)
     else:
         def ours(x, i):
             A, B = ads[i]
-            return torch.ops.peftcore.lora_linear_4bit(x, *std[i], None, [A], [B], scales, None)
+            return torch.ops.peftcore.lora_linear_4bit(x, *std[i], None, [A], [B], None, scales, None)
 
     print("| format | x dtype | T | bnb ms/layer | bnb+PEFT ms/layer | peftcore ms/layer | peftcore / bnb (goal) "
           "| bnb+PEFT / bnb | bnb GB/s | peftcore GB/s |")

@@ -27,14 +27,11 @@
       const std::optional<at::Tensor> &nested_offset, int64_t nested_blocksize, int64_t out_features
 
 #define PEFTCORE_FORWARD_OPS(X)                                                                                  \
-  /* lora_linear: y = x·Wᵀ + b + Σ_a s_a · (x_a·A_aᵀ)·B_aᵀ */                                                    \
+  /* lora_linear: y = x·Wᵀ + b + Σ_a s_a · ((x_a·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ, E_a = 1 without lora_E (AdaLoRA's         \
+     singular values); every LoRA-family op below takes the same optional lora_E */                              \
   X(lora_linear, (const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,          \
-                  at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,                        \
-                  std::optional<at::TensorList> lora_x))                                                         \
-  /* adalora_linear: y = x·Wᵀ + b + Σ_a s_a · ((x_a·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ */                                         \
-  X(adalora_linear, (const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,       \
-                     at::TensorList lora_A, at::TensorList lora_E, at::TensorList lora_B, const at::Tensor& scales, \
-                     std::optional<at::TensorList> lora_x))                                                      \
+                  at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,            \
+                  const at::Tensor& scales, std::optional<at::TensorList> lora_x))                               \
   /* ia3_linear: y = round(float(x·Wᵀ + b) ⊙ l), or (feedforward) round(float(x) ⊙ l)·Wᵀ + b,                   \
      l = Π_{active a} ia3_l[a] */                                                                                \
   X(ia3_linear, (const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,           \
@@ -44,12 +41,13 @@
                      at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx))                      \
   /* lora_linear_4bit: lora_linear over an nf4 / fp4 W (+ double quantization) */                                \
   X(lora_linear_4bit, (const at::Tensor& x, PEFTCORE_WEIGHT4_ARGS, const std::optional<at::Tensor>& bias,        \
-                       at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,                   \
-                       std::optional<at::TensorList> lora_x))                                                    \
+                       at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,       \
+                       const at::Tensor& scales, std::optional<at::TensorList> lora_x))                          \
   /* lora_linear_int8: lora_linear over W = CB·SCB/127 (LLM.int8 weights) */                                     \
   X(lora_linear_int8, (const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,               \
                        const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,      \
-                       const at::Tensor& scales, std::optional<at::TensorList> lora_x))                          \
+                       std::optional<at::TensorList> lora_E, const at::Tensor& scales,                           \
+                       std::optional<at::TensorList> lora_x))                                                    \
   /* ia3_linear_4bit / ia3_linear_int8: ia3_linear's scaling over the same quantized bases */                    \
   X(ia3_linear_4bit, (const at::Tensor& x, PEFTCORE_WEIGHT4_ARGS, const std::optional<at::Tensor>& bias,         \
                       at::TensorList ia3_l, const at::Tensor& active, bool feedforward))                         \
@@ -57,7 +55,7 @@
                       const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,     \
                       bool feedforward))                                                                         \
   /* Mixed batches: row group g of x uses adapter slot rows[g] alone (-1 = base); inference only.                \
-     lora_linear_mixed: lora_linear (adalora_linear with lora_E) per row group */                                \
+     lora_linear_mixed: lora_linear per row group */                                                             \
   X(lora_linear_mixed, (const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,    \
                         at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,      \
                         const at::Tensor& scales, const at::Tensor& rows))                                       \
@@ -66,13 +64,15 @@
                        at::TensorList ia3_l, const at::Tensor& rows, bool feedforward))                          \
   /* the same over the quantized bases (4-bit LoRA: lora_x, when given, is what the LoRA terms read) */          \
   X(lora_linear_4bit_mixed, (const at::Tensor& x, PEFTCORE_WEIGHT4_ARGS, const std::optional<at::Tensor>& bias,  \
-                             at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,             \
-                             const at::Tensor& rows, const std::optional<at::Tensor>& lora_x))                   \
+                             at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E, \
+                             const at::Tensor& scales, const at::Tensor& rows,                                   \
+                             const std::optional<at::Tensor>& lora_x))                                           \
   X(ia3_linear_4bit_mixed, (const at::Tensor& x, PEFTCORE_WEIGHT4_ARGS, const std::optional<at::Tensor>& bias,   \
                             at::TensorList ia3_l, const at::Tensor& rows, bool feedforward))                     \
   X(lora_linear_int8_mixed, (const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,         \
                              const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B, \
-                             const at::Tensor& scales, const at::Tensor& rows))                                  \
+                             std::optional<at::TensorList> lora_E, const at::Tensor& scales,                     \
+                             const at::Tensor& rows))                                                            \
   X(ia3_linear_int8_mixed, (const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,          \
                             const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& rows, \
                             bool feedforward))

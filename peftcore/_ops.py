@@ -21,18 +21,16 @@ lib = torch.library.Library("peftcore", "DEF")
 
 # name: schema (arguments and returns)
 SCHEMAS = {
+    # The LoRA family: lora_E (AdaLoRA's singular values, r_a per adapter) is optional on
+    # every base kind; a future per-adapter extra (DoRA's magnitude) joins it there.
     "lora_linear": (
-        "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
+        "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, Tensor[]? lora_E, "
         "Tensor scales, Tensor[]? lora_x) -> Tensor"
     ),
     "lora_linear_backward": (
         "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor[] lora_A, Tensor[] lora_B, "
         "Tensor scales, Tensor[]? lora_x, bool[4] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor[])"
-    ),
-    "adalora_linear": (
-        "adalora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_E, Tensor[] lora_B, "
-        "Tensor scales, Tensor[]? lora_x) -> Tensor"
     ),
     "ia3_linear": (
         "ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] ia3_l, Tensor active, bool feedforward) -> Tensor"
@@ -54,12 +52,13 @@ SCHEMAS = {
     "lora_linear_4bit": (
         "lora_linear_4bit(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
         "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, "
-        "int out_features, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, Tensor scales, Tensor[]? lora_x) -> Tensor"
+        "int out_features, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, Tensor[]? lora_E, Tensor scales, "
+        "Tensor[]? lora_x) -> Tensor"
     ),
     "dequantize_int8": "dequantize_int8(Tensor weight, Tensor row_scale, ScalarType dtype) -> Tensor",
     "lora_linear_int8": (
         "lora_linear_int8(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] lora_A, "
-        "Tensor[] lora_B, Tensor scales, Tensor[]? lora_x) -> Tensor"
+        "Tensor[] lora_B, Tensor[]? lora_E, Tensor scales, Tensor[]? lora_x) -> Tensor"
     ),
     "ia3_linear_4bit": (
         "ia3_linear_4bit(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
@@ -81,12 +80,12 @@ SCHEMAS = {
     "lora_linear_4bit_mixed": (
         "lora_linear_4bit_mixed(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
         "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, "
-        "int out_features, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, Tensor scales, Tensor rows, "
-        "Tensor? lora_x) -> Tensor"
+        "int out_features, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, Tensor[]? lora_E, Tensor scales, "
+        "Tensor rows, Tensor? lora_x) -> Tensor"
     ),
     "lora_linear_int8_mixed": (
         "lora_linear_int8_mixed(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] lora_A, "
-        "Tensor[] lora_B, Tensor scales, Tensor rows) -> Tensor"
+        "Tensor[] lora_B, Tensor[]? lora_E, Tensor scales, Tensor rows) -> Tensor"
     ),
     "ia3_linear_4bit_mixed": (
         "ia3_linear_4bit_mixed(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
@@ -105,7 +104,7 @@ SCHEMAS = {
 # cannot). The buffer must have the result's shape, dtype and device; it is never resized.
 # Inference only: no autograd.
 FORWARD_OPS = (
-    "lora_linear", "adalora_linear", "ia3_linear", "lora_embedding", "lora_linear_4bit", "lora_linear_int8",
+    "lora_linear", "ia3_linear", "lora_embedding", "lora_linear_4bit", "lora_linear_int8",
     "ia3_linear_4bit", "ia3_linear_int8", "lora_linear_mixed", "ia3_linear_mixed", "lora_linear_4bit_mixed",
     "lora_linear_int8_mixed", "ia3_linear_4bit_mixed", "ia3_linear_int8_mixed",
 )
@@ -201,7 +200,7 @@ def _fake(name):
 
 
 @_fake("lora_linear")
-def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scales, lora_x):
+def _lora_linear_fake(x, weight, bias, lora_A, lora_B, lora_E, scales, lora_x):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -217,11 +216,6 @@ def _lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, scales, lora
     gB = [B.new_empty(B.shape) for B in lora_B] if want_ad else []
     gxa = [t.new_empty(t.shape) for t in lora_x] if lora_x is not None else []
     return gx, gw, gb, gA, gB, gxa
-
-
-@_fake("adalora_linear")
-def _adalora_linear_fake(x, weight, bias, lora_A, lora_E, lora_B, scales, lora_x):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @_fake("ia3_linear")
@@ -262,7 +256,7 @@ def _dequantize_4bit_fake(qweight, absmax, code, blocksize, nested_absmax, neste
 
 @_fake("lora_linear_4bit")
 def _lora_linear_4bit_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                           nested_blocksize, out_features, bias, lora_A, lora_B, scales, lora_x):
+                           nested_blocksize, out_features, bias, lora_A, lora_B, lora_E, scales, lora_x):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -272,7 +266,7 @@ def _dequantize_int8_fake(weight, row_scale, dtype):
 
 
 @_fake("lora_linear_int8")
-def _lora_linear_int8_fake(x, weight, row_scale, bias, lora_A, lora_B, scales, lora_x):
+def _lora_linear_int8_fake(x, weight, row_scale, bias, lora_A, lora_B, lora_E, scales, lora_x):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -288,12 +282,12 @@ def _ia3_linear_mixed_fake(x, weight, bias, ia3_l, rows, feedforward):
 
 @_fake("lora_linear_4bit_mixed")
 def _lora_linear_4bit_mixed_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                 nested_blocksize, out_features, bias, lora_A, lora_B, scales, rows, lora_x):
+                                 nested_blocksize, out_features, bias, lora_A, lora_B, lora_E, scales, rows, lora_x):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 @_fake("lora_linear_int8_mixed")
-def _lora_linear_int8_mixed_fake(x, weight, row_scale, bias, lora_A, lora_B, scales, rows):
+def _lora_linear_int8_mixed_fake(x, weight, row_scale, bias, lora_A, lora_B, lora_E, scales, rows):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -322,37 +316,77 @@ for _name in FORWARD_OPS:
 
 
 # -------------------------------------------------------------------- autograd
+# The LoRA family. lora_linear_backward computes every gradient of plain LoRA factors;
+# with lora_E (AdaLoRA) it runs on A_eff = A ⊙ E (E per rank, broadcast over in_features)
+# and the chain rule follows: gA = gA_eff ⊙ E, gE = Σ_in gA_eff ⊙ A, zeros for an adapter
+# whose scale is 0 (its weights may hold NaN). Tensor ops only (no host read of the
+# scales), so torch.compile traces it.
+def _adapter_want(lora_A, lora_B, lora_E):
+    return any(t.requires_grad for t in (*lora_A, *lora_B, *(lora_E or ())))
+
+
+def _save_adapters(ctx, lora_A, lora_B, lora_E, lora_x):
+    """The adapter tensors in save order, with what is needed to split them again."""
+    ctx.n_adapters = len(lora_A)
+    ctx.has_lora_E = lora_E is not None
+    ctx.has_lora_x = lora_x is not None
+    return [*lora_A, *lora_B, *(lora_E or ()), *(lora_x or ())]
+
+
+def _split_adapters(ctx, rest):
+    n = ctx.n_adapters
+    lora_A, lora_B, rest = rest[:n], rest[n:2 * n], rest[2 * n:]
+    lora_E, rest = (rest[:n], rest[n:]) if ctx.has_lora_E else (None, rest)
+    return lora_A, lora_B, lora_E, (rest if ctx.has_lora_x else None)
+
+
+def _effective_A(x, lora_A, lora_E):
+    if lora_E is None:
+        return lora_A
+    f = reference._acc(x)  # A_eff in float32 (float64): an adapter dtype every kernel accepts
+    return [A.to(f) * E.to(f).reshape(-1, 1) for A, E in zip(lora_A, lora_E)]
+
+
+def _adapter_grads(ctx, x, scales, lora_A, lora_E, gA_eff, gB):
+    """The gradients to return for lora_A, lora_B and lora_E (None where not asked)."""
+    n = ctx.n_adapters
+    if not ctx.want[-1]:
+        return [None] * n, [None] * n, ([None] * n if ctx.has_lora_E else None)
+    if lora_E is None:
+        return list(gA_eff), list(gB), None
+    f = reference._acc(x)
+    gA, gE = [], []
+    for a in range(n):
+        A, E = lora_A[a], lora_E[a]
+        on = (scales[a] != 0).to(A.device)
+        gA.append(torch.where(on, gA_eff[a] * E.to(f).reshape(-1, 1), 0).to(A.dtype))
+        gE.append(torch.where(on, (gA_eff[a] * A.to(f)).sum(1), 0).reshape(E.shape).to(E.dtype))
+    return gA, list(gB), gE
+
+
 def _lora_linear_setup(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scales, lora_x = inputs
+    x, weight, bias, lora_A, lora_B, lora_E, scales, lora_x = inputs
     ctx.want = (
         x.requires_grad,
         weight.requires_grad,
         bias is not None and bias.requires_grad,
-        any(t.requires_grad for t in (*lora_A, *lora_B)),
+        _adapter_want(lora_A, lora_B, lora_E),
     )
-    ctx.n_adapters = len(lora_A)
-    ctx.has_lora_x = lora_x is not None
-    ctx.save_for_backward(x, weight, scales, *lora_A, *lora_B, *(lora_x or ()))
+    ctx.save_for_backward(x, weight, scales, *_save_adapters(ctx, lora_A, lora_B, lora_E, lora_x))
 
 
 def _lora_linear_backward(ctx, grad):
-    n = ctx.n_adapters
     x, weight, scales, *rest = ctx.saved_tensors
-    lora_A, lora_B, lora_x = rest[:n], rest[n : 2 * n], (rest[2 * n :] if ctx.has_lora_x else None)
+    lora_A, lora_B, lora_E, lora_x = _split_adapters(ctx, rest)
     want_x, want_w, want_b, want_ad = ctx.want
-    gx, gw, gb, gA, gB, gxa = torch.ops.peftcore.lora_linear_backward(
-        grad.contiguous(), x, weight, lora_A, lora_B, scales, lora_x, [want_x, want_w, want_b, want_ad]
+    gx, gw, gb, gAe, gB, gxa = torch.ops.peftcore.lora_linear_backward(
+        grad.contiguous(), x, weight, _effective_A(x, lora_A, lora_E), lora_B, scales, lora_x,
+        [want_x, want_w, want_b, want_ad]
     )
-    return (
-        gx if want_x else None,
-        gw if want_w else None,
-        gb if want_b else None,
-        # A Tensor[] input needs a list of the same length back (None entries allowed).
-        list(gA) if want_ad else [None] * n,
-        list(gB) if want_ad else [None] * n,
-        None,
-        list(gxa) if ctx.has_lora_x else None,
-    )
+    gA, gB, gE = _adapter_grads(ctx, x, scales, lora_A, lora_E, gAe, gB)
+    # A Tensor[] input needs a list of the same length back (None entries allowed).
+    return (gx if want_x else None, gw if want_w else None, gb if want_b else None, gA, gB, gE, None,
+            list(gxa) if ctx.has_lora_x else None)
 
 
 torch.library.register_autograd("peftcore::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)
@@ -393,49 +427,39 @@ torch.library.register_autograd(
 # and reuses lora_linear_backward, so the adapter gradients share one implementation.
 def _quantized_setup(n_before_bias):
     """setup_context for an op whose inputs are (x, <n_before_bias - 1 quant args>, bias,
-    lora_A, lora_B, scales, lora_x)."""
+    lora_A, lora_B, lora_E, scales, lora_x)."""
 
     def setup(ctx, inputs, output):
         x, *quant = inputs[:n_before_bias]
-        bias, lora_A, lora_B, scales, lora_x = inputs[n_before_bias:]
+        bias, lora_A, lora_B, lora_E, scales, lora_x = inputs[n_before_bias:]
         # The frozen quantized weight: tensors (None allowed) saved, ints kept as attributes.
         ctx.quant_kinds = [isinstance(q, torch.Tensor) or q is None for q in quant]
         ctx.quant_ints = [q for q, t in zip(quant, ctx.quant_kinds) if not t]
-        ctx.want = (x.requires_grad, bias is not None and bias.requires_grad,
-                    any(t.requires_grad for t in (*lora_A, *lora_B)))
-        ctx.n_adapters = len(lora_A)
-        ctx.has_lora_x = lora_x is not None
+        ctx.want = (x.requires_grad, bias is not None and bias.requires_grad, _adapter_want(lora_A, lora_B, lora_E))
         ctx.n_quant = n_before_bias - 1
-        ctx.save_for_backward(
-            *[q for q, t in zip(quant, ctx.quant_kinds) if t], x, scales, *lora_A, *lora_B, *(lora_x or ())
-        )
+        ctx.save_for_backward(*[q for q, t in zip(quant, ctx.quant_kinds) if t], x, scales,
+                              *_save_adapters(ctx, lora_A, lora_B, lora_E, lora_x))
 
     return setup
 
 
 def _quantized_backward(dequantize):
     def backward(ctx, grad):
-        n = ctx.n_adapters
         saved = list(ctx.saved_tensors)
         n_saved_quant = sum(ctx.quant_kinds)
         tensors, ints = iter(saved[:n_saved_quant]), iter(ctx.quant_ints)
         quant = [next(tensors) if t else next(ints) for t in ctx.quant_kinds]
         x, scales, *rest = saved[n_saved_quant:]
-        lora_A, lora_B, lora_x = rest[:n], rest[n : 2 * n], (rest[2 * n :] if ctx.has_lora_x else None)
+        lora_A, lora_B, lora_E, lora_x = _split_adapters(ctx, rest)
         want_x, want_b, want_ad = ctx.want
         weight = dequantize(quant, x)
-        gx, _, gb, gA, gB, gxa = torch.ops.peftcore.lora_linear_backward(
-            grad.contiguous(), x, weight, lora_A, lora_B, scales, lora_x, [want_x, False, want_b, want_ad]
+        gx, _, gb, gAe, gB, gxa = torch.ops.peftcore.lora_linear_backward(
+            grad.contiguous(), x, weight, _effective_A(x, lora_A, lora_E), lora_B, scales, lora_x,
+            [want_x, False, want_b, want_ad]
         )
-        return (
-            gx if want_x else None,
-            *([None] * ctx.n_quant),
-            gb if want_b else None,
-            list(gA) if want_ad else [None] * n,
-            list(gB) if want_ad else [None] * n,
-            None,
-            list(gxa) if ctx.has_lora_x else None,
-        )
+        gA, gB, gE = _adapter_grads(ctx, x, scales, lora_A, lora_E, gAe, gB)
+        return (gx if want_x else None, *([None] * ctx.n_quant), gb if want_b else None, gA, gB, gE, None,
+                list(gxa) if ctx.has_lora_x else None)
 
     return backward
 
@@ -458,56 +482,6 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "peftcore::lora_linear_int8", _quantized_backward(_dequantize_int8_for), setup_context=_quantized_setup(3)
 )
-
-
-# AdaLoRA: the backward of lora_linear with A_eff = A ⊙ E (E per rank, broadcast over
-# in_features), then the chain rule: gA = gA_eff ⊙ E, gE = Σ_in gA_eff ⊙ A. Tensor ops
-# only (no reading of scales on the host), so torch.compile traces it.
-def _adalora_setup(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_E, lora_B, scales, lora_x = inputs
-    ctx.want = (
-        x.requires_grad,
-        weight.requires_grad,
-        bias is not None and bias.requires_grad,
-        any(t.requires_grad for t in (*lora_A, *lora_E, *lora_B)),
-    )
-    ctx.n_adapters = len(lora_A)
-    ctx.has_lora_x = lora_x is not None
-    ctx.save_for_backward(x, weight, scales, *lora_A, *lora_E, *lora_B, *(lora_x or ()))
-
-
-def _adalora_backward(ctx, grad):
-    n = ctx.n_adapters
-    x, weight, scales, *rest = ctx.saved_tensors
-    lora_A, lora_E, lora_B = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n]
-    lora_x = rest[3 * n :] if ctx.has_lora_x else None
-    want_x, want_w, want_b, want_ad = ctx.want
-    f = reference._acc(x)  # A_eff in float32 (float64): an adapter dtype every kernel accepts
-    A_eff = [A.to(f) * E.to(f).reshape(-1, 1) for A, E in zip(lora_A, lora_E)]
-    gx, gw, gb, gAe, gB, gxa = torch.ops.peftcore.lora_linear_backward(
-        grad.contiguous(), x, weight, A_eff, lora_B, scales, lora_x, [want_x, want_w, want_b, want_ad]
-    )
-    gA, gE = [None] * n, [None] * n
-    if want_ad:
-        for a in range(n):
-            # An inactive adapter (scale 0, weights possibly NaN) gets zeros, not 0·NaN.
-            A, E = lora_A[a], lora_E[a]
-            on = (scales[a] != 0).to(A.device)
-            gA[a] = torch.where(on, gAe[a] * E.to(f).reshape(-1, 1), 0).to(A.dtype)
-            gE[a] = torch.where(on, (gAe[a] * A.to(f)).sum(1), 0).reshape(E.shape).to(E.dtype)
-    return (
-        gx if want_x else None,
-        gw if want_w else None,
-        gb if want_b else None,
-        gA,
-        gE,
-        list(gB) if want_ad else [None] * n,
-        None,
-        list(gxa) if ctx.has_lora_x else None,
-    )
-
-
-torch.library.register_autograd("peftcore::adalora_linear", _adalora_backward, setup_context=_adalora_setup)
 
 
 # (IA)³: y = s(x) with l = Π_{active a} l_a; feedforward y = base(x ⊙ l), else y = base(x) ⊙ l
@@ -632,7 +606,7 @@ def _ia3_quantized_backward(dequantize, base_op):
         weight = dequantize(quant, x)
         none = torch.zeros(0)
         gx, _, gb, gls = _ia3_grads(grad, x, weight, ia3_l, active, ctx.feedforward,
-                                    lambda t: base_op(t, *quant, bias, [], [], none, None), ctx.want)
+                                    lambda t: base_op(t, *quant, bias, [], [], None, none, None), ctx.want)
         return (gx, *([None] * ctx.n_quant), gb.to(bias.dtype) if gb is not None else None, gls, None, None)
 
     return backward

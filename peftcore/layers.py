@@ -179,6 +179,11 @@ class LoraLayer(AdapterLayer):
     def _lists(self):
         return self._params(self.param_dicts[0]), self._params(self.param_dicts[1])
 
+    def _lora_E(self):
+        """The per-adapter extra of the low-rank update that the ops take as ``lora_E``:
+        None for LoRA (AdaLoRA: its singular values)."""
+        return None
+
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout_p: float) -> None:
         self.scaling[name] = scaling
         self.r[name] = A.shape[0]
@@ -210,12 +215,13 @@ class LoraLinear(LoraLayer):
         weight = self._weight()
         lora_A, lora_B = self._lists()
         lora_x = self._dropped(x)
-        return torch.ops.peftcore.lora_linear(x, weight, base.bias, lora_A, lora_B, self.lora_scales, lora_x)
+        return torch.ops.peftcore.lora_linear(x, weight, base.bias, lora_A, lora_B, self._lora_E(), self.lora_scales,
+                                              lora_x)
 
     def _forward_mixed(self, x, rows, scales):
         lora_A, lora_B = self._lists()
-        return torch.ops.peftcore.lora_linear_mixed(x, self._weight(), self.base_layer.bias, lora_A, lora_B, None,
-                                                    scales, rows)
+        return torch.ops.peftcore.lora_linear_mixed(x, self._weight(), self.base_layer.bias, lora_A, lora_B,
+                                                    self._lora_E(), scales, rows)
 
 
 # ---------------------------------------------------------------- bitsandbytes bases
@@ -317,7 +323,8 @@ class LoraLinear4bit(LoraLayer):
         lora_A, lora_B = self._lists()
         xc, lora_x = compute_input_4bit(base, x, self._dropped(x), len(lora_A))
         out = torch.ops.peftcore.lora_linear_4bit(
-            xc, *stored_4bit(base), self.out_features, base.bias, lora_A, lora_B, self.lora_scales, lora_x
+            xc, *stored_4bit(base), self.out_features, base.bias, lora_A, lora_B, self._lora_E(), self.lora_scales,
+            lora_x,
         )
         return out.to(x.dtype)
 
@@ -326,7 +333,7 @@ class LoraLinear4bit(LoraLayer):
         lora_A, lora_B = self._lists()
         xc, lora_x = compute_input_4bit(base, x, None, 1)
         out = torch.ops.peftcore.lora_linear_4bit_mixed(
-            xc, *stored_4bit(base), self.out_features, base.bias, lora_A, lora_B, scales, rows,
+            xc, *stored_4bit(base), self.out_features, base.bias, lora_A, lora_B, self._lora_E(), scales, rows,
             None if lora_x is None else lora_x[0],
         )
         return out.to(x.dtype)
@@ -379,14 +386,14 @@ class LoraLinear8bit(LoraLayer):
         cb, scb = int8_state(base)
         lora_A, lora_B = self._lists()
         return torch.ops.peftcore.lora_linear_int8(
-            x, cb, scb, base.bias, lora_A, lora_B, self.lora_scales, self._dropped(x)
+            x, cb, scb, base.bias, lora_A, lora_B, self._lora_E(), self.lora_scales, self._dropped(x)
         )
 
     def _forward_mixed(self, x, rows, scales):
         cb, scb = int8_state(self.base_layer)
         lora_A, lora_B = self._lists()
-        return torch.ops.peftcore.lora_linear_int8_mixed(x, cb, scb, self.base_layer.bias, lora_A, lora_B, scales,
-                                                         rows)
+        return torch.ops.peftcore.lora_linear_int8_mixed(x, cb, scb, self.base_layer.bias, lora_A, lora_B,
+                                                         self._lora_E(), scales, rows)
 
 
 class LoraEmbedding(LoraLayer):
@@ -436,47 +443,23 @@ class AdaLoraLayer(LoraLayer):
     def adapter_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name] * self.lora_E[name], self.lora_B[name]
 
-    def _folded_lists(self):
-        """(A ⊙ E per adapter, B per adapter): AdaLoRA as plain LoRA factors, for the
-        quantized kernels (A ⊙ E is r × in, small beside the base weight)."""
-        return [A * E for A, E in zip(self._params("lora_A"), self._params("lora_E"))], self._params("lora_B")
+    def _lora_E(self):
+        return self._params("lora_E")
 
 
-class AdaLoraLinear(AdaLoraLayer):
-    """AdaLoRA on ``nn.Linear`` / transformers ``Conv1D``: one ``peftcore::adalora_linear`` call."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if kwargs:
-            self._no_row_adapters(kwargs)
-        if self._mixed is not None:
-            return self._forward_mixed(x, *self._mixed)
-        base = self.base_layer
-        weight = self._weight()
-        return torch.ops.peftcore.adalora_linear(
-            x, weight, base.bias, self._params("lora_A"), self._params("lora_E"), self._params("lora_B"),
-            self.lora_scales, self._dropped(x),
-        )
-
-    def _forward_mixed(self, x, rows, scales):
-        return torch.ops.peftcore.lora_linear_mixed(
-            x, self._weight(), self.base_layer.bias, self._params("lora_A"), self._params("lora_B"),
-            self._params("lora_E"), scales, rows,
-        )
+# One class per base kind: the LoRA layer's forward, with E passed as the ops' lora_E.
+class AdaLoraLinear(AdaLoraLayer, LoraLinear):
+    """AdaLoRA on ``nn.Linear`` / transformers ``Conv1D``: ``peftcore::lora_linear`` with lora_E."""
 
 
 class AdaLoraLinear4bit(AdaLoraLayer, LoraLinear4bit):
-    """AdaLoRA on ``bitsandbytes.nn.Linear4bit``: ``lora_linear_4bit`` with A ⊙ E as A."""
-
-    _lists = AdaLoraLayer._folded_lists
+    """AdaLoRA on ``bitsandbytes.nn.Linear4bit``: ``peftcore::lora_linear_4bit`` with lora_E."""
 
 
 class AdaLoraLinear8bit(AdaLoraLayer, LoraLinear8bit):
-    """AdaLoRA on ``bitsandbytes.nn.Linear8bitLt``: ``lora_linear_int8`` with A ⊙ E as A."""
-
-    _lists = AdaLoraLayer._folded_lists
+    """AdaLoRA on ``bitsandbytes.nn.Linear8bitLt``: ``peftcore::lora_linear_int8`` with lora_E."""
 
 
-# ---------------------------------------------------------------- IA3
 class Ia3Layer(AdapterLayer):
     """(IA)³: each adapter is a vector ``ia3_l``, (out, 1) when the layer scales its output
     (attention projections; the bias is scaled too) or (1, in) when it scales its input

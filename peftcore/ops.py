@@ -10,6 +10,10 @@ from typing import Optional, Sequence
 import torch
 
 
+def _list(tensors):
+    return None if tensors is None else list(tensors)
+
+
 def _call(op, out, *args):
     """The functional op, or (out given) its ``.out`` overload writing the result into
     ``out``, a buffer of the result's exact shape, dtype and device (never resized: for
@@ -29,16 +33,19 @@ def lora_linear(
     scales: torch.Tensor,
     lora_x: Optional[Sequence[torch.Tensor]] = None,
     *,
+    lora_E: Optional[Sequence[torch.Tensor]] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ)·B_aᵀ)``.
+    """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ`` (E_a = 1 without lora_E).
 
     x [..., in]; weight [out, in] (a transposed view for Conv1D); bias [out] or None;
     lora_A[a] [r_a, in]; lora_B[a] [out, r_a] (float32 or x.dtype); scales float32 [n]
-    (0 = adapter off, skipped); lora_x: optional per-adapter LoRA inputs (dropout).
+    (0 = adapter off, skipped); lora_x: optional per-adapter LoRA inputs (dropout);
+    lora_E: AdaLoRA's singular values, r_a per adapter ([r_a, 1], PEFT's layout).
     Returns [..., out] in x.dtype. See ``reference.lora_linear`` for the exact numerics.
     """
-    return _call(torch.ops.peftcore.lora_linear, out, x, weight, bias, list(lora_A), list(lora_B), scales, lora_x)
+    return _call(torch.ops.peftcore.lora_linear, out, x, weight, bias, list(lora_A), list(lora_B), _list(lora_E),
+                 scales, _list(lora_x))
 
 
 def adalora_linear(
@@ -53,15 +60,10 @@ def adalora_linear(
     *,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fused AdaLoRA ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ``.
-
-    As ``lora_linear``, with lora_E[a] the r_a singular values ([r_a, 1], PEFT's layout);
-    scales[a] = scaling / (ranknum + 1e-5) as PEFT divides (0 = adapter off). See
-    ``reference.adalora_linear``.
-    """
-    return _call(torch.ops.peftcore.adalora_linear, out, 
-        x, weight, bias, list(lora_A), list(lora_E), list(lora_B), scales, lora_x
-    )
+    """AdaLoRA's ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ``: ``lora_linear`` with
+    ``lora_E``, in PEFT's argument order (A, E, B). scales[a] = scaling / (ranknum + 1e-5)
+    as PEFT divides (0 = adapter off)."""
+    return lora_linear(x, weight, bias, lora_A, lora_B, scales, lora_x, lora_E=lora_E, out=out)
 
 
 def ia3_linear(
@@ -141,13 +143,14 @@ def lora_linear_4bit(
     nested_offset: Optional[torch.Tensor] = None,
     nested_blocksize: int = 256,
     *,
+    lora_E: Optional[Sequence[torch.Tensor]] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ)·B_aᵀ)`` over a bitsandbytes 4-bit W,
-    read packed (never dequantized whole). See ``reference.lora_linear_4bit``."""
-    return _call(torch.ops.peftcore.lora_linear_4bit, out, 
+    """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ`` over a bitsandbytes 4-bit W,
+    read packed (on the CPU never dequantized whole). See ``reference.lora_linear_4bit``."""
+    return _call(torch.ops.peftcore.lora_linear_4bit, out,
         x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
-        out_features, bias, list(lora_A), list(lora_B), scales, lora_x,
+        out_features, bias, list(lora_A), list(lora_B), _list(lora_E), scales, _list(lora_x),
     )
 
 
@@ -166,12 +169,13 @@ def lora_linear_int8(
     scales: torch.Tensor,
     lora_x: Optional[Sequence[torch.Tensor]] = None,
     *,
+    lora_E: Optional[Sequence[torch.Tensor]] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ)·B_aᵀ)`` over a bitsandbytes int8 W
+    """Fused ``x·Wᵀ + b + Σ_a scales[a]·((x·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ`` over a bitsandbytes int8 W
     (CB int8 [out, in], SCB float32 [out]). See ``reference.lora_linear_int8``."""
-    return _call(torch.ops.peftcore.lora_linear_int8, out, 
-        x, weight, row_scale, bias, list(lora_A), list(lora_B), scales, lora_x
+    return _call(torch.ops.peftcore.lora_linear_int8, out,
+        x, weight, row_scale, bias, list(lora_A), list(lora_B), _list(lora_E), scales, _list(lora_x)
     )
 
 

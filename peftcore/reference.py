@@ -8,7 +8,7 @@ Each function here is three things at once:
 Numerics follow PEFT's unmerged forward (``peft/tuners/lora/layer.py``): the base
 output is computed in the input dtype, the low-rank branch in float32 (float64 for
 float64 inputs), the two are added in that precision and the sum is cast back to the input dtype once.
-AdaLoRA (``adalora_linear``) is the same with the singular values E scaling x·Aᵀ per rank;
+AdaLoRA is the same op with ``lora_E``: the singular values E scale x·Aᵀ per rank;
 (IA)³ (``ia3_linear*``) follows ``peft/tuners/ia3/layer.py`` rounding for rounding.
 """
 from __future__ import annotations
@@ -38,22 +38,28 @@ def lora_linear(
     bias: Optional[torch.Tensor],
     lora_A: Sequence[torch.Tensor],
     lora_B: Sequence[torch.Tensor],
+    lora_E: Optional[Sequence[torch.Tensor]],
     scales: torch.Tensor,
     lora_x: Optional[Sequence[torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """y = x·Wᵀ + b + Σ_a scales[a] · ((x_a·A_aᵀ)·B_aᵀ).
+    """y = x·Wᵀ + b + Σ_a scales[a] · ((x_a·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ (E_a = 1 without lora_E).
 
     x: [..., in]; weight: [out, in] (any strides: a transposed view serves Conv1D);
     bias: [out] or None; lora_A[a]: [r_a, in]; lora_B[a]: [out, r_a]; scales: float32 [n];
     lora_x: None, or one tensor shaped like x per adapter (the dropped-out LoRA input).
-    Adapter tensors are float32 or x.dtype. Returns x.dtype, shape [..., out].
+    lora_E: None (LoRA), or AdaLoRA's r_a singular values per adapter ([r_a, 1] as PEFT
+    stores them; any shape of r_a values), scaling the shrink result per rank. PEFT's
+    ``SVDLinear`` computes ``x @ (A*E).T @ B.T * scaling / (ranknum + 1e-5)``: the caller
+    passes scales[a] = scaling / (ranknum + 1e-5), so this matches PEFT up to rounding (E
+    is applied to x·Aᵀ, not to A). Adapter tensors are float32 or x.dtype. Returns
+    x.dtype, shape [..., out].
     """
-    return _add_lowrank(F.linear(x, weight, bias), x, lora_A, lora_B, scales, lora_x)
+    return _add_lowrank(F.linear(x, weight, bias), x, lora_A, lora_B, lora_E, scales, lora_x)
 
 
-def _add_lowrank(out, x, lora_A, lora_B, scales, lora_x):
-    """out (the base output, already in x.dtype) + Σ_a s_a·(x_a·A_aᵀ)·B_aᵀ, summed in
-    float32 (float64 for float64 x) and cast back to x.dtype once."""
+def _add_lowrank(out, x, lora_A, lora_B, lora_E, scales, lora_x):
+    """out (the base output, already in x.dtype) + Σ_a s_a·((x_a·A_aᵀ) ⊙ E_a)·B_aᵀ, summed
+    in float32 (float64 for float64 x) and cast back to x.dtype once."""
     terms = _active(scales, lora_A)
     if not terms:
         return out
@@ -62,37 +68,8 @@ def _add_lowrank(out, x, lora_A, lora_B, scales, lora_x):
     for a, s in terms:
         xa = x if lora_x is None else lora_x[a]
         t = xa.to(f) @ lora_A[a].to(f).t()
-        acc = acc + (t @ lora_B[a].to(f).t()) * s
-    return acc.to(x.dtype)
-
-
-def adalora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    lora_A: Sequence[torch.Tensor],
-    lora_E: Sequence[torch.Tensor],
-    lora_B: Sequence[torch.Tensor],
-    scales: torch.Tensor,
-    lora_x: Optional[Sequence[torch.Tensor]] = None,
-) -> torch.Tensor:
-    """y = x·Wᵀ + b + Σ_a scales[a] · ((x_a·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ, PEFT's AdaLoRA ``SVDLinear``.
-
-    As ``lora_linear``, with lora_E[a] the r_a singular values of adapter a ([r_a, 1] as
-    PEFT stores them; any shape of r_a values) scaling the shrink result per rank.
-    PEFT computes ``x @ (A*E).T @ B.T * scaling / (ranknum + 1e-5)``: the caller passes
-    scales[a] = scaling / (ranknum + 1e-5), so this matches PEFT up to rounding (E is
-    applied to x·Aᵀ, not to A). Scale 0 or rank 0: the adapter contributes nothing.
-    """
-    out = F.linear(x, weight, bias)
-    terms = _active(scales, lora_A)
-    if not terms:
-        return out
-    f = _acc(x)
-    acc = out.to(f)
-    for a, s in terms:
-        xa = x if lora_x is None else lora_x[a]
-        t = (xa.to(f) @ lora_A[a].to(f).t()) * lora_E[a].to(f).reshape(-1)
+        if lora_E is not None:
+            t = t * lora_E[a].to(f).reshape(-1)
         acc = acc + (t @ lora_B[a].to(f).t()) * s
     return acc.to(x.dtype)
 
@@ -335,10 +312,11 @@ def lora_linear_4bit(
     bias: Optional[torch.Tensor],
     lora_A: Sequence[torch.Tensor],
     lora_B: Sequence[torch.Tensor],
+    lora_E: Optional[Sequence[torch.Tensor]],
     scales: torch.Tensor,
     lora_x: Optional[Sequence[torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """y = x·Wᵀ + b + Σ_a scales[a]·((x_a·A_aᵀ)·B_aᵀ) with W = dequantize_4bit(...).
+    """y = x·Wᵀ + b + Σ_a scales[a]·((x_a·A_aᵀ) ⊙ E_a)·B_aᵀ with W = dequantize_4bit(...).
 
     The specification: the base product is taken against the exact float32 W with
     float32 accumulation (+ bias in float32) and rounded to x.dtype once; the
@@ -352,7 +330,7 @@ def lora_linear_4bit(
         out_features, x.shape[-1], f,
     )
     base = F.linear(x.to(f), w, None if bias is None else bias.to(f)).to(x.dtype)
-    return _add_lowrank(base, x, lora_A, lora_B, scales, lora_x)
+    return _add_lowrank(base, x, lora_A, lora_B, lora_E, scales, lora_x)
 
 
 def dequantize_int8(weight: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -371,10 +349,11 @@ def lora_linear_int8(
     bias: Optional[torch.Tensor],
     lora_A: Sequence[torch.Tensor],
     lora_B: Sequence[torch.Tensor],
+    lora_E: Optional[Sequence[torch.Tensor]],
     scales: torch.Tensor,
     lora_x: Optional[Sequence[torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """y = x·Wᵀ + b + Σ_a scales[a]·((x_a·A_aᵀ)·B_aᵀ) with W = dequantize_int8(weight, row_scale).
+    """y = x·Wᵀ + b + Σ_a scales[a]·((x_a·A_aᵀ) ⊙ E_a)·B_aᵀ with W = dequantize_int8(weight, row_scale).
 
     Same numerics as ``lora_linear_4bit``: exact float32 W, float32 accumulation,
     one rounding of the base to x.dtype, then the low-rank terms.
@@ -382,7 +361,7 @@ def lora_linear_int8(
     f = _acc(x)
     w = dequantize_int8(weight, row_scale, f)
     base = F.linear(x.to(f), w, None if bias is None else bias.to(f)).to(x.dtype)
-    return _add_lowrank(base, x, lora_A, lora_B, scales, lora_x)
+    return _add_lowrank(base, x, lora_A, lora_B, lora_E, scales, lora_x)
 
 
 def ia3_linear_4bit(
@@ -406,7 +385,7 @@ def ia3_linear_4bit(
     none = torch.zeros(0)
 
     def base(t):
-        return lora_linear_4bit(t, *quant, out_features, bias, [], [], none, None)
+        return lora_linear_4bit(t, *quant, out_features, bias, [], [], None, none, None)
 
     return _ia3(x, base, ia3_l, active, feedforward)
 
@@ -422,7 +401,7 @@ def ia3_linear_int8(
 ) -> torch.Tensor:
     """``ia3_linear``'s scaling around the base of ``lora_linear_int8`` (no adapters)."""
     none = torch.zeros(0)
-    return _ia3(x, lambda t: lora_linear_int8(t, weight, row_scale, bias, [], [], none, None), ia3_l, active,
+    return _ia3(x, lambda t: lora_linear_int8(t, weight, row_scale, bias, [], [], None, none, None), ia3_l, active,
                 feedforward)
 
 
@@ -466,18 +445,15 @@ def _rows_of(t: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
 
 
 def lora_linear_mixed(x, weight, bias, lora_A, lora_B, lora_E, scales, rows):
-    """Row group g of x gets ``lora_linear`` (``adalora_linear`` when lora_E is given) with
-    adapter rows[g] alone at its scale scales[rows[g]]; rows[g] = -1: the base alone.
+    """Row group g of x gets ``lora_linear`` with adapter rows[g] alone at its scale
+    scales[rows[g]]; rows[g] = -1: the base alone.
     rows: int [G], G dividing x's leading rows (consecutive groups of equal size)."""
     sc = scales.detach().float().cpu().tolist()
     n = len(lora_A)
 
     def run(i0, i1, s):
         one = _only(n, s, sc[s] if s >= 0 else 0.0)
-        xg = _rows_of(x, i0, i1)
-        if lora_E is not None:
-            return adalora_linear(xg, weight, bias, lora_A, lora_E, lora_B, one)
-        return lora_linear(xg, weight, bias, lora_A, lora_B, one)
+        return lora_linear(_rows_of(x, i0, i1), weight, bias, lora_A, lora_B, lora_E, one)
 
     return _per_group(x, rows, n, weight.shape[0], run)
 
@@ -490,7 +466,7 @@ def ia3_linear_mixed(x, weight, bias, ia3_l, rows, feedforward):
 
 
 def lora_linear_4bit_mixed(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                           nested_blocksize, out_features, bias, lora_A, lora_B, scales, rows, lora_x):
+                           nested_blocksize, out_features, bias, lora_A, lora_B, lora_E, scales, rows, lora_x):
     """``lora_linear_4bit`` per row group, as ``lora_linear_mixed``; lora_x (x's shape, or
     None) is what the LoRA terms read instead of x (the 4-bit layers' narrower compute dtype)."""
     quant = (qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize)
@@ -500,17 +476,17 @@ def lora_linear_4bit_mixed(x, qweight, absmax, code, blocksize, nested_absmax, n
     def run(i0, i1, s):
         one = _only(n, s, sc[s] if s >= 0 else 0.0)
         lx = None if lora_x is None else [_rows_of(lora_x, i0, i1)] * n
-        return lora_linear_4bit(_rows_of(x, i0, i1), *quant, out_features, bias, lora_A, lora_B, one, lx)
+        return lora_linear_4bit(_rows_of(x, i0, i1), *quant, out_features, bias, lora_A, lora_B, lora_E, one, lx)
 
     return _per_group(x, rows, n, out_features, run)
 
 
-def lora_linear_int8_mixed(x, weight, row_scale, bias, lora_A, lora_B, scales, rows):
+def lora_linear_int8_mixed(x, weight, row_scale, bias, lora_A, lora_B, lora_E, scales, rows):
     """``lora_linear_int8`` per row group, as ``lora_linear_mixed``."""
     sc = scales.detach().float().cpu().tolist()
     n = len(lora_A)
     return _per_group(x, rows, n, weight.shape[0], lambda i0, i1, s: lora_linear_int8(
-        _rows_of(x, i0, i1), weight, row_scale, bias, lora_A, lora_B, _only(n, s, sc[s] if s >= 0 else 0.0)))
+        _rows_of(x, i0, i1), weight, row_scale, bias, lora_A, lora_B, lora_E, _only(n, s, sc[s] if s >= 0 else 0.0)))
 
 
 def ia3_linear_4bit_mixed(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,

@@ -4,6 +4,10 @@
   output oracle), transformers, accelerate, bitsandbytes (its quantizer makes the quantized
   samples, its dequantizer is their oracle) and safetensors must import, bitsandbytes with
   its native library. `make test` installs them (pyproject's `test` extra).
+* **A fresh torch.compile cache per run.** Inductor's on-disk cache (/tmp by default)
+  outlives the run and is not keyed on a custom op's schema: after a peftcore schema
+  change it replays code that calls the op with the old arguments. The suite compiles
+  into its own temporary folder.
 * **`cuda` tests are reported as one line.** Without a GPU, or in a build without CUDA
   kernels, the items marked `cuda` are deselected at collection and the summary says how
   many (instead of one skip per item). With a GPU they run like any other test.
@@ -11,8 +15,14 @@
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 
 import pytest
+
+_INDUCTOR_DIR = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _INDUCTOR_DIR = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="peftcore-tests-inductor-")
 
 TEST_DEPENDENCIES = ("peft", "transformers", "accelerate", "bitsandbytes", "safetensors")
 _cuda_deselected: list = []
@@ -36,6 +46,13 @@ def pytest_configure(config):
         raise pytest.UsageError(
             "test dependencies missing (install them: `make test`, or pip install -e '.[test]'): " + "; ".join(missing)
         )
+
+
+def pytest_unconfigure(config):
+    if _INDUCTOR_DIR is not None:
+        import shutil
+
+        shutil.rmtree(_INDUCTOR_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

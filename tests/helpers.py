@@ -110,24 +110,24 @@ def quant_tolerance(dtype: torch.dtype, s_base: torch.Tensor, s_all: torch.Tenso
 
 def split_quantized(op_name, args):
     """lora_linear_4bit / _int8 arguments as (x, W as float64 [out, in], bias, lora_A,
-    lora_B, scales, lora_x, base args builder: the same call without adapters)."""
+    lora_B, lora_E, scales, lora_x, base args builder: the same call without adapters)."""
     from peftcore import reference
 
     if op_name == "lora_linear_4bit":
-        x, *quant, bias, lora_A, lora_B, scales, lora_x = args
+        x, *quant, bias, lora_A, lora_B, lora_E, scales, lora_x = args
         W = reference.dequantize_4bit(*quant, x.shape[-1], torch.float64)
 
         def base_args():
-            return (x, *quant, bias, [], [], scales[:0], None)
+            return (x, *quant, bias, [], [], None, scales[:0], None)
 
     else:
-        x, CB, SCB, bias, lora_A, lora_B, scales, lora_x = args
+        x, CB, SCB, bias, lora_A, lora_B, lora_E, scales, lora_x = args
         W = reference.dequantize_int8(CB, SCB, torch.float64)
 
         def base_args():
-            return (x, CB, SCB, bias, [], [], scales[:0], None)
+            return (x, CB, SCB, bias, [], [], None, scales[:0], None)
 
-    return x, W, bias, lora_A, lora_B, scales, lora_x, base_args
+    return x, W, bias, lora_A, lora_B, lora_E, scales, lora_x, base_args
 
 
 def split_ia3_quantized(op_name, args):
@@ -140,7 +140,7 @@ def split_ia3_quantized(op_name, args):
         W = reference.dequantize_4bit(*quant, x.shape[-1], torch.float64)
 
         def base(op, t):
-            return op(t, *quant, bias, [], [], torch.zeros(0), None)
+            return op(t, *quant, bias, [], [], None, torch.zeros(0), None)
 
         base_name = "lora_linear_4bit"
     else:
@@ -148,14 +148,14 @@ def split_ia3_quantized(op_name, args):
         W = reference.dequantize_int8(CB, SCB, torch.float64)
 
         def base(op, t):
-            return op(t, CB, SCB, bias, [], [], torch.zeros(0), None)
+            return op(t, CB, SCB, bias, [], [], None, torch.zeros(0), None)
 
         base_name = "lora_linear_int8"
     return x, W, bias, ia3_l, active, ff, base, base_name
 
 
-def _magnitudes(x, W, bias, lora_A, lora_B, scales, lora_x):
-    """S_base = |x|·|W|ᵀ + |b| and S = S_base + Σ_active |s|·(|x_a|·|A|ᵀ)·|B|ᵀ, float64."""
+def _magnitudes(x, W, bias, lora_A, lora_B, lora_E, scales, lora_x):
+    """S_base = |x|·|W|ᵀ + |b| and S = S_base + Σ_active |s|·((|x_a|·|A|ᵀ) ⊙ |E|)·|B|ᵀ, float64."""
     ax = x.detach().double().abs()
     s_base = ax @ W.abs().t()
     if bias is not None:
@@ -165,7 +165,10 @@ def _magnitudes(x, W, bias, lora_A, lora_B, scales, lora_x):
         if s == 0.0 or lora_A[a].shape[0] == 0:
             continue
         xa = ax if lora_x is None else lora_x[a].detach().double().abs()
-        s_all = s_all + abs(s) * ((xa @ lora_A[a].detach().double().abs().t()) @ lora_B[a].detach().double().abs().t())
+        t = xa @ lora_A[a].detach().double().abs().t()
+        if lora_E is not None:
+            t = t * lora_E[a].detach().double().abs().reshape(-1)
+        s_all = s_all + abs(s) * (t @ lora_B[a].detach().double().abs().t())
     return s_base, s_all
 
 
@@ -178,8 +181,8 @@ def quantized_bound(op_name, dtype, args, r):
 
     ref = getattr(reference, op_name)
     if op_name.startswith("lora_"):
-        x, W, bias, lora_A, lora_B, scales, lora_x, base_args = split_quantized(op_name, args)
-        s_base, s_all = _magnitudes(x, W, bias, lora_A, lora_B, scales, lora_x)
+        x, W, bias, lora_A, lora_B, lora_E, scales, lora_x, base_args = split_quantized(op_name, args)
+        s_base, s_all = _magnitudes(x, W, bias, lora_A, lora_B, lora_E, scales, lora_x)
         return quant_tolerance(dtype, s_base, s_all, ref(*base_args()), r)
     x, W, bias, ia3_l, active, ff, base, base_name = split_ia3_quantized(op_name, args)
     ref_base = getattr(reference, base_name)

@@ -99,7 +99,8 @@ LINEAR_CASES = {
 }
 
 
-def sample_lora_linear(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+def _lora_linear_plain(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, weight, bias, lora_A, lora_B, lora_E = None, scales, lora_x)."""
     adapter_dtype = adapter_dtype or dtype
     for name, (lead, fin, fout, ranks, o) in LINEAR_CASES.items():
         g = _gen(name, dtype)
@@ -133,7 +134,7 @@ def sample_lora_linear(dtype, adapter_dtype=None, requires_grad=False) -> Iterat
         )
         yield SampleInput(
             name,
-            (x, weight, bias, lora_A, lora_B, scales, lora_x),
+            (x, weight, bias, lora_A, lora_B, None, scales, lora_x),
             all_scales_zero=bool(ranks) and len(o.get("zero", ())) == len(ranks),
             n_elements=n_el,
         )
@@ -143,8 +144,8 @@ LINEAR_MASKS = ([True, True, True, True], [False, True, False, True], [True, Fal
 
 
 def sample_lora_linear_backward(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
-    for s in sample_lora_linear(dtype, adapter_dtype, requires_grad=False):
-        x, weight, bias, lora_A, lora_B, scales, lora_x = s.args
+    for s in _lora_linear_plain(dtype, adapter_dtype, requires_grad=False):
+        x, weight, bias, lora_A, lora_B, _, scales, lora_x = s.args
         g = _gen("grad:" + s.name, dtype)
         grad_out = _randn(g, *x.shape[:-1], weight.shape[0], dtype=dtype)
         for mask in LINEAR_MASKS:
@@ -156,30 +157,43 @@ def sample_lora_linear_backward(dtype, adapter_dtype=None, requires_grad=False) 
             )
 
 
-# --------------------------------------------------------------- adalora_linear
-# The LoRA cases with E: each adapter's r singular values ([r, 1], PEFT's layout),
-# signs mixed and one exactly 0 (a pruned rank) where r > 2.
+# ------------------------------------------------- lora_E (AdaLoRA) on the LoRA ops
+# Every LoRA op takes AdaLoRA's singular values as its optional lora_E: each adapter's r
+# values ([r, 1], PEFT's layout), signs mixed and one exactly 0 (a pruned rank) where
+# r > 2, NaN with a NaN adapter. The "adalora_<case>" samples are the plain cases with E.
 
 
-def sample_adalora_linear(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
-    adapter_dtype = adapter_dtype or dtype
-    for s in sample_lora_linear(dtype, adapter_dtype, requires_grad):
-        x, weight, bias, lora_A, lora_B, scales, lora_x = s.args
-        g = _gen("E:" + s.name, dtype)
-        lora_E = []
-        for a, A in enumerate(lora_A):
-            E = _randn(g, A.shape[0], 1, dtype=adapter_dtype)
-            if A.shape[0] > 2:
-                E[1] = 0.0
-            if torch.isnan(A).any():
-                E.fill_(float("nan"))
-            lora_E.append(E.requires_grad_(requires_grad))
-        yield SampleInput(
-            s.name,
-            (x, weight, bias, lora_A, lora_E, lora_B, scales, lora_x),
-            all_scales_zero=s.all_scales_zero,
-            n_elements=s.n_elements + sum(E.numel() for E in lora_E),
-        )
+def _lora_E(g, lora_A, adapter_dtype, requires_grad):
+    lora_E = []
+    for A in lora_A:
+        E = _randn(g, A.shape[0], 1, dtype=adapter_dtype)
+        if A.shape[0] > 2:
+            E[1] = 0.0
+        if torch.isnan(A).any():
+            E.fill_(float("nan"))
+        lora_E.append(E.requires_grad_(requires_grad))
+    return lora_E
+
+
+def _and_adalora(samples, e, dtype, adapter_dtype, requires_grad, cases=None):
+    """Each sample, then (for the names in `cases`, default all) the same with lora_E, the
+    argument at position `e` (after lora_A, lora_B), which the plain sample leaves None."""
+    for s in samples:
+        yield s
+        if cases is not None and s.name not in cases:
+            continue
+        args = list(s.args)
+        assert args[e] is None and isinstance(args[e - 2], list), s.name
+        lora_E = _lora_E(_gen("E:" + s.name, dtype), args[e - 2], adapter_dtype or dtype, requires_grad)
+        args[e] = lora_E
+        yield SampleInput("adalora_" + s.name, tuple(args), all_scales_zero=s.all_scales_zero,
+                          n_elements=s.n_elements + sum(E.numel() for E in lora_E), meta=s.meta)
+
+
+def sample_lora_linear(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Every LINEAR_CASES case, plain and with lora_E."""
+    return _and_adalora(_lora_linear_plain(dtype, adapter_dtype, requires_grad), 5, dtype, adapter_dtype,
+                        requires_grad)
 
 
 # ------------------------------------------------------------------- ia3_linear
@@ -449,9 +463,21 @@ def _quant4_args(q, fout):
             q["nested_offset"], q["nested_blocksize"], fout)
 
 
+# The quantized cases that also run with lora_E (AdaLoRA): the ones where E meets
+# something of its own (several adapters and ranks, a pruned rank, NaN, lora_x, rank 0).
+QUANT_E_CASES = {"nested_3d_65x33_bs64", "3adapters_3d_65x33", "scale0_nan_adapter", "lora_x", "rank0_adapter",
+                 "x_1d"}
+
+
 def sample_lora_linear_4bit(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Every QUANT4_CASES case, and QUANT_E_CASES with lora_E."""
+    return _and_adalora(_lora_linear_4bit_plain(dtype, adapter_dtype, requires_grad), 13, dtype, adapter_dtype,
+                        requires_grad, QUANT_E_CASES)
+
+
+def _lora_linear_4bit_plain(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-    nested_blocksize, out_features, bias, lora_A, lora_B, scales, lora_x)."""
+    nested_blocksize, out_features, bias, lora_A, lora_B, lora_E = None, scales, lora_x)."""
     adapter_dtype = adapter_dtype or dtype
     for name, (lead, fin, fout, bs, qt, nested, ranks, o) in QUANT4_CASES.items():
         w, q = _quant4_case(name, fin, fout, bs, qt, nested, o)
@@ -467,7 +493,7 @@ def sample_lora_linear_4bit(dtype, adapter_dtype=None, requires_grad=False) -> I
         )
         yield SampleInput(
             name,
-            (x, *_quant4_args(q, fout), bias, lora_A, lora_B, scales, lora_x),
+            (x, *_quant4_args(q, fout), bias, lora_A, lora_B, None, scales, lora_x),
             all_scales_zero=bool(ranks) and len(o.get("zero", ())) == len(ranks),
             n_elements=n_el,
             meta=dict(weight=w, state=q["state"], quant_type=qt, in_features=fin,
@@ -526,7 +552,13 @@ def _int8_case(name, fin, fout, o):
 
 
 def sample_lora_linear_int8(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
-    """Args: (x, weight_int8, row_scale, bias, lora_A, lora_B, scales, lora_x)."""
+    """Every INT8_CASES case, and QUANT_E_CASES with lora_E."""
+    return _and_adalora(_lora_linear_int8_plain(dtype, adapter_dtype, requires_grad), 6, dtype, adapter_dtype,
+                        requires_grad, QUANT_E_CASES)
+
+
+def _lora_linear_int8_plain(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
+    """Args: (x, weight_int8, row_scale, bias, lora_A, lora_B, lora_E = None, scales, lora_x)."""
     adapter_dtype = adapter_dtype or dtype
     for name, (lead, fin, fout, ranks, o) in INT8_CASES.items():
         w, CB, SCB = _int8_case(name, fin, fout, o)
@@ -542,7 +574,7 @@ def sample_lora_linear_int8(dtype, adapter_dtype=None, requires_grad=False) -> I
         )
         yield SampleInput(
             name,
-            (x, CB, SCB, bias, lora_A, lora_B, scales, lora_x),
+            (x, CB, SCB, bias, lora_A, lora_B, None, scales, lora_x),
             all_scales_zero=bool(ranks) and len(o.get("zero", ())) == len(ranks),
             n_elements=n_el,
             meta=dict(weight=w, opcheck=not o.get("numerics_only", False)),
@@ -645,7 +677,7 @@ def sample_ia3_linear_int8(dtype, adapter_dtype=None, requires_grad=False) -> It
 # name: (leading dims of x, in, out, adapter ranks, rows (one adapter slot per row group,
 # -1 = base), options). The groups split x's leading rows evenly: one row each, or several
 # (generate's beams / return sequences, or a sequence's tokens). "E": AdaLoRA's lora_E
-# (lora_linear_mixed); "ff": IA3 feedforward; "int32": int32 rows; other options as above.
+# (every LoRA *_mixed op); "ff": IA3 feedforward; "int32": int32 rows; other options as above.
 # The same cases serve the six *_mixed ops (IA3 uses one vector per rank entry).
 MIXED_CASES = {
     "6rows_3adapters": ((6,), 16, 24, (4, 2, 5), [0, 2, -1, 1, 0, 0], {}),
@@ -681,6 +713,10 @@ def _mixed_parts(name, dtype, adapter_dtype, lead, fin, fout, ranks, rows, o):
     return g, x, bias, lora_A, lora_B, scales, rows_t, vecs
 
 
+def _mixed_E(g, o, ranks, adapter_dtype):
+    return [_randn(g, r, 1, dtype=adapter_dtype) for r in ranks] if o.get("E") else None
+
+
 def _mixed_meta(o, **kw):
     return dict(kw, opcheck=not o.get("numerics_only", False))
 
@@ -695,8 +731,8 @@ def sample_lora_linear_mixed(dtype, adapter_dtype=None, requires_grad=False) -> 
             weight = _randn(g, fin, fout, dtype=dtype, scale=fin**-0.5).t()
         else:
             weight = _randn(g, fout, fin, dtype=dtype, scale=fin**-0.5)
-        lora_E = [_randn(g, r, 1, dtype=adapter_dtype) for r in ranks] if o.get("E") else None
-        yield SampleInput(name, (x, weight, bias, lora_A, lora_B, lora_E, scales, rows_t), meta=_mixed_meta(o))
+        yield SampleInput(name, (x, weight, bias, lora_A, lora_B, _mixed_E(g, o, ranks, adapter_dtype or dtype),
+                                 scales, rows_t), meta=_mixed_meta(o))
 
 
 def sample_ia3_linear_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
@@ -733,11 +769,12 @@ def _mixed_quant(kind, dtype, adapter_dtype):
 
 def sample_lora_linear_4bit_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
     """Args: (x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-    nested_blocksize, out_features, bias, lora_A, lora_B, scales, rows, lora_x)."""
+    nested_blocksize, out_features, bias, lora_A, lora_B, lora_E, scales, rows, lora_x)."""
     for name, o, wargs, meta, (g, x, bias, lora_A, lora_B, scales, rows_t, _) in _mixed_quant("4bit", dtype,
                                                                                              adapter_dtype):
         lora_x = _randn(g, *x.shape, dtype=dtype) if o.get("E") else None  # a separate LoRA input in some cases
-        yield SampleInput(name, (x, *wargs, bias, lora_A, lora_B, scales, rows_t, lora_x), meta=meta)
+        lora_E = _mixed_E(g, o, [A.shape[0] for A in lora_A], adapter_dtype or dtype)
+        yield SampleInput(name, (x, *wargs, bias, lora_A, lora_B, lora_E, scales, rows_t, lora_x), meta=meta)
 
 
 def sample_ia3_linear_4bit_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
@@ -748,10 +785,11 @@ def sample_ia3_linear_4bit_mixed(dtype, adapter_dtype=None, requires_grad=False)
 
 
 def sample_lora_linear_int8_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
-    """Args: (x, weight_int8, row_scale, bias, lora_A, lora_B, scales, rows)."""
-    for name, o, wargs, meta, (_, x, bias, lora_A, lora_B, scales, rows_t, _) in _mixed_quant("int8", dtype,
+    """Args: (x, weight_int8, row_scale, bias, lora_A, lora_B, lora_E, scales, rows)."""
+    for name, o, wargs, meta, (g, x, bias, lora_A, lora_B, scales, rows_t, _) in _mixed_quant("int8", dtype,
                                                                                              adapter_dtype):
-        yield SampleInput(name, (x, *wargs, bias, lora_A, lora_B, scales, rows_t), meta=meta)
+        lora_E = _mixed_E(g, o, [A.shape[0] for A in lora_A], adapter_dtype or dtype)
+        yield SampleInput(name, (x, *wargs, bias, lora_A, lora_B, lora_E, scales, rows_t), meta=meta)
 
 
 def sample_ia3_linear_int8_mixed(dtype, adapter_dtype=None, requires_grad=False) -> Iterator[SampleInput]:
@@ -770,9 +808,6 @@ OPS: dict[str, OpInfo] = {
         reference.lora_linear_backward,
         sample_lora_linear_backward,
         False,
-    ),
-    "adalora_linear": OpInfo(
-        "adalora_linear", torch.ops.peftcore.adalora_linear, reference.adalora_linear, sample_adalora_linear, True
     ),
     "ia3_linear": OpInfo("ia3_linear", torch.ops.peftcore.ia3_linear, reference.ia3_linear, sample_ia3_linear, True),
     "lora_embedding": OpInfo(

@@ -33,7 +33,7 @@ SCHEDULE = dict(init_r=6, target_r=3, tinit=2, tfinal=3, deltaT=2, total_step=30
 KW = dict(SCHEDULE, lora_alpha=16, lora_dropout=0.0, orth_reg_weight=0.5, target_modules=TARGETS)
 STEPS = 30
 
-# Tolerances. peftcore's fused adalora_linear kernel computes the same products as PEFT's
+# Tolerances. peftcore's fused lora_linear kernel (with lora_E) computes the same products as PEFT's
 # ``x @ (A*E).T @ B.T * scaling / ranknum`` but may accumulate in a different order, so
 # gradients (and with them losses and weights) can differ in the last bits; everything
 # else (the importance EMAs, the scores, the threshold, the masking) is the same sequence

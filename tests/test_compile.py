@@ -18,7 +18,8 @@ class LoraLinear(nn.Module):
         self.register_buffer("scales", torch.tensor([0.5, -2.0]))
 
     def forward(self, x):
-        return torch.ops.peftcore.lora_linear(x, self.weight, self.bias, list(self.A), list(self.B), self.scales, None)
+        return torch.ops.peftcore.lora_linear(x, self.weight, self.bias, list(self.A), list(self.B), None, self.scales,
+                                              None)
 
 
 class LoraEmbedding(nn.Module):

@@ -28,7 +28,7 @@ from tests.helpers import (  # noqa: E402
     assert_no_worse_than_reference,
     assert_within,
     grad_tol,
-    quant_tolerance,
+    quantized_bound,
     tol,
 )
 from tests.op_db import OPS, dtype_combos, to_exact  # noqa: E402
@@ -37,10 +37,11 @@ DEV = torch.device("cuda")
 LOW = (torch.bfloat16, torch.float16)
 # The per-adapter state argument of each op (read on the device when it lives there).
 STATE_ARG = {
-    "lora_linear": 5, "lora_linear_backward": 5, "adalora_linear": 6, "ia3_linear": 4, "lora_embedding": 4,
-    "lora_embedding_backward": 5, "lora_linear_4bit": 13, "lora_linear_int8": 6, "ia3_linear_4bit": 12,
+    "lora_linear": 6, "lora_linear_backward": 5, "ia3_linear": 4, "lora_embedding": 4,
+    "lora_embedding_backward": 5, "lora_linear_4bit": 14, "lora_linear_int8": 7, "ia3_linear_4bit": 12,
     "ia3_linear_int8": 5,
 }
+WITH_E = {"lora_linear", "lora_linear_4bit", "lora_linear_int8"}  # lora_E just before the state
 QUANT = {"lora_linear_4bit", "lora_linear_int8"}
 IA3_QUANT = {"ia3_linear_4bit", "ia3_linear_int8"}
 DEQUANT = {"dequantize_4bit", "dequantize_int8"}
@@ -89,57 +90,6 @@ def _cases():
                     yield pytest.param(name, dt, s, on_dev, id=f"{name}-{str(dt)[6:]}-{str(adt)[6:]}-{s.name}-{where}")
 
 
-def _quant_bound(op_name, dtype, args, y_ref):
-    """The bound of tests/helpers.quant_tolerance for a LoRA op on a quantized base."""
-    if op_name == "lora_linear_4bit":
-        x, *quant, bias, lora_A, lora_B, scales, lora_x = args
-        W = reference.dequantize_4bit(*quant, x.shape[-1], torch.float64)
-        base = reference.lora_linear_4bit(x, *quant, bias, [], [], scales[:0], None)
-    else:
-        x, CB, SCB, bias, lora_A, lora_B, scales, lora_x = args
-        W = reference.dequantize_int8(CB, SCB, torch.float64)
-        base = reference.lora_linear_int8(x, CB, SCB, bias, [], [], scales[:0], None)
-    ax = x.double().abs()
-    s_base = ax @ W.abs().t() + (bias.double().abs() if bias is not None else 0)
-    s_all = s_base.clone()
-    for a, s in enumerate(scales.tolist()):
-        if s != 0.0 and lora_A[a].shape[0] > 0:
-            xa = ax if lora_x is None else lora_x[a].double().abs()
-            s_all = s_all + abs(s) * ((xa @ lora_A[a].double().abs().t()) @ lora_B[a].double().abs().t())
-    return quant_tolerance(dtype, s_base, s_all, base, y_ref)
-
-
-def _ia3_quant_bound(op_name, dtype, args, y_ref):
-    if op_name == "ia3_linear_4bit":
-        x, *quant, bias, ia3_l, active, ff = args
-        W = reference.dequantize_4bit(*quant, x.shape[-1], torch.float64)
-
-        def base(t):
-            return reference.lora_linear_4bit(t, *quant, bias, [], [], torch.zeros(0), None)
-    else:
-        x, CB, SCB, bias, ia3_l, active, ff = args
-        W = reference.dequantize_int8(CB, SCB, torch.float64)
-
-        def base(t):
-            return reference.lora_linear_int8(t, CB, SCB, bias, [], [], torch.zeros(0), None)
-    f = torch.float64 if dtype == torch.float64 else torch.float32
-    l = reference.ia3_vector(ia3_l, active, f)
-    b_abs = bias.double().abs() if bias is not None else 0
-    if l is None:
-        s_base = x.double().abs() @ W.abs().t() + b_abs
-        return quant_tolerance(dtype, s_base, s_base, y_ref, y_ref)
-    if ff:
-        xs = (x.to(f) * l).to(x.dtype)
-        s_base = xs.double().abs() @ W.abs().t() + b_abs
-        return quant_tolerance(dtype, s_base, s_base, base(xs), y_ref)
-    s_base = x.double().abs() @ W.abs().t() + b_abs
-    b = base(x)
-    bound = l.double().abs() * quant_tolerance(dtype, s_base, s_base, b, b)
-    if dtype in LOW:
-        bound = bound + torch.finfo(dtype).eps * y_ref.double().abs()
-    return bound
-
-
 def _flat(out):
     if isinstance(out, torch.Tensor):
         return [out]
@@ -179,19 +129,17 @@ def test_sample_matches_reference(op_name, dtype, s, state_on_device):
         if op_name.startswith("ia3"):
             base_args[i - 1], base_args[i] = [], cargs[i][:0]
         else:
-            n_lists = 3 if op_name == "adalora_linear" else 2
-            for j in range(i - n_lists, i):
+            if op_name in WITH_E:
+                base_args[i - 1] = None
+            for j in (i - 3, i - 2) if op_name in WITH_E else (i - 2, i - 1):
                 base_args[j] = []
             base_args[i] = cargs[i][:0]
             if op_name != "lora_embedding":
                 base_args[i + 1] = None
         assert torch.equal(y, info.op(*base_args).cpu())
         return
-    if op_name in QUANT:
-        assert_within(y, r, _quant_bound(op_name, dtype, args, r), f"{op_name} on CUDA vs reference")
-        return
-    if op_name in IA3_QUANT:
-        assert_within(y, r, _ia3_quant_bound(op_name, dtype, args, r), f"{op_name} on CUDA vs reference")
+    if op_name in QUANT | IA3_QUANT:
+        assert_within(y, r, quantized_bound(op_name, dtype, args, r), f"{op_name} on CUDA vs reference")
         return
     torch.testing.assert_close(y, r, **tol(dtype))
     if dtype in LOW:
@@ -245,14 +193,15 @@ def _capture(fn):
 @pytest.mark.parametrize("tokens", [1, 5, 100])
 def test_lora_linear_graph_capture_and_switching(tokens):
     x, w, b, A, B, scales = _lora_linear_args(tokens)
-    graph, out = _capture(lambda: torch.ops.peftcore.lora_linear(x, w, b, A, B, scales, None))
+    graph, out = _capture(lambda: torch.ops.peftcore.lora_linear(x, w, b, A, B, None, scales, None))
     for new in ([0.5, -1.25], [0.0, 2.0], [0.0, 0.0], [1.0, 0.0]):
         scales.copy_(torch.tensor(new))  # a device write: the graph reads it on replay
         x.normal_()
         graph.replay()
         torch.cuda.synchronize()
-        want = reference.lora_linear(*(t.cpu() if isinstance(t, torch.Tensor) else [u.cpu() for u in t]
-                                       for t in (x, w, b, A, B, scales)), None)
+        x_, w_, b_, A_, B_, s_ = (t.cpu() if isinstance(t, torch.Tensor) else [u.cpu() for u in t]
+                                  for t in (x, w, b, A, B, scales))
+        want = reference.lora_linear(x_, w_, b_, A_, B_, None, s_, None)
         torch.testing.assert_close(out.cpu(), want, **tol(torch.bfloat16))
 
 
@@ -271,11 +220,12 @@ def test_lora_linear_4bit_graph_capture(tokens):
     A = [(torch.randn(16, fin, generator=g) * fin**-0.5).to(DEV)]
     B = [(torch.randn(fout, 16, generator=g) * 0.25).to(DEV)]
     scales = torch.tensor([1.0], device=DEV)
-    graph, out = _capture(lambda: torch.ops.peftcore.lora_linear_4bit(x, *cquant, fout, None, A, B, scales, None))
+    graph, out = _capture(lambda: torch.ops.peftcore.lora_linear_4bit(x, *cquant, fout, None, A, B, None, scales,
+                                                                      None))
     for new in (1.0, 0.0, -2.0):
         scales.fill_(new)
         graph.replay()
-        eager = torch.ops.peftcore.lora_linear_4bit(x, *cquant, fout, None, A, B, scales, None)
+        eager = torch.ops.peftcore.lora_linear_4bit(x, *cquant, fout, None, A, B, None, scales, None)
         torch.cuda.synchronize()
         if tokens <= 16:  # the fused GEMV: same kernels, same order, bit for bit
             assert torch.equal(out, eager)
@@ -294,9 +244,9 @@ def test_kernels_run_on_the_current_stream():
             x2 = x * 1.0  # queued work on the side stream that the op's input depends on
             torch.cuda._sleep(1_000_000)
             x2.add_(1.0)
-        y = torch.ops.peftcore.lora_linear(x2, w, b, A, B, scales, None)
+        y = torch.ops.peftcore.lora_linear(x2, w, b, A, B, None, scales, None)
     torch.cuda.current_stream().wait_stream(side)
-    want = torch.ops.peftcore.lora_linear(x + 1.0, w, b, A, B, scales, None)
+    want = torch.ops.peftcore.lora_linear(x + 1.0, w, b, A, B, None, scales, None)
     torch.cuda.synchronize()
     torch.testing.assert_close(y, want, **tol(torch.bfloat16))
 
@@ -332,15 +282,14 @@ def test_whole_model_parity_cpu_vs_cuda(dtype):
 # each row group equals the op's single-adapter twin on CUDA (tests/ops/test_mixed_ops.py's
 # _twin and tolerances), and the whole result equals the CPU kernel's. `rows` and `scales`
 # on the GPU (as the model's layers hold them: read on the device, no sync) and on the CPU.
-from tests.ops import test_mixed_ops as _mixed  # noqa: E402
 from tests.ops.test_mixed_ops import _flat as _flat_rows  # noqa: E402
-from tests.ops.test_mixed_ops import _rows, _twin, _with_rows  # noqa: E402
+from tests.ops.test_mixed_ops import _rows, _twin, _twin_args, _with_rows  # noqa: E402
 
 MIXED = [n for n in OPS if n.endswith("_mixed")]
 # Positions of the per-layer state (LoRA scales) and of rows in each mixed op's arguments.
 MIXED_HOST_ARGS = {
-    "lora_linear_mixed": (6, 7), "ia3_linear_mixed": (4,), "lora_linear_4bit_mixed": (13, 14),
-    "lora_linear_int8_mixed": (6, 7), "ia3_linear_4bit_mixed": (12,), "ia3_linear_int8_mixed": (5,),
+    "lora_linear_mixed": (6, 7), "ia3_linear_mixed": (4,), "lora_linear_4bit_mixed": (14, 15),
+    "lora_linear_int8_mixed": (7, 8), "ia3_linear_4bit_mixed": (12,), "ia3_linear_int8_mixed": (5,),
 }
 MIXED_QUANT = {"lora_linear_4bit_mixed": "lora_linear_4bit", "lora_linear_int8_mixed": "lora_linear_int8",
                "ia3_linear_4bit_mixed": "ia3_linear_4bit", "ia3_linear_int8_mixed": "ia3_linear_int8"}
@@ -363,27 +312,11 @@ def _mixed_cases():
                     yield pytest.param(name, dt, s, on_dev, id=f"{name}-{str(dt)[6:]}-{str(adt)[6:]}-{s.name}-{where}")
 
 
-class _Recorder:
-    """Stands in for torch.ops.peftcore inside _twin: returns (op name, args) of the call."""
-
-    def __getattr__(self, op):
-        return lambda *a: (op, a)
-
-
-def _twin_call(name, args, slot):
-    saved, _mixed.P = _mixed.P, _Recorder()
-    try:
-        return _twin(name, args, slot)
-    finally:
-        _mixed.P = saved
-
-
 def _quant_group_bound(name, dtype, args, slot):
-    """tests/helpers.quant_tolerance's bound of the single-adapter twin (CPU args) against
+    """tests/helpers.quantized_bound of the single-adapter twin (CPU args) against
     reference.py: a quantized op's CUDA and CPU kernels each lie within it."""
-    op, targs = _twin_call(name, args, slot)
-    r = OPS[op].ref(*targs)
-    return _quant_bound(op, dtype, targs, r) if op in QUANT else _ia3_quant_bound(op, dtype, targs, r)
+    op, targs = _twin_args(name, args, slot)
+    return quantized_bound(op, dtype, targs, OPS[op].ref(*targs))
 
 
 @pytest.mark.parametrize("name,dtype,s,state_on_device", list(_mixed_cases()))

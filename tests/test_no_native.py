@@ -22,13 +22,13 @@ SCRIPT = textwrap.dedent(
     x, w = torch.randn(3, 8), torch.randn(5, 8)
     A, B, s = [torch.randn(2, 8)], [torch.randn(5, 2)], torch.tensor([0.5])
     for _ in range(2):
-        y = torch.ops.peftcore.lora_linear(x, w, None, A, B, s, None)
-    assert torch.equal(y, reference.lora_linear(x, w, None, A, B, s, None))
+        y = torch.ops.peftcore.lora_linear(x, w, None, A, B, None, s, None)
+    assert torch.equal(y, reference.lora_linear(x, w, None, A, B, None, s, None))
     out = torch.empty(3, 5)
-    torch.ops.peftcore.lora_linear(x, w, None, A, B, s, None, out=out)  # the .out overload's fallback
+    torch.ops.peftcore.lora_linear(x, w, None, A, B, None, s, None, out=out)  # the .out overload's fallback
     assert torch.equal(out, y)
     try:
-        torch.ops.peftcore.lora_linear(x, w, None, A, B, s, None, out=torch.empty(3, 6))
+        torch.ops.peftcore.lora_linear(x, w, None, A, B, None, s, None, out=torch.empty(3, 6))
         raise AssertionError("a mis-shaped out was accepted")
     except RuntimeError as e:
         assert "out has shape [3, 6] but the result has shape [3, 5]" in str(e), e
@@ -39,8 +39,8 @@ SCRIPT = textwrap.dedent(
     assert torch.equal(torch.ops.peftcore.ia3_linear(x, w, None, l, on, False),
                        reference.ia3_linear(x, w, None, l, on, False))
     E = [torch.randn(2, 1)]
-    assert torch.equal(torch.ops.peftcore.adalora_linear(x, w, None, A, E, B, s, None),
-                       reference.adalora_linear(x, w, None, A, E, B, s, None))
+    assert torch.equal(torch.ops.peftcore.lora_linear(x, w, None, A, B, E, s, None),
+                       reference.lora_linear(x, w, None, A, B, E, s, None))
     print("REFERENCE-OK")
     """
 )

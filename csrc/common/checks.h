@@ -118,6 +118,27 @@ inline void check_adapter_lists(const char* op, at::TensorList lora_A, at::Tenso
   }
 }
 
+// The LoRA ops' optional lora_E (AdaLoRA's singular values): r_a values per adapter,
+// float32 or the base dtype, each on the backend's device. Returns the list, empty
+// without it (plain LoRA).
+template <class OnDevice>
+inline at::TensorList lora_E_on(const char* op, const std::optional<at::TensorList>& lora_E, at::TensorList lora_A,
+                                OnDevice&& on_device, at::ScalarType base) {
+  if (!lora_E.has_value()) return {};
+  check_same_count(op, "lora_E", lora_E->size(), "lora_A", lora_A.size());
+  for (size_t a = 0; a < lora_E->size(); ++a) {
+    const std::string en = indexed("lora_E", a);
+    const at::Tensor& E = (*lora_E)[a];
+    check_defined(op, E, en);
+    on_device(E, en);
+    check_adapter_dtype(op, E, en, base);
+    TORCH_CHECK(E.numel() == lora_A[a].size(0), "peftcore::", op, ": ", en, " has shape ", E.sizes(),
+                " but must hold one value per rank of lora_A[", a, "] (shape ", lora_A[a].sizes(), "; PEFT stores [",
+                lora_A[a].size(0), ", 1])");
+  }
+  return *lora_E;
+}
+
 // The adapter lists on `dev` with one host-read scale per adapter (the CPU kernels).
 inline void check_adapters(const char* op, at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
                            at::DeviceType dev, at::ScalarType base, int64_t a_cols, const char* a_cols_what,

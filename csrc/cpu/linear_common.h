@@ -1,4 +1,4 @@
-// Pieces shared by the CPU linear-layer ops (lora_linear, adalora_linear, ia3_linear and
+// Pieces shared by the CPU linear-layer ops (lora_linear, ia3_linear and
 // the quantized lora_linear_4bit / lora_linear_int8): the checks of x / W / b / lora_x and
 // the low-rank update that adds Σ_a s_a·((x_a·A_aᵀ) ⊙ e_a)·B_aᵀ to a base output already
 // in y (e_a: AdaLoRA's per-rank singular values; absent, i.e. 1, for LoRA).
@@ -69,7 +69,7 @@ inline LinearDims check_base_linear(const char* op, const at::Tensor& x, const a
   return {leading_rows(x), in, out};
 }
 
-// The base layer plus the LoRA adapter lists (lora_linear, adalora_linear and their backward).
+// The base layer plus the LoRA adapter lists (lora_linear and its backward).
 inline LinearDims check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, at::TensorList lora_A,
                                     at::TensorList lora_B, const at::Tensor& scales,
@@ -81,19 +81,10 @@ inline LinearDims check_linear_args(const char* op, const at::Tensor& x, const a
   return d;
 }
 
-// lora_E of the AdaLoRA variants: r_a values per adapter, float32 or x's dtype.
-inline void check_lora_E(const char* op, at::TensorList lora_E, at::TensorList lora_A, at::ScalarType x_dtype) {
-  check_same_count(op, "lora_E", lora_E.size(), "lora_A", lora_A.size());
-  for (size_t a = 0; a < lora_E.size(); ++a) {
-    const std::string en = indexed("lora_E", a);
-    const at::Tensor& E = lora_E[a];
-    check_defined(op, E, en);
-    check_device(op, E, en, at::kCPU);
-    check_adapter_dtype(op, E, en, x_dtype);
-    TORCH_CHECK(E.numel() == lora_A[a].size(0), "peftcore::", op, ": ", en, " has shape ", E.sizes(),
-                " but must hold one value per rank of lora_A[", a, "] (shape ", lora_A[a].sizes(), "; PEFT stores [",
-                lora_A[a].size(0), ", 1])");
-  }
+// The ops' optional lora_E on the CPU (common/checks.h): empty without it (plain LoRA).
+inline at::TensorList checked_lora_E(const char* op, const std::optional<at::TensorList>& lora_E,
+                                     at::TensorList lora_A, at::ScalarType x_dtype) {
+  return lora_E_on(op, lora_E, lora_A, device_rule(op, at::kCPU), x_dtype);
 }
 
 // y += Σ_active s_a · ((x_a·A_aᵀ) ⊙ e_a)·B_aᵀ in acc_t, rounded once into y's dtype xt.
@@ -131,7 +122,7 @@ void add_lowrank_typed(const at::Tensor& x, at::TensorList lora_A, at::TensorLis
         shrink(xs[k].template const_data_ptr<xt>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
       else
         shrink(xs[k].template const_data_ptr<acc_t>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
-      if (!Es.empty()) {  // AdaLoRA: t[:, q] *= e[q], as reference.adalora_linear rounds it
+      if (!Es.empty()) {  // AdaLoRA: t[:, q] *= e[q], as reference.lora_linear rounds it
         const acc_t* e = Es[k].template const_data_ptr<acc_t>();
         const int64_t r = active[k].rank;
         for (int64_t i = 0; i < i1 - i0; ++i) {

@@ -25,8 +25,7 @@ at::Tensor lora_linear_mixed_cpu(const Out* out, const at::Tensor& x, const at::
                                  const at::Tensor& rows) {
   const char* op = "lora_linear_mixed";
   const cpu::LinearDims d = cpu::check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, std::nullopt);
-  const at::TensorList E = lora_E.has_value() ? *lora_E : at::TensorList();
-  if (lora_E.has_value()) cpu::check_lora_E(op, E, lora_A, x.scalar_type());
+  const at::TensorList E = cpu::checked_lora_E(op, lora_E, lora_A, x.scalar_type());
   const auto segs = cpu::row_segments(op, rows, d.n, int64_t(lora_A.size()));
   return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {
     // The base through F.linear's ATen calls: rows of the base alone are bit-identical to it.

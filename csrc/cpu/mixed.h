@@ -128,7 +128,7 @@ void add_lowrank_rows_typed(const xt* x, int64_t ldx, const std::vector<Segment>
       acc_t* T = thread_scratch<acc_t>(t_size + std::max(r, std::min(n, kDirectRows)) * ldbt);
       acc_t* Bt = T + t_size;
       shrink(x + t.i0 * ldx, ldx, w.A.template const_data_ptr<acc_t>(), in, T, r, n, r, in);
-      if (w.E.defined()) {  // AdaLoRA: t[:, q] *= e[q], as reference.adalora_linear rounds it
+      if (w.E.defined()) {  // AdaLoRA: t[:, q] *= e[q], as reference.lora_linear rounds it
         const acc_t* e = w.E.template const_data_ptr<acc_t>();
         for (int64_t i = 0; i < n; ++i)
           for (int64_t q = 0; q < r; ++q) T[i * r + q] *= e[q];

@@ -1,6 +1,6 @@
 // peftcore::lora_linear_4bit / lora_linear_int8 and ia3_linear_4bit / ia3_linear_int8 on
 // CPU, and the dequantize_4bit / dequantize_int8 utilities (backward, merge).
-//   y = x·Wᵀ + b + Σ_a s_a·(x_a·A_aᵀ)·B_aᵀ, with W stored as bitsandbytes stores it:
+//   y = x·Wᵀ + b + Σ_a s_a·((x_a·A_aᵀ) ⊙ E_a)·B_aᵀ (E_a: AdaLoRA's lora_E, else 1), with W stored as bitsandbytes stores it:
 //   4-bit: packed nf4/fp4 codes + per-block absmax (optionally double-quantized);
 //   int8: CB [out, in] int8 + SCB [out] (W = CB·SCB/127).
 // The base is one pass over the stored bytes (quant.h: panels of 4 output rows
@@ -263,12 +263,12 @@ int64_t check_linear_int8(const char* op, const at::Tensor& x, const at::Tensor&
 
 // y (the base output) += the active adapters' terms, as lora_linear adds them.
 void add_adapters(const at::Tensor& x, at::Tensor& y, at::TensorList lora_A, at::TensorList lora_B,
-                  const at::Tensor& scales, const std::optional<at::TensorList>& lora_x) {
+                  at::TensorList lora_E, const at::Tensor& scales, const std::optional<at::TensorList>& lora_x) {
   int64_t R = 0;
   const auto active = cpu::active_adapters(scales, lora_A, R);
   if (active.empty() || y.numel() == 0) return;
   const cpu::LinearDims d{cpu::leading_rows(x), x.size(-1), y.size(-1)};
-  cpu::add_lowrank(x, lora_A, lora_B, lora_x, active, R, d, y);
+  cpu::add_lowrank(x, lora_A, lora_B, lora_x, active, R, d, y, lora_E);
 }
 
 // First block of a panel, after filling bscale with the scales of all its blocks.
@@ -356,7 +356,8 @@ at::Tensor lora_linear_4bit_cpu(const Out* out, const at::Tensor& x, const at::T
                                 const std::optional<at::Tensor>& nested_code,
                                 const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
                                 int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
-                                at::TensorList lora_B, const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+                                at::TensorList lora_B, std::optional<at::TensorList> lora_E, const at::Tensor& scales,
+                                std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_4bit";
   const int64_t K = x.size(-1), N = out_features;
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
@@ -364,9 +365,10 @@ at::Tensor lora_linear_4bit_cpu(const Out* out, const at::Tensor& x, const at::T
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "out_features");
   cpu::check_lora_x(op, lora_x, x, lora_A.size());
+  const at::TensorList E = cpu::checked_lora_E(op, lora_E, lora_A, x.scalar_type());
   return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_4bit(y, x, w, bias, {}, {});
-    add_adapters(x, y, lora_A, lora_B, scales, lora_x);
+    add_adapters(x, y, lora_A, lora_B, E, scales, lora_x);
   });
 }
 
@@ -394,16 +396,17 @@ at::Tensor ia3_linear_4bit_cpu(const Out* out, const at::Tensor& x, const at::Te
 
 at::Tensor lora_linear_int8_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
-                                std::optional<at::TensorList> lora_x) {
+                                at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,
+                                const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_int8";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   cpu::check_lora_x(op, lora_x, x, lora_A.size());
+  const at::TensorList E = cpu::checked_lora_E(op, lora_E, lora_A, x.scalar_type());
   return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_int8(y, x, weight, row_scale, bias, {}, {});
-    add_adapters(x, y, lora_A, lora_B, scales, lora_x);
+    add_adapters(x, y, lora_A, lora_B, E, scales, lora_x);
   });
 }
 
@@ -430,7 +433,8 @@ at::Tensor lora_linear_4bit_mixed_cpu(const Out* out, const at::Tensor& x, const
                                       const std::optional<at::Tensor>& nested_code,
                                       const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
                                       int64_t out_features, const std::optional<at::Tensor>& bias,
-                                      at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                      at::TensorList lora_A, at::TensorList lora_B,
+                                      std::optional<at::TensorList> lora_E, const at::Tensor& scales,
                                       const at::Tensor& rows, const std::optional<at::Tensor>& lora_x) {
   const char* op = "lora_linear_4bit_mixed";
   const int64_t K = x.size(-1), N = out_features;
@@ -440,10 +444,11 @@ at::Tensor lora_linear_4bit_mixed_cpu(const Out* out, const at::Tensor& x, const
                  "out_features");
   const bool has_lx = lora_x.has_value() && lora_x->defined();
   if (has_lx) cpu::check_lora_x(op, at::TensorList(*lora_x), x, 1);
+  const at::TensorList E = cpu::checked_lora_E(op, lora_E, lora_A, x.scalar_type());
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(lora_A.size()));
   return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_4bit(y, x, w, bias, {}, {});
-    cpu::add_lowrank_rows(has_lx ? *lora_x : x, segs, lora_A, lora_B, {}, scales, N, y);
+    cpu::add_lowrank_rows(has_lx ? *lora_x : x, segs, lora_A, lora_B, E, scales, N, y);
   });
 }
 
@@ -474,16 +479,18 @@ at::Tensor ia3_linear_4bit_mixed_cpu(const Out* out, const at::Tensor& x, const 
 
 at::Tensor lora_linear_int8_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                      at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                      at::TensorList lora_A, at::TensorList lora_B,
+                                      std::optional<at::TensorList> lora_E, const at::Tensor& scales,
                                       const at::Tensor& rows) {
   const char* op = "lora_linear_int8_mixed";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
+  const at::TensorList E = cpu::checked_lora_E(op, lora_E, lora_A, x.scalar_type());
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(lora_A.size()));
   return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_int8(y, x, weight, row_scale, bias, {}, {});
-    cpu::add_lowrank_rows(x, segs, lora_A, lora_B, {}, scales, N, y);
+    cpu::add_lowrank_rows(x, segs, lora_A, lora_B, E, scales, N, y);
   });
 }
 

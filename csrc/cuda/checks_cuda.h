@@ -119,19 +119,10 @@ inline LinearDims check_linear_args(const char* op, const at::Tensor& x, const a
   return d;
 }
 
-// AdaLoRA's E: r_a values per adapter, float32 or x's dtype.
-inline void check_lora_E(const char* op, at::TensorList lora_E, at::TensorList lora_A, const at::Device& dev,
-                         at::ScalarType base) {
-  check_same_count(op, "lora_E", lora_E.size(), "lora_A", lora_A.size());
-  for (size_t a = 0; a < lora_E.size(); ++a) {
-    const std::string en = indexed("lora_E", a);
-    const at::Tensor& E = lora_E[a];
-    check_on(op, E, en, dev);
-    check_adapter_dtype(op, E, en, base);
-    TORCH_CHECK(E.numel() == lora_A[a].size(0), "peftcore::", op, ": ", en, " has shape ", E.sizes(),
-                " but must hold one value per rank of lora_A[", a, "] (shape ", lora_A[a].sizes(), "; PEFT stores [",
-                lora_A[a].size(0), ", 1])");
-  }
+// The ops' optional lora_E on `dev` (common/checks.h): empty without it (plain LoRA).
+inline at::TensorList checked_lora_E(const char* op, const std::optional<at::TensorList>& lora_E,
+                                     at::TensorList lora_A, const at::Device& dev, at::ScalarType x_dtype) {
+  return lora_E_on(op, lora_E, lora_A, device_rule(op, dev), x_dtype);
 }
 
 }  // namespace peftcore::cuda

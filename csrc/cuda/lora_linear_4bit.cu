@@ -195,7 +195,8 @@ void linear_4bit(const at::Tensor& x, const Weight4& w, const std::optional<at::
       LowrankBatch<scalar_t, float> lr{};
       std::vector<at::Tensor> keep;
       if (lora != nullptr &&
-          shrink_for_epilogue<scalar_t>(x, lora->lora_A, lora->lora_B, lora->lora_x, lora->scales, N, lr, keep)) {
+          shrink_for_epilogue<scalar_t>(x, lora->lora_A, lora->lora_B, lora->lora_E, lora->lora_x, lora->scales, N, lr,
+                                        keep)) {
         launch_gemv4(Gemv4Params<scalar_t, LowrankBatch<scalar_t, float>>{w.w, io, fast, lr});
         lora->done = true;
       } else {
@@ -225,7 +226,8 @@ at::Tensor lora_linear_4bit_cuda(const Out* out, const at::Tensor& x, const at::
                                  const std::optional<at::Tensor>& nested_code,
                                  const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
                                  int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
-                                 at::TensorList lora_B, const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+                                 at::TensorList lora_B, std::optional<at::TensorList> lora_E, const at::Tensor& scales,
+                                 std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_4bit";
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code,
                                       nested_offset, nested_blocksize, out_features, bias);
@@ -234,10 +236,11 @@ at::Tensor lora_linear_4bit_cuda(const Out* out, const at::Tensor& x, const at::
   check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "out_features");
   check_lora_x(op, lora_x, x, lora_A.size());
-  LoraEpilogue lora{lora_A, lora_B, lora_x, read_state(scales)};
+  const at::TensorList E = checked_lora_E(op, lora_E, lora_A, x.device(), x.scalar_type());
+  LoraEpilogue lora{lora_A, lora_B, E, lora_x, read_state(scales)};
   return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_4bit(x, w, bias, nullptr, nullptr, y, lora_A.empty() ? nullptr : &lora);
-    if (!lora.done && !lora_A.empty() && y.numel() > 0) add_lowrank(x, lora_A, lora_B, lora_x, {}, lora.scales, y);
+    if (!lora.done && !lora_A.empty() && y.numel() > 0) add_lowrank(x, lora_A, lora_B, lora_x, E, lora.scales, y);
   });
 }
 
@@ -286,7 +289,8 @@ at::Tensor lora_linear_4bit_mixed_cuda(const Out* out, const at::Tensor& x, cons
                                        const std::optional<at::Tensor>& nested_code,
                                        const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
                                        int64_t out_features, const std::optional<at::Tensor>& bias,
-                                       at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                       at::TensorList lora_A, at::TensorList lora_B,
+                                       std::optional<at::TensorList> lora_E, const at::Tensor& scales,
                                        const at::Tensor& rows, const std::optional<at::Tensor>& lora_x) {
   const char* op = "lora_linear_4bit_mixed";
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code,
@@ -297,11 +301,12 @@ at::Tensor lora_linear_4bit_mixed_cuda(const Out* out, const at::Tensor& x, cons
                  "out_features");
   const bool has_lx = lora_x.has_value() && lora_x->defined();
   if (has_lx) check_lora_x(op, std::optional<at::TensorList>(at::TensorList(*lora_x)), x, 1);
+  const at::TensorList E = checked_lora_E(op, lora_E, lora_A, x.device(), x.scalar_type());
   const at::Tensor r = check_rows(op, rows, leading_rows(x), static_cast<int64_t>(lora_A.size()), x.device());
   return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_4bit(x, w, bias, nullptr, nullptr, y);
     if (!lora_A.empty() && y.numel() > 0)
-      add_lowrank_mixed(has_lx ? *lora_x : x, lora_A, lora_B, {}, read_state(scales), r, y);
+      add_lowrank_mixed(has_lx ? *lora_x : x, lora_A, lora_B, E, read_state(scales), r, y);
   });
 }
 

@@ -158,7 +158,8 @@ void linear_int8(const at::Tensor& x, const Int8Weight& w, const std::optional<a
       LowrankBatch<scalar_t, float> lr{};
       std::vector<at::Tensor> keep;
       if (lora != nullptr &&
-          shrink_for_epilogue<scalar_t>(x, lora->lora_A, lora->lora_B, lora->lora_x, lora->scales, N, lr, keep)) {
+          shrink_for_epilogue<scalar_t>(x, lora->lora_A, lora->lora_B, lora->lora_E, lora->lora_x, lora->scales, N, lr,
+                                        keep)) {
         launch_gemv8(Gemv8Params<scalar_t, LowrankBatch<scalar_t, float>>{cb, scb, N, K, io, fast, lr});
         lora->done = true;
       } else {
@@ -184,8 +185,8 @@ Int8Weight check_linear_int8(const char* op, const at::Tensor& x, const at::Tens
 
 at::Tensor lora_linear_int8_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                 at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
-                                 std::optional<at::TensorList> lora_x) {
+                                 at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,
+                                 const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_int8";
   const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -193,10 +194,11 @@ at::Tensor lora_linear_int8_cuda(const Out* out, const at::Tensor& x, const at::
   check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
   check_lora_x(op, lora_x, x, lora_A.size());
-  LoraEpilogue lora{lora_A, lora_B, lora_x, read_state(scales)};
+  const at::TensorList E = checked_lora_E(op, lora_E, lora_A, x.device(), x.scalar_type());
+  LoraEpilogue lora{lora_A, lora_B, E, lora_x, read_state(scales)};
   return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_int8(x, w, bias, nullptr, nullptr, y, lora_A.empty() ? nullptr : &lora);
-    if (!lora.done && !lora_A.empty() && y.numel() > 0) add_lowrank(x, lora_A, lora_B, lora_x, {}, lora.scales, y);
+    if (!lora.done && !lora_A.empty() && y.numel() > 0) add_lowrank(x, lora_A, lora_B, lora_x, E, lora.scales, y);
   });
 }
 
@@ -230,7 +232,8 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& weight, const at::Tensor& row_
 // ---- mixed batches (mixed.h): the base once for every row, then each row group's adapter.
 at::Tensor lora_linear_int8_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
                                        const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                       at::TensorList lora_A, at::TensorList lora_B, const at::Tensor& scales,
+                                       at::TensorList lora_A, at::TensorList lora_B,
+                                       std::optional<at::TensorList> lora_E, const at::Tensor& scales,
                                        const at::Tensor& rows) {
   const char* op = "lora_linear_int8_mixed";
   const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
@@ -238,10 +241,11 @@ at::Tensor lora_linear_int8_mixed_cuda(const Out* out, const at::Tensor& x, cons
   const int64_t N = weight.size(0), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, x.device(), x.scalar_type(), K, "x.shape[-1] (in_features)", N,
                  "weight.shape[0] (out_features)");
+  const at::TensorList E = checked_lora_E(op, lora_E, lora_A, x.device(), x.scalar_type());
   const at::Tensor r = check_rows(op, rows, leading_rows(x), static_cast<int64_t>(lora_A.size()), x.device());
   return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
     linear_int8(x, w, bias, nullptr, nullptr, y);
-    if (!lora_A.empty() && y.numel() > 0) add_lowrank_mixed(x, lora_A, lora_B, {}, read_state(scales), r, y);
+    if (!lora_A.empty() && y.numel() > 0) add_lowrank_mixed(x, lora_A, lora_B, E, read_state(scales), r, y);
   });
 }
 

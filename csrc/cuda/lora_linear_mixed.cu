@@ -202,8 +202,7 @@ at::Tensor lora_linear_mixed_cuda(const Out* out, const at::Tensor& x, const at:
                                   const at::Tensor& rows) {
   const char* op = "lora_linear_mixed";
   const LinearDims d = check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, std::nullopt);
-  const at::TensorList E = lora_E.has_value() ? *lora_E : at::TensorList();
-  if (lora_E.has_value()) check_lora_E(op, E, lora_A, x.device(), x.scalar_type());
+  const at::TensorList E = checked_lora_E(op, lora_E, lora_A, x.device(), x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor r = check_rows(op, rows, d.n, static_cast<int64_t>(lora_A.size()), x.device());
   return write_output(op, out, rows_then(x, d.out), x, [&](at::Tensor& y) {

@@ -1,4 +1,4 @@
-// The CUDA low-rank update behind lora_linear, adalora_linear, lora_embedding and the
+// The CUDA low-rank update behind lora_linear (with or without lora_E), lora_embedding and the
 // quantized LoRA ops (host side; kernels in lowrank.cuh):
 //   y += Σ_a s_a · ((x_a·A_aᵀ) ⊙ E_a)·B_aᵀ, summed in fp32 and rounded into y once.
 // Paths: the two kernels (shrink, expand) for float / bfloat16 / float16 with up to
@@ -233,7 +233,7 @@ void add_lowrank_embedding(const at::Tensor& idx, at::TensorList lora_A, at::Ten
 }
 
 template <typename T>
-bool shrink_for_epilogue(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B,
+bool shrink_for_epilogue(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B, at::TensorList lora_E,
                          const std::optional<at::TensorList>& lora_x, const State& scales, int64_t N,
                          LowrankBatch<T, float>& batch, std::vector<at::Tensor>& keep) {
   const std::vector<size_t> on = active_indices(lora_A, scales);
@@ -258,6 +258,10 @@ bool shrink_for_epilogue(const at::Tensor& x, at::TensorList lora_A, at::TensorL
     ad.A = lora_A[a].stride(1) == 1 ? lora_A[a] : lora_A[a].contiguous();
     ad.B = lora_B[a];
     keep.insert(keep.end(), {ad.x, ad.A, ad.B});
+    if (!lora_E.empty()) {
+      ad.E = lora_E[a].reshape({-1}).to(at::kFloat).contiguous();
+      keep.push_back(ad.E);
+    }
     act.push_back(std::move(ad));
   }
   batch = fill_batch<T, float>(act, scales, M, K, N, t_all, nullptr);
@@ -265,13 +269,13 @@ bool shrink_for_epilogue(const at::Tensor& x, at::TensorList lora_A, at::TensorL
   return true;
 }
 
-template bool shrink_for_epilogue<float>(const at::Tensor&, at::TensorList, at::TensorList,
+template bool shrink_for_epilogue<float>(const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
                                          const std::optional<at::TensorList>&, const State&, int64_t,
                                          LowrankBatch<float, float>&, std::vector<at::Tensor>&);
-template bool shrink_for_epilogue<c10::BFloat16>(const at::Tensor&, at::TensorList, at::TensorList,
+template bool shrink_for_epilogue<c10::BFloat16>(const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
                                                  const std::optional<at::TensorList>&, const State&, int64_t,
                                                  LowrankBatch<c10::BFloat16, float>&, std::vector<at::Tensor>&);
-template bool shrink_for_epilogue<c10::Half>(const at::Tensor&, at::TensorList, at::TensorList,
+template bool shrink_for_epilogue<c10::Half>(const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
                                              const std::optional<at::TensorList>&, const State&, int64_t,
                                              LowrankBatch<c10::Half, float>&, std::vector<at::Tensor>&);
 

@@ -15,7 +15,7 @@
 // each row of its tile, only the term of that row's adapter (expand_accumulate /
 // expand_row with a per-row adapter test in place of the per-call scale test). Nothing in
 // the inner loops depends on all rows sharing adapters.
-// Tests: tests/test_cuda.py (lora_linear / adalora_linear / lora_embedding / quantized
+// Tests: tests/test_cuda.py (lora_linear with and without lora_E / lora_embedding / quantized
 // samples). Benchmark: benchmarks/bench_cuda.py.
 #pragma once
 

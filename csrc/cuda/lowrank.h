@@ -32,9 +32,10 @@ void add_lowrank_embedding(const at::Tensor& idx, at::TensorList lora_A, at::Ten
 // fills `batch` (y unset) for the epilogue. Returns false, launching nothing, when the
 // fused form does not apply (no adapter possibly on, more than kShrinkMaxRows rows or
 // kMaxAdapters adapters, adapters not float32, an odd lora_x dtype): the caller then adds
-// them with add_lowrank. `keep` holds the buffers the launch refers to.
+// them with add_lowrank. `keep` holds the buffers the launch refers to. lora_E (AdaLoRA)
+// scales the shrink result in the shrink kernel, as in add_lowrank.
 template <typename T>
-bool shrink_for_epilogue(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B,
+bool shrink_for_epilogue(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B, at::TensorList lora_E,
                          const std::optional<at::TensorList>& lora_x, const State& scales, int64_t N,
                          LowrankBatch<T, float>& batch, std::vector<at::Tensor>& keep);
 

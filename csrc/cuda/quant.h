@@ -16,7 +16,7 @@ namespace peftcore::cuda {
 
 // A LoRA op's adapters, offered to the fused GEMV's epilogue; done = it added them.
 struct LoraEpilogue {
-  at::TensorList lora_A, lora_B;
+  at::TensorList lora_A, lora_B, lora_E;  // lora_E: empty (LoRA) or AdaLoRA's E
   std::optional<at::TensorList> lora_x;
   State scales;
   bool done = false;

@@ -1,5 +1,6 @@
 """peftcore::lora_linear (+ backward): the registered CPU kernel against reference.py
-over every sample of tests/op_db.py. With the native extension disabled the op *is*
+over every sample of tests/op_db.py, plain LoRA and with lora_E (AdaLoRA, the
+"adalora_" samples; tests/ops/test_adalora_linear.py checks the reference against PEFT). With the native extension disabled the op *is*
 the reference, so these pass trivially there; the no-_C path is tested separately."""
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _params(ps):
 
 @pytest.mark.parametrize("dtype,adapter_dtype,s", **_params(FWD))
 def test_forward_matches_reference(dtype, adapter_dtype, s):
-    x, weight, bias, lora_A, lora_B, scales, lora_x = s.args
+    x, weight, bias, lora_A, lora_B, _, scales, lora_x = s.args
     y = torch.ops.peftcore.lora_linear(*s.args)
     r = reference.lora_linear(*s.args)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], weight.shape[0])
@@ -58,8 +59,8 @@ FWD_GRAD = list(samples("lora_linear", combos=[(torch.float32, torch.float32)], 
 def test_autograd_matches_reference_autograd(dtype, adapter_dtype, s):
     """Gradients through the op (register_autograd + native backward) equal those of
     plain PyTorch autograd through reference.lora_linear."""
-    x, weight, bias, lora_A, lora_B, scales, lora_x = s.args
-    leaves = [t for t in (x, weight, bias, *lora_A, *lora_B, *(lora_x or ())) if t is not None]
+    x, weight, bias, lora_A, lora_B, lora_E, scales, lora_x = s.args
+    leaves = [t for t in (x, weight, bias, *lora_A, *lora_B, *(lora_E or ()), *(lora_x or ())) if t is not None]
     y = torch.ops.peftcore.lora_linear(*s.args)
     go = torch.randn_like(y)
     got = torch.autograd.grad(y, leaves, go, allow_unused=True)
@@ -79,6 +80,7 @@ def _args(**over):
         bias=None,
         lora_A=[torch.randn(2, 8, generator=g), torch.randn(4, 8, generator=g)],
         lora_B=[torch.randn(5, 2, generator=g), torch.randn(5, 4, generator=g)],
+        lora_E=None,
         scales=torch.ones(2),
         lora_x=None,
     )
@@ -97,9 +99,13 @@ def _args(**over):
         (dict(bias=torch.randn(6)), r"bias has shape \[6\].*= 5"),
         (dict(lora_x=[torch.randn(3, 8)]), r"lora_x has 1 tensors but lora_A has 2"),
         (dict(lora_A=[torch.randn(2, 8).half(), torch.randn(4, 8)]), r"lora_A\[0\] has dtype Half; adapter weights must be float32 or the base dtype Float"),
+        (dict(lora_E=[torch.randn(2, 1)]), r"lora_E has 1 tensors but lora_A has 2"),
+        (dict(lora_E=[torch.randn(2, 1), torch.randn(3, 1)]), r"lora_E\[1\] has shape \[3, 1\] but must hold one value per rank of lora_A\[1\] \(shape \[4, 8\]"),
+        (dict(lora_E=[torch.randn(2, 1), torch.randn(4, 1).double()]), r"lora_E\[1\] has dtype Double; adapter weights must be float32"),
     ],
 )
 def test_bad_arguments_are_named(over, pattern):
     a = _args(**over)
     with pytest.raises(RuntimeError, match=pattern):
-        torch.ops.peftcore.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["scales"], a["lora_x"])
+        torch.ops.peftcore.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["lora_E"], a["scales"],
+                                       a["lora_x"])

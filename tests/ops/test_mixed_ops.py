@@ -1,7 +1,7 @@
 """The six mixed-batch ops (peftcore::*_mixed: one adapter slot per row group, -1 = base)
 over every sample of tests/op_db.py:
 
-  * each row group equals the op's single-adapter twin (lora_linear, adalora_linear,
+  * each row group equals the op's single-adapter twin (lora_linear, with lora_E where given,
     ia3_linear and their quantized forms) run on the whole batch with that group's adapter
     as the only active one — the same base pass, so only the low-rank / scaling order can
     differ (tests/helpers.py tolerances);
@@ -39,17 +39,18 @@ def _twin_args(name, args, slot):
     if name == "lora_linear_mixed":
         x, w, b, A, B, E, scales, rows = args
         st = only(len(A), scales[slot].item() if slot >= 0 else 0.0)
-        return ("lora_linear", (x, w, b, A, B, st, None)) if E is None else ("adalora_linear", (x, w, b, A, E, B, st, None))
+        return "lora_linear", (x, w, b, A, B, E, st, None)
     if name == "ia3_linear_mixed":
         x, w, b, l, rows, ff = args
         return "ia3_linear", (x, w, b, l, only(len(l), 1.0), ff)
     if name == "lora_linear_4bit_mixed":
-        x, *q, out, b, A, B, scales, rows, lx = args
+        x, *q, out, b, A, B, E, scales, rows, lx = args
         st = only(len(A), scales[slot].item() if slot >= 0 else 0.0)
-        return "lora_linear_4bit", (x, *q, out, b, A, B, st, None if lx is None else [lx] * len(A))
+        return "lora_linear_4bit", (x, *q, out, b, A, B, E, st, None if lx is None else [lx] * len(A))
     if name == "lora_linear_int8_mixed":
-        x, cb, scb, b, A, B, scales, rows = args
-        return "lora_linear_int8", (x, cb, scb, b, A, B, only(len(A), scales[slot].item() if slot >= 0 else 0.0), None)
+        x, cb, scb, b, A, B, E, scales, rows = args
+        return "lora_linear_int8", (x, cb, scb, b, A, B, E, only(len(A), scales[slot].item() if slot >= 0 else 0.0),
+                                    None)
     if name == "ia3_linear_4bit_mixed":
         x, *q, out, b, l, rows, ff = args
         return "ia3_linear_4bit", (x, *q, out, b, l, only(len(l), 1.0), ff)

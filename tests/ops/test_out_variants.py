@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftcore import native, ops
+from peftcore import native, ops, reference
 from peftcore._ops import FORWARD_OPS
 from tests.helpers import DEVICES, has_cuda_kernels
 from tests.op_db import OPS, dtype_combos, native_loaded
@@ -63,7 +63,7 @@ def _square_lora_args(device, n=3, f=8):
     x = torch.randn(n, f, generator=g)
     w = torch.randn(f, f, generator=g)
     b = torch.randn(f, generator=g)
-    return _to((x, w, b, [torch.randn(2, f, generator=g)], [torch.randn(f, 2, generator=g)],
+    return _to((x, w, b, [torch.randn(2, f, generator=g)], [torch.randn(f, 2, generator=g)], None,
                 torch.tensor([0.5]), None), device)
 
 
@@ -89,10 +89,11 @@ def test_bad_out_is_refused_and_left_untouched(device):
     # adapter's B, the LoRA input.
     storage = torch.randn(64, device=device)
     view = storage.view(8, 8)
-    A, B, s = args[3:6]
-    for out, call_args in ((x, args), (w, args), (view, (x, w, storage[56:], A, B, s, None)),
-                           (view, (x, w, b, [storage[:16].view(2, 8)], B, s, None)),
-                           (view, (x, w, b, A, B, s, [view]))):
+    A, B, _, s = args[3:7]
+    for out, call_args in ((x, args), (w, args), (view, (x, w, storage[56:], A, B, None, s, None)),
+                           (view, (x, w, b, [storage[:16].view(2, 8)], B, None, s, None)),
+                           (view, (x, w, b, A, B, [storage[:2].view(2, 1)], s, None)),
+                           (view, (x, w, b, A, B, None, s, [view]))):
         before = out.clone()
         with pytest.raises(RuntimeError, match="shares memory with an input of shape"):
             op.out(*call_args, out=out)
@@ -101,10 +102,12 @@ def test_bad_out_is_refused_and_left_untouched(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs_leave_out_untouched(device):
-    x, w, b, A, B, s, _ = _square_lora_args(device)
+    x, w, b, A, B, _, s, _ = _square_lora_args(device)
     out = torch.full((3, 8), 7.0, device=device)
     with pytest.raises(RuntimeError, match=r"lora_B\[0\] has shape \[5, 2\]"):
-        torch.ops.peftcore.lora_linear.out(x, w, b, A, [B[0][:5]], s, None, out=out)
+        torch.ops.peftcore.lora_linear.out(x, w, b, A, [B[0][:5]], None, s, None, out=out)
+    with pytest.raises(RuntimeError, match=r"lora_E\[0\] has shape \[3, 1\]"):
+        torch.ops.peftcore.lora_linear.out(x, w, b, A, B, [torch.ones(3, 1, device=device)], s, None, out=out)
     with pytest.raises(RuntimeError, match="ia3_linear"):
         torch.ops.peftcore.ia3_linear.out(x, w, b, [torch.ones(5, device=device)], torch.ones(1), False, out=out)
     assert torch.equal(out, torch.full((3, 8), 7.0, device=device))
@@ -144,10 +147,14 @@ def test_compiled_out_matches_eager(name):
 
 
 def test_typed_entry_points_take_out():
-    x, w, b, A, B, s, _ = _square_lora_args("cpu")
+    x, w, b, A, B, _, s, _ = _square_lora_args("cpu")
     out = torch.empty(3, 8)
     assert ops.lora_linear(x, w, b, A, B, s, out=out) is out
     assert torch.equal(out, ops.lora_linear(x, w, b, A, B, s))
+    E = [torch.tensor([[0.5], [-2.0]])]
+    assert ops.adalora_linear(x, w, b, A, E, B, s, out=out) is out
+    assert torch.equal(out, ops.lora_linear(x, w, b, A, B, s, lora_E=E))
+    torch.testing.assert_close(out, reference.lora_linear(x, w, b, A, B, E, s), rtol=1e-5, atol=1e-5)  # fp32 sum order
     l = [torch.rand(8) + 0.5]
     assert ops.ia3_linear(x, w, b, l, out=out) is out
     assert torch.equal(out, ops.ia3_linear(x, w, b, l))
@@ -173,7 +180,7 @@ def test_graph_capture_into_static_buffer(tokens):
     B = [(torch.randn(fout, 16, generator=g) * 0.25).cuda()]
     scales = torch.tensor([1.0], device="cuda")
     out = torch.empty(tokens, fout, device="cuda", dtype=torch.bfloat16)
-    run = lambda: torch.ops.peftcore.lora_linear.out(x, w, None, A, B, scales, None, out=out)  # noqa: E731
+    run = lambda: torch.ops.peftcore.lora_linear.out(x, w, None, A, B, None, scales, None, out=out)  # noqa: E731
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -110,7 +110,7 @@ FWD8 = list(samples("lora_linear_int8", combos=FWD_COMBOS))
 def _check_forward(op_name, dtype, s):
     op = getattr(torch.ops.peftcore, op_name)
     ref = getattr(reference, op_name)
-    x, W, bias, lora_A, lora_B, scales, lora_x, base_args = split_quantized(op_name, s.args)
+    x, W, bias, lora_A, lora_B, _, scales, lora_x, base_args = split_quantized(op_name, s.args)
     y = op(*s.args)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], W.shape[0])
     # A scale-0 adapter full of NaN must contribute exactly nothing.
@@ -139,8 +139,8 @@ GRAD8 = list(samples("lora_linear_int8", combos=[(torch.float32, torch.float32)]
 
 
 def _leaves(op_name, args):
-    x, _, bias, lora_A, lora_B, _, lora_x, _ = split_quantized(op_name, args)
-    return [t for t in (x, bias, *lora_A, *lora_B, *(lora_x or ())) if t is not None]
+    x, _, bias, lora_A, lora_B, lora_E, _, lora_x, _ = split_quantized(op_name, args)
+    return [t for t in (x, bias, *lora_A, *lora_B, *(lora_E or ()), *(lora_x or ())) if t is not None]
 
 
 def _check_autograd(op_name, dtype, s):
@@ -265,7 +265,7 @@ def test_4bit_no_less_accurate_than_bitsandbytes(quant_type, nested):
                 # bitsandbytes dequantizes W to bfloat16 and calls F.linear
                 y_bnb = lin(x)
             b = b32.to(dtype)
-            y = torch.ops.peftcore.lora_linear_4bit(x, *quant, 256, b, [], [], torch.zeros(0), None)
+            y = torch.ops.peftcore.lora_linear_4bit(x, *quant, 256, b, [], [], None, torch.zeros(0), None)
             oracle = x.double() @ W.t() + b.double()
             _assert_no_worse(y, y_bnb, oracle, f"{quant_type} nested={nested} {dtype} T={T}")
 
@@ -289,7 +289,7 @@ def test_int8_no_less_accurate_than_bitsandbytes(threshold):
             b = lin.bias.detach().to(dtype)
             with torch.no_grad():
                 y_bnb = lin(x)
-            y = torch.ops.peftcore.lora_linear_int8(x, CB, SCB, b, [], [], torch.zeros(0), None)
+            y = torch.ops.peftcore.lora_linear_int8(x, CB, SCB, b, [], [], None, torch.zeros(0), None)
             oracle = x.double() @ W.t() + b.double()
             _assert_no_worse(y, y_bnb, oracle, f"int8 threshold={threshold} {dtype} T={T}")
 
@@ -311,7 +311,7 @@ class _Quant4Lora(torch.nn.Module):
     def forward(self, x):
         return torch.ops.peftcore.lora_linear_4bit(
             x, self.qweight, self.absmax, self.code, self.blocksize, self.nested_absmax, self.nested_code,
-            self.nested_offset, self.nested_blocksize, self.fout, self.bias, list(self.A), list(self.B),
+            self.nested_offset, self.nested_blocksize, self.fout, self.bias, list(self.A), list(self.B), None,
             self.scales, None,
         )
 
@@ -325,11 +325,12 @@ class _Int8Lora(torch.nn.Module):
         self.register_buffer("SCB", SCB)
         self.A = torch.nn.ParameterList([torch.randn(4, fin, generator=g) / fin**0.5])
         self.B = torch.nn.ParameterList([torch.randn(fout, 4, generator=g)])
+        self.E = torch.nn.ParameterList([torch.randn(4, 1, generator=g)])  # AdaLoRA's lora_E
         self.register_buffer("scales", torch.tensor([2.0]))
 
     def forward(self, x):
         return torch.ops.peftcore.lora_linear_int8(x, self.CB, self.SCB, None, list(self.A), list(self.B),
-                                                   self.scales, None)
+                                                   list(self.E), self.scales, None)
 
 
 @pytest.mark.parametrize("module", [_Quant4Lora, _Int8Lora], ids=["4bit", "int8"])
@@ -341,7 +342,7 @@ def test_compile_forward_and_backward(module):
     x = torch.randn(3, 5, 96, requires_grad=True)
     y_eager = m(x)
     go = torch.randn_like(y_eager)
-    params = [x, *m.A, *m.B]
+    params = [x, *m.A, *m.B, *getattr(m, "E", ())]
     grads_eager = torch.autograd.grad(y_eager, params, go)
     cm = torch.compile(m, fullgraph=True)
     y = cm(x)
@@ -408,7 +409,7 @@ def test_bad_4bit_state_is_refused(case, device):
                             "nested_offset", "nested_blocksize")]
     x = torch.randn(3, fin, device=device)
     with pytest.raises(RuntimeError, match=f"peftcore::lora_linear_4bit: .*{msg}"):
-        torch.ops.peftcore.lora_linear_4bit(x, *quant, fout, None, [], [], torch.zeros(0), None)
+        torch.ops.peftcore.lora_linear_4bit(x, *quant, fout, None, [], [], None, torch.zeros(0), None)
     with pytest.raises(RuntimeError, match=f"peftcore::dequantize_4bit: .*{msg}"):
         torch.ops.peftcore.dequantize_4bit(*quant, fout, fin, torch.float32)
 
@@ -423,4 +424,4 @@ def test_bad_int8_state_is_refused(device):
                                    (CB.reshape(-1), SCB, "weight must be 2-D"),
                                    (CB, SCB.to(torch.int32), "row_scale has dtype Int")):
         with pytest.raises(RuntimeError, match=f"peftcore::lora_linear_int8: {msg}"):
-            torch.ops.peftcore.lora_linear_int8(x, weight, row_scale, None, [], [], torch.zeros(0), None)
+            torch.ops.peftcore.lora_linear_int8(x, weight, row_scale, None, [], [], None, torch.zeros(0), None)
