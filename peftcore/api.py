@@ -8,7 +8,6 @@ the model exactly as it was.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,9 +17,11 @@ import torch
 import torch.nn as nn
 
 from . import hub, inject, merge, peft_format
-from .config import CONFIG_NAME, AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
+from .config import CONFIG_NAME, AdapterConfig
 from .errors import AdapterConfigError, AdapterNameError, AdapterWeightsError, PeftcoreError, UnsupportedAdapterError
-from .layers import AdapterLayer, Conv1D, ModulesToSaveWrapper, adalora_scaling, lora_scaling
+from .layers import AdapterLayer, Conv1D, ModulesToSaveWrapper
+from .methods import method_for
+from .methods.base import base_weight
 from .state import apply_state, drop_state, get_state
 from .switching import after_delete
 
@@ -42,20 +43,6 @@ def check_name(model: nn.Module, name: str) -> None:
         raise AdapterNameError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
 
 
-def _pattern_value(patterns: dict, module_name: str, default):
-    """PEFT's rank/alpha_pattern lookup: first key (in dict order) that matches a dot-aligned suffix."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return patterns[key]
-    return default
-
-
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # PEFT's default (autocast_adapter_dtype): fp16/bf16 adapters are kept in fp32; so are
-    # adapters on bitsandbytes bases (uint8 / int8 weights).
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
-
-
 @dataclass
 class Entry:
     path: str
@@ -74,16 +61,6 @@ class Plan:
     writes: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # key, param, value
 
 
-def _shape_in_out(module: nn.Module) -> tuple[int, int, bool]:
-    base = module.base_layer if isinstance(module, AdapterLayer) else module
-    n_in, n_out = inject.base_shape(base)
-    return n_in, n_out, isinstance(base, nn.Embedding)
-
-
-def _base_weight(module: nn.Module) -> torch.Tensor:
-    return (module.base_layer if isinstance(module, AdapterLayer) else module).weight
-
-
 def _prepare_config(model: nn.Module, config: AdapterConfig, found) -> AdapterConfig:
     """PEFT rewrites some fields when it injects: resolved targets (and IA3's feedforward
     modules), and fan_in_fan_out forced to match the layer type (True for Conv1D). The
@@ -93,8 +70,7 @@ def _prepare_config(model: nn.Module, config: AdapterConfig, found) -> AdapterCo
         isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
     ):
         config.target_modules = inject.resolve_target_modules(model, config)
-    if isinstance(config, IA3Config):
-        config.feedforward_modules = inject.resolve_feedforward_modules(model, config)
+    method_for(config.peft_type).prepare_config(model, config)
     conv1d = any(
         bool(Conv1D) and isinstance(m.base_layer if isinstance(m, AdapterLayer) else m, Conv1D) for _, m in found
     )
@@ -104,84 +80,13 @@ def _prepare_config(model: nn.Module, config: AdapterConfig, found) -> AdapterCo
     return config
 
 
-def _feedforward(plan: Plan, path: str, module: nn.Module) -> bool:
-    """IA3: whether ``path`` scales its input; a layer that already has IA3 adapters keeps
-    its kind, so a second adapter that disagrees is refused."""
-    ff = inject.is_feedforward(plan.config.feedforward_modules, path)
-    if isinstance(module, AdapterLayer) and module.is_feedforward != ff:
-        raise AdapterConfigError(
-            f"module {path!r} scales its {'input' if module.is_feedforward else 'output'} for IA3 adapters "
-            f"{module.adapter_names}, but this config makes it {'a feedforward' if ff else 'a non-feedforward'} module"
-        )
-    return ff
-
-
-def _adapter_kw(module: nn.Module) -> dict:
-    w = _base_weight(module)
-    return dict(dtype=_adapter_dtype(w), device=w.device)
-
-
-def _new_lora(config: LoraConfig, path: str, module: nn.Module) -> dict:
-    n_in, n_out, is_emb = _shape_in_out(module)
-    r = _pattern_value(config.rank_pattern, path, config.r)
-    alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
-    kw = _adapter_kw(module)
-    A = torch.empty(r, n_in, **kw)
-    B = torch.empty(n_out, r, **kw)
-    init = config.init_lora_weights
-    if is_emb:  # PEFT: A zero, B standard normal (the reverse of Linear)
-        if init is False:
-            A.normal_(), B.normal_()
-        else:
-            A.zero_(), B.normal_()
-    else:
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if init is False:  # nn.Linear's own init for both factors
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        else:
-            if init == "gaussian":
-                nn.init.normal_(A, std=1 / r)
-            B.zero_()
-    return dict(A=A, B=B, scaling=lora_scaling(r, alpha, config.use_rslora), dropout_p=config.lora_dropout)
-
-
-def _new_adalora(config: AdaLoraConfig, module: nn.Module) -> dict:
-    # PEFT's order of random draws (A, E, B, then the ranknum placeholder), so a seeded
-    # run starts from PEFT's weights; with init_lora_weights E = 0 (the model is
-    # unchanged) and A, B ~ N(0, 0.02).
-    n_in, n_out, _ = _shape_in_out(module)
-    r = config.init_r
-    A, E, B = torch.randn(r, n_in), torch.randn(r, 1), torch.randn(n_out, r)
-    torch.randn(1)
-    if config.init_lora_weights:
-        E.zero_()
-        nn.init.normal_(A, mean=0.0, std=0.02)
-        nn.init.normal_(B, mean=0.0, std=0.02)
-    kw = _adapter_kw(module)
-    A, E, B = (t.to(**kw) for t in (A, E, B))
-    return dict(A=A, B=B, E=E, scaling=adalora_scaling(config.lora_alpha, r, r), dropout_p=config.lora_dropout,
-                ranknum=float(r))
-
-
-def _new_ia3(config: IA3Config, module: nn.Module, ff: bool) -> dict:
-    n_in, n_out, _ = _shape_in_out(module)
-    l = torch.randn((1, n_in) if ff else (n_out, 1))  # noqa: E741  (PEFT draws, then fills ones)
-    if config.init_ia3_weights:
-        l.fill_(1.0)
-    return dict(l=l.to(**_adapter_kw(module)))
-
-
 def plan_new(model: nn.Module, name: str, config: AdapterConfig) -> Plan:
     targets, found = inject.find_targets(model, config)
     plan = Plan(name, _prepare_config(model, config, found), targets)
+    method = method_for(config.peft_type)
     for path, module in found:
-        if isinstance(config, IA3Config):
-            ff = _feedforward(plan, path, module)
-            plan.lora.append(Entry(path, module, _new_ia3(config, module, ff), ff))
-        elif isinstance(config, AdaLoraConfig):
-            plan.lora.append(Entry(path, module, _new_adalora(config, module)))
-        else:
-            plan.lora.append(Entry(path, module, _new_lora(config, path, module)))
+        ff = method.feedforward(plan.config, path, module)
+        plan.lora.append(Entry(path, module, method.new(plan.config, path, module, ff), ff))
     _plan_modules_to_save(model, plan, None, None)
     if config.modules_to_save and not plan.mts:
         raise AdapterConfigError(f"modules_to_save={config.modules_to_save!r} matched no module")
@@ -212,91 +117,16 @@ def _plan_modules_to_save(model: nn.Module, plan: Plan, remaining: Optional[dict
         plan.mts.append((path, module, new))
 
 
-def _take(remaining: dict, source: str, path: str, suffixes) -> list[torch.Tensor]:
-    """Pop ``<path>.<suffix>`` for each suffix, or raise naming the missing keys."""
-    keys = [f"{path}.{k}" for k in suffixes]
-    missing = [k for k in keys if k not in remaining]
-    if missing:
-        raise AdapterWeightsError(
-            f"{source}: no weights for targeted module {path!r} (missing {[peft_format.PREFIX + k for k in missing]})"
-        )
-    return [remaining.pop(k) for k in keys]
-
-
-def _bind_lora(config: LoraConfig, path: str, module: nn.Module, remaining: dict, source: str) -> dict:
-    n_in, n_out, is_emb = _shape_in_out(module)
-    ka, kb = peft_format.lora_suffixes(is_emb)
-    A, B = _take(remaining, source, path, (ka, kb))
-    if A.dim() != 2 or B.dim() != 2 or A.shape[0] < 1 or A.shape[1] != n_in or B.shape != (n_out, A.shape[0]):
-        raise AdapterWeightsError(
-            f"{source}: module {path!r} expects {ka} of shape (r, {n_in}) and {kb} of shape ({n_out}, r) "
-            f"with r >= 1, got {tuple(A.shape)} and {tuple(B.shape)}"
-        )
-    r = A.shape[0]  # the tensors decide the rank (rank_pattern order is not reliable, see PEFT's sort_keys)
-    alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
-    kw = _adapter_kw(module)
-    return dict(A=A.to(**kw), B=B.to(**kw), scaling=lora_scaling(r, alpha, config.use_rslora),
-                dropout_p=config.lora_dropout)
-
-
-def _bind_adalora(config: AdaLoraConfig, path: str, module: nn.Module, remaining: dict, source: str) -> dict:
-    """AdaLoRA tensors as PEFT saves them: kept triplets only (rank = the mask's count,
-    possibly 0), keys without '.weight', and (older PEFT) a ``ranknum`` entry."""
-    n_in, n_out, _ = _shape_in_out(module)
-    ka, kb, ke = peft_format.adalora_suffixes()
-    A, B, E = _take(remaining, source, path, (ka, kb, ke))
-    r = A.shape[0] if A.dim() == 2 else -1
-    if A.dim() != 2 or A.shape[1] != n_in or B.shape != (n_out, r) or E.shape != (r, 1):
-        raise AdapterWeightsError(
-            f"{source}: module {path!r} expects {ka} (r, {n_in}), {kb} ({n_out}, r) and {ke} (r, 1), "
-            f"got {tuple(A.shape)}, {tuple(B.shape)} and {tuple(E.shape)}"
-        )
-    mask = config.pattern_mask(path)
-    if mask is not None and r != sum(mask):
-        if r != len(mask):
-            raise AdapterWeightsError(
-                f"{source}: module {path!r} has rank {r}, but its rank_pattern keeps {sum(mask)} of {len(mask)}"
-            )
-        keep = torch.tensor(mask)  # a file saved before pruning: keep the pattern's triplets
-        A, E, B = A[keep], E[keep], B[:, keep]
-        r = int(keep.sum())
-    ranknum = float(config.init_r)
-    legacy = remaining.pop(f"{path}.ranknum", None)
-    if legacy is not None:
-        if legacy.numel() != 1:
-            raise AdapterWeightsError(f"{source}: {peft_format.PREFIX}{path}.ranknum has shape {tuple(legacy.shape)}, expected (1,)")
-        ranknum = float(legacy.reshape(()))
-    kw = _adapter_kw(module)
-    return dict(A=A.to(**kw), B=B.to(**kw), E=E.to(**kw), scaling=adalora_scaling(config.lora_alpha, r, ranknum),
-                dropout_p=config.lora_dropout, ranknum=ranknum)
-
-
-def _bind_ia3(path: str, module: nn.Module, ff: bool, remaining: dict, source: str) -> dict:
-    n_in, n_out, _ = _shape_in_out(module)
-    (l,) = _take(remaining, source, path, (peft_format.IA3_SUFFIX,))  # noqa: E741
-    want = (1, n_in) if ff else (n_out, 1)
-    if tuple(l.shape) != want:
-        raise AdapterWeightsError(
-            f"{source}: module {path!r} is {'a feedforward' if ff else 'a non-feedforward'} IA3 module and expects "
-            f"{peft_format.IA3_SUFFIX} of shape {want}, got {tuple(l.shape)}"
-        )
-    return dict(l=l.to(**_adapter_kw(module)))
-
-
 def plan_load(model: nn.Module, name: str, config: AdapterConfig, sd: dict, source: str) -> Plan:
     """Bind every tensor of ``sd`` (prefix already stripped) to the model, or raise."""
     targets, found = inject.find_targets(model, config)
     plan = Plan(name, _prepare_config(model, config, found), targets)
     remaining = dict(sd)
 
+    method = method_for(config.peft_type)
     for path, module in found:
-        if isinstance(config, IA3Config):
-            ff = _feedforward(plan, path, module)
-            plan.lora.append(Entry(path, module, _bind_ia3(path, module, ff, remaining, source), ff))
-        elif isinstance(config, AdaLoraConfig):
-            plan.lora.append(Entry(path, module, _bind_adalora(config, path, module, remaining, source)))
-        else:
-            plan.lora.append(Entry(path, module, _bind_lora(config, path, module, remaining, source)))
+        ff = method.feedforward(plan.config, path, module)
+        plan.lora.append(Entry(path, module, method.bind(plan.config, path, module, ff, remaining, source), ff))
     _plan_modules_to_save(model, plan, remaining, source)
 
     # Remaining keys must be base tensors the config says the adapter carries.
@@ -345,7 +175,8 @@ def commit(model: nn.Module, plan: Plan, *, trainable: bool) -> None:
         for e in plan.lora:
             layer = e.module
             if not isinstance(layer, AdapterLayer):
-                layer = inject.new_wrapper(e.module, _base_weight(e.module).device, plan.config.peft_type, e.feedforward)
+                layer = inject.new_wrapper(e.module, base_weight(e.module).device,
+                                           method_for(plan.config.peft_type), e.feedforward)
                 parent, child = inject.get_parent(model, e.path)
                 setattr(parent, child, layer)
                 undo.append(lambda p=parent, c=child, m=e.module: setattr(p, c, m))

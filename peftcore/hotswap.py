@@ -6,7 +6,9 @@ existing parameters: no module is rebuilt, no tensor is replaced, so a ``torch.c
 model does not recompile. A smaller rank is zero-padded into the existing slot (the extra
 rows of A / columns of B, and entries of AdaLoRA's E, are zero); a larger rank is refused
 (load the first adapter at the largest rank you will swap in). Modules the old adapter
-adapted but the new one does not get zeros. The scales follow the new config.
+adapted but the new one does not get zeros (IA3: ones). The scales follow the new
+config. What a slot holds and how it is filled is the method's (``methods``: check_swap
+and swap).
 """
 from __future__ import annotations
 
@@ -20,21 +22,9 @@ from . import hub, peft_format
 from .api import plan_load
 from .config import CONFIG_NAME
 from .errors import AdapterConfigError, AdapterNameError, PeftcoreError, UnsupportedAdapterError
-from .layers import AdapterLayer, LoraLayer
+from .layers import AdapterLayer
+from .methods import method_for
 from .state import apply_state, require_state
-
-
-def _fill(slot: torch.Tensor, new: Optional[torch.Tensor], rows: bool) -> None:
-    """slot ← new, zero-padded along the rank dim (dim 0 if ``rows``, else dim 1). Each
-    element is written once (the copy, then zeros past the new rank only)."""
-    if new is None:
-        slot.zero_()
-        return
-    k = new.shape[0] if rows else new.shape[1]
-    head, tail = (slot[:k], slot[k:]) if rows else (slot[:, :k], slot[:, k:])
-    head.copy_(new)
-    if tail.numel():
-        tail.zero_()
 
 
 def hotswap_adapter(
@@ -79,6 +69,7 @@ def hotswap_adapter(
         raise UnsupportedAdapterError(
             f"{config_path}: hot-swapping modules_to_save or base biases is not supported (only adapter weights)"
         )
+    method = method_for(old.peft_type)
     slots = {p: m for p, m in model.named_modules() if isinstance(m, AdapterLayer) and adapter_name in m.adapter_names}
     for e in plan.lora:
         layer = slots.get(e.path)
@@ -89,42 +80,14 @@ def hotswap_adapter(
             )
         if layer.merged_adapters:
             raise PeftcoreError(f"hotswap_adapter: module {e.path!r} has merged adapters; unmerge first")
-        new = e.add_kwargs
-        for key, dict_name, rows in (("A", "lora_A", True), ("E", "lora_E", True), ("B", "lora_B", False)):
-            if key in new and dict_name in layer.param_dicts:
-                have = layer.adapter_params(adapter_name)[dict_name].shape[0 if rows else 1]
-                got = new[key].shape[0 if rows else 1]
-                if got > have:
-                    raise AdapterConfigError(
-                        f"{weights_path}: module {e.path!r} has rank {got} but adapter {adapter_name!r}'s slot holds "
-                        f"rank {have}; load the first adapter at the largest rank you will swap in"
-                    )
-        if "l" in new and new["l"].shape != layer.ia3_l[adapter_name].shape:
-            raise AdapterConfigError(
-                f"{weights_path}: module {e.path!r}: ia3_l of shape {tuple(new['l'].shape)} does not fit the slot "
-                f"{tuple(layer.ia3_l[adapter_name].shape)}"
-            )
+        method.check_swap(layer, adapter_name, e.add_kwargs, e.path, weights_path)
 
     # Checked: now only in-place copies.
     bound = {e.path: e.add_kwargs for e in plan.lora}
     with torch.no_grad():
         for path, layer in slots.items():
             new = bound.get(path)  # None: the new adapter leaves this module alone -> zeros
-            params = layer.adapter_params(adapter_name)
-            if "ia3_l" in params:
-                # IA3 vectors multiply: "no adapter" is a vector of ones.
-                params["ia3_l"].copy_(new["l"]) if new is not None else params["ia3_l"].fill_(1.0)
-                continue
-            a, b = layer.param_dicts[:2]
-            _fill(params[a], None if new is None else new["A"], True)
-            _fill(params[b], None if new is None else new["B"], False)
-            if "lora_E" in params:
-                _fill(params["lora_E"], None if new is None else new["E"], True)
-                if new is not None:
-                    layer.ranknum[adapter_name].fill_(new["ranknum"])
-            if isinstance(layer, LoraLayer) and new is not None:
-                layer.scaling[adapter_name] = new["scaling"]
-                layer.dropout_p[adapter_name] = new["dropout_p"]
+            method.swap(layer, adapter_name, new)
     plan.config.inference_mode = old.inference_mode
     st.configs[adapter_name] = plan.config
     st.targets[adapter_name] = plan.targets

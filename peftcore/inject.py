@@ -11,18 +11,8 @@ import torch.nn as nn
 from .config import AdapterConfig
 from .errors import AdapterConfigError, UnsupportedAdapterError
 from .layers import (
-    AdaLoraLinear,
-    AdaLoraLinear4bit,
-    AdaLoraLinear8bit,
     AdapterLayer,
     Conv1D,
-    Ia3Linear,
-    Ia3Linear4bit,
-    Ia3Linear8bit,
-    LoraEmbedding,
-    LoraLinear,
-    LoraLinear4bit,
-    LoraLinear8bit,
     ModulesToSaveWrapper,
     bnb_kind,
     follow_mode,
@@ -331,22 +321,11 @@ def base_shape(base: nn.Module) -> tuple[int, int]:
     return d["in_features"], d["out_features"]
 
 
-_WRAPPERS = {  # method -> base kind -> layer class
-    "LORA": {"4bit": LoraLinear4bit, "8bit": LoraLinear8bit, None: LoraLinear},
-    "ADALORA": {"4bit": AdaLoraLinear4bit, "8bit": AdaLoraLinear8bit, None: AdaLoraLinear},
-    "IA3": {"4bit": Ia3Linear4bit, "8bit": Ia3Linear8bit, None: Ia3Linear},
-}
-
-
-def new_wrapper(module: nn.Module, device: torch.device, peft_type: str = "LORA", feedforward: bool = False) -> AdapterLayer:
-    """The adapter layer of method ``peft_type`` that will carry adapters for a plain base
-    module (its state tensor on ``device``, the base weight's). ``feedforward``: IA3's
-    input scaling. It takes ``module``'s training mode."""
-    if peft_type == "LORA" and isinstance(module, nn.Embedding):
-        layer = LoraEmbedding(module)
-    else:
-        cls = _WRAPPERS[peft_type][bnb_kind(module)]
-        layer = cls(module, feedforward) if peft_type == "IA3" else cls(module)
+def new_wrapper(module: nn.Module, device: torch.device, method, feedforward: bool = False) -> AdapterLayer:
+    """``method``'s adapter layer (``methods.Method.make_layer``) that will carry adapters
+    for a plain base module, its state tensor on ``device`` (the base weight's).
+    ``feedforward``: IA3's input scaling. It takes ``module``'s training mode."""
+    layer = method.make_layer(module, feedforward)
     if device.type != "cpu":
         layer._buffers[layer.state_name] = layer._buffers[layer.state_name].to(device)
     follow_mode(layer, module)

@@ -47,14 +47,15 @@ from . import inject
 from .errors import AdapterNameError, PeftcoreError
 from .layers import (
     AdapterLayer,
-    LoraEmbedding,
-    LoraLayer,
     ModulesToSaveWrapper,
     bnb_kind,
     int8_state,
     stored_4bit,
     unpack_cpu_4bit,
 )
+from .methods import method_for
+from .methods.ia3 import IA3
+from .methods.lora import LORA
 from .state import apply_state, drop_state, require_state
 
 
@@ -78,17 +79,9 @@ def is_merged(model: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------- per-layer weights
-def delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:
-    """``scaling·B·A`` of adapter ``name``, in the orientation the base stores its weight
-    ([out, in]; [in, out] for Conv1D; [num_embeddings, dim] for embeddings), float32
-    (float64 for float64 adapters)."""
-    A, B = layer.adapter_weights(name)
-    f = torch.float64 if A.dtype == torch.float64 else torch.float32
-    with torch.no_grad():
-        d = (B.detach().to(f) @ A.detach().to(f)) * layer.scaling[name]
-    if isinstance(layer, LoraEmbedding) or getattr(layer, "is_conv1d", False):
-        d = d.t()
-    return d
+# What an adapter adds to a weight is its method's (methods/<method>.py ``merge``);
+# LoRA's delta is kept here under its old name for callers of peftcore.merge.
+delta_weight = LORA.delta_weight
 
 
 def _dense(layer: AdapterLayer) -> torch.Tensor:
@@ -116,24 +109,12 @@ def _new_weight(layer: AdapterLayer, names: list[str], sign: float) -> tuple[tor
     The bias changes only for non-feedforward IA3."""
     params = [p for n in names for p in layer.adapter_params(n).values()]
     f = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    acc = _dense(layer).to(f, copy=True)
-    bias = None
-    if isinstance(layer, LoraLayer):
-        for n in names:
-            acc += sign * delta_weight(layer, n).to(device=acc.device, dtype=f)
-    else:  # IA3: multiply by l (divide by l + 1e-8 to unmerge, as PEFT)
-        b = getattr(layer.base_layer, "bias", None)
-        bias = b.detach().to(f) if b is not None and not layer.is_feedforward else None
-        for n in names:
-            l = layer.ia3_l[n].detach().to(device=acc.device, dtype=f)  # noqa: E741
-            if sign < 0:
-                l = l + 1e-8  # noqa: E741
-            lw = l.t() if layer.is_conv1d else l  # Conv1D stores W as (in, out)
-            acc = acc * lw if sign > 0 else acc / lw
-            if bias is not None:
-                bias = bias * l.flatten() if sign > 0 else bias / l.flatten()
-        if bias is not None:
-            bias = bias.to(b.dtype)
+    method = method_for(layer.peft_type)
+    b = getattr(layer.base_layer, "bias", None)
+    bias = b.detach().to(f) if b is not None and method.merges_bias(layer) else None
+    acc, bias = method.merge(layer, names, sign, _dense(layer).to(f, copy=True), bias)
+    if bias is not None:
+        bias = bias.to(b.dtype)
     kind = bnb_kind(layer.base_layer)
     if kind == "8bit":
         return acc.to(torch.float16), bias  # what Int8Params quantizes from
@@ -225,7 +206,7 @@ def unmerge_adapter(model: nn.Module) -> None:
     """Subtract every merged adapter from the base weights again and give the adapters
     back their kernel scales. On quantized bases this re-quantizes (lossy, PEFT's method)."""
     st = require_state(model)
-    if any(m.merged_adapters and m.peft_type == "IA3" for _, m in lora_layers(model)):
+    if any(m.merged_adapters and m.peft_type == IA3.peft_type for _, m in lora_layers(model)):
         warnings.warn("unmerge_adapter: IA3 unmerge divides by l + 1e-8 (as PEFT): the result can be inaccurate")
     for _, layer in lora_layers(model):
         if layer.merged_adapters:

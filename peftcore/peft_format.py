@@ -4,11 +4,8 @@ Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (``adapter_mode
 only as a fallback, read with ``torch.load(weights_only=True)``). Keys are
 ``base_model.model.<module path>.<suffix>``; the adapter name never appears. Suffixes:
 
-* LoRA: ``lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r) for Linear / Conv1D,
-  ``lora_embedding_A`` (r, V) and ``lora_embedding_B`` (D, r) for Embedding,
-* AdaLoRA: ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_E`` (r, 1), no ``.weight``; r is
-  the number of triplets ``rank_pattern`` keeps (possibly 0); older files add ``ranknum`` (1,),
-* IA3: ``ia3_l``, (out, 1), or (1, in) for feedforward modules,
+* each method's own tensors: its module in ``peftcore/methods/`` (``bind`` reads them,
+  ``saved`` writes them),
 * ``<path>.base_layer.bias`` / ``<path>.bias`` for ``bias`` "lora_only" / "all",
 * ``<path>.<param>`` for each parameter of a ``modules_to_save`` module,
 * ``<path>.base_layer.weight`` for a targeted embedding's base table (PEFT saves it).
@@ -24,44 +21,15 @@ import uuid
 import torch
 import torch.nn as nn
 
-from .config import CONFIG_NAME, AdaLoraConfig, AdapterConfig
+from . import methods
+from .config import CONFIG_NAME, AdapterConfig
 from .errors import AdapterFileNotFoundError, AdapterWeightsError
-from .layers import AdapterLayer, LoraEmbedding, ModulesToSaveWrapper
+from .layers import AdapterLayer, ModulesToSaveWrapper
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-IA3_SUFFIX = "ia3_l"
-
-
-def lora_suffixes(is_embedding: bool) -> tuple[str, str]:
-    """On-disk suffixes of the two LoRA factors of a module."""
-    return ("lora_embedding_A", "lora_embedding_B") if is_embedding else ("lora_A.weight", "lora_B.weight")
-
-
-def adalora_suffixes() -> tuple[str, str, str]:
-    """On-disk suffixes of AdaLoRA's A, B and E (plain parameters: no '.weight')."""
-    return ("lora_A", "lora_B", "lora_E")
-
-
-def _layer_tensors(layer: AdapterLayer, name: str, config: AdapterConfig, path: str) -> dict[str, torch.Tensor]:
-    """suffix -> tensor of one adapter of one layer, as PEFT writes them."""
-    p = layer.adapter_params(name)
-    if layer.peft_type == "IA3":
-        return {IA3_SUFFIX: p["ia3_l"].detach()}
-    if layer.peft_type == "ADALORA":
-        A, B, E = (p[k].detach() for k in adalora_suffixes())
-        mask = config.pattern_mask(path) if isinstance(config, AdaLoraConfig) else None
-        if mask is not None and len(mask) == A.shape[0] and sum(mask) != A.shape[0]:
-            # PEFT writes the kept triplets only (resize_state_dict_by_rank_pattern).
-            keep = torch.tensor(mask, device=A.device)
-            A, E, B = A[keep], E[keep], B[:, keep]
-        return dict(zip(adalora_suffixes(), (A, B, E)))
-    A, B = (p[k].detach() for k in layer.param_dicts)
-    return dict(zip(lora_suffixes(isinstance(layer, LoraEmbedding)), (A, B)))
-
-
 # ---------------------------------------------------------------- reading
 def read_config(path: str) -> AdapterConfig:
     """The config of any supported method (``peft_type`` picks LoRA / AdaLoRA / IA3)."""
@@ -138,7 +106,7 @@ def adapter_state_dict(model: nn.Module, name: str, config: AdapterConfig, targe
     lora_layers = [(p, m) for p, m in model.named_modules() if isinstance(m, AdapterLayer)]
     for path, m in lora_layers:
         if name in m.adapter_names:
-            for suffix, t in _layer_tensors(m, name, config, path).items():
+            for suffix, t in methods.method_for(m.peft_type).saved(m, name, config, path).items():
                 out[f"{path}.{suffix}"] = t
     for path, m in model.named_modules():
         if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save:

@@ -1,0 +1,125 @@
+"""LoRA (``peft_type`` "LORA"): y = base(x) + s·(x·Aᵀ)·Bᵀ per adapter, s = alpha / r
+(alpha / √r with rsLoRA).
+
+On-disk keys: ``<module>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r);
+embeddings ``.lora_embedding_A`` (r, num_embeddings) / ``.lora_embedding_B`` (dim, r).
+Layers: ``LoraLinear`` (nn.Linear, transformers Conv1D), ``LoraLinear4bit`` /
+``LoraLinear8bit`` (bitsandbytes), ``LoraEmbedding``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import AdapterConfigError, AdapterWeightsError
+from ..layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinear4bit, LoraLinear8bit, bnb_kind, lora_scaling
+from .base import Method, adapter_kw, fill, pattern_value, shape_in_out, take
+
+
+def lora_suffixes(is_embedding: bool) -> tuple[str, str]:
+    """On-disk suffixes of the two LoRA factors of a module."""
+    return ("lora_embedding_A", "lora_embedding_B") if is_embedding else ("lora_A.weight", "lora_B.weight")
+
+
+class Lora(Method):
+    peft_type = "LORA"
+    # Layer class by bitsandbytes kind of the base (None: nn.Linear / Conv1D).
+    layers = {"4bit": LoraLinear4bit, "8bit": LoraLinear8bit, None: LoraLinear}
+    factors = ("lora_A", "lora_B")  # the layer's parameter dicts of A and B
+
+    def make_layer(self, module, feedforward):
+        if isinstance(module, nn.Embedding):
+            return LoraEmbedding(module)
+        return self.layers[bnb_kind(module)](module)
+
+    def new(self, config, path, module, feedforward):
+        n_in, n_out, is_emb = shape_in_out(module)
+        r = pattern_value(config.rank_pattern, path, config.r)
+        alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+        kw = adapter_kw(module)
+        A = torch.empty(r, n_in, **kw)
+        B = torch.empty(n_out, r, **kw)
+        init = config.init_lora_weights
+        if is_emb:  # PEFT: A zero, B standard normal (the reverse of Linear)
+            if init is False:
+                A.normal_(), B.normal_()
+            else:
+                A.zero_(), B.normal_()
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init is False:  # nn.Linear's own init for both factors
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            else:
+                if init == "gaussian":
+                    nn.init.normal_(A, std=1 / r)
+                B.zero_()
+        return dict(A=A, B=B, scaling=lora_scaling(r, alpha, config.use_rslora), dropout_p=config.lora_dropout)
+
+    def bind(self, config, path, module, feedforward, remaining, source):
+        n_in, n_out, is_emb = shape_in_out(module)
+        ka, kb = lora_suffixes(is_emb)
+        A, B = take(remaining, source, path, (ka, kb))
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] < 1 or A.shape[1] != n_in or B.shape != (n_out, A.shape[0]):
+            raise AdapterWeightsError(
+                f"{source}: module {path!r} expects {ka} of shape (r, {n_in}) and {kb} of shape ({n_out}, r) "
+                f"with r >= 1, got {tuple(A.shape)} and {tuple(B.shape)}"
+            )
+        r = A.shape[0]  # the tensors decide the rank (rank_pattern order is not reliable, see PEFT's sort_keys)
+        alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+        kw = adapter_kw(module)
+        return dict(A=A.to(**kw), B=B.to(**kw), scaling=lora_scaling(r, alpha, config.use_rslora),
+                    dropout_p=config.lora_dropout)
+
+    def saved(self, layer, name, config, path):
+        p = layer.adapter_params(name)
+        A, B = (p[k].detach() for k in layer.param_dicts)
+        return dict(zip(lora_suffixes(isinstance(layer, LoraEmbedding)), (A, B)))
+
+    @staticmethod
+    def delta_weight(layer: LoraLayer, name: str) -> torch.Tensor:
+        """``scaling·B·A`` of adapter ``name``, in the orientation the base stores its weight
+        ([out, in]; [in, out] for Conv1D; [num_embeddings, dim] for embeddings), float32
+        (float64 for float64 adapters)."""
+        A, B = layer.adapter_weights(name)
+        f = torch.float64 if A.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            d = (B.detach().to(f) @ A.detach().to(f)) * layer.scaling[name]
+        if isinstance(layer, LoraEmbedding) or getattr(layer, "is_conv1d", False):
+            d = d.t()
+        return d
+
+    def merge(self, layer, names, sign, acc, bias):
+        for n in names:
+            acc += sign * self.delta_weight(layer, n).to(device=acc.device, dtype=acc.dtype)
+        return acc, bias
+
+    def swap_slots(self, layer) -> tuple:
+        """(kwargs key, parameter dict, rank along dim 0) of each tensor a hot-swap writes."""
+        a, b = layer.param_dicts[:2]
+        return ("A", a, True), ("B", b, False)
+
+    def check_swap(self, layer, name, new, path, source):
+        for key, dict_name, rows in self.swap_slots(layer):
+            have = layer.adapter_params(name)[dict_name].shape[0 if rows else 1]
+            got = new[key].shape[0 if rows else 1]
+            if got > have:
+                raise AdapterConfigError(
+                    f"{source}: module {path!r} has rank {got} but adapter {name!r}'s slot holds "
+                    f"rank {have}; load the first adapter at the largest rank you will swap in"
+                )
+
+    def swap(self, layer, name, new: Optional[dict]):
+        """A smaller rank is zero-padded into the slot; a module the new adapter leaves
+        alone gets zeros. The scale and dropout follow the new adapter."""
+        params = layer.adapter_params(name)
+        for key, dict_name, rows in self.swap_slots(layer):
+            fill(params[dict_name], None if new is None else new[key], rows)
+        if new is not None:
+            layer.scaling[name] = new["scaling"]
+            layer.dropout_p[name] = new["dropout_p"]
+
+
+LORA = Lora()
