@@ -97,3 +97,24 @@ def test_hotswap_refusals_leave_model_unchanged(tmp_path):
         assert_unchanged(model, snap)
     with pytest.raises(peftcore.AdapterNameError, match="nope"):
         peftcore.hotswap_adapter(model, d1, "nope")
+
+
+def test_hotswap_larger_embedding_rank_is_refused(tmp_path):
+    """LoRA on an embedding keeps its factors under other names (lora_embedding_A / _B): a
+    larger rank there is refused before anything is written, like on a Linear."""
+    def cfg(r):
+        return peft.LoraConfig(r=r, target_modules=["embed_tokens"], init_lora_weights=False)
+
+    def saved(name, r, seed):  # without the embedding's base table (PEFT saves it by default: not hot-swappable)
+        pm = peft.get_peft_model(fresh_base("opt")[0], cfg(r))
+        perturb_trainable(pm, seed)
+        pm.save_pretrained(tmp_path / name, save_embedding_layers=False)
+        return tmp_path / name
+
+    small, big = saved("small", 2, 1), saved("big", 4, 2)
+    model, _ = fresh_base("opt")
+    peftcore.load_adapter(model, small)
+    snap = model_snapshot(model)
+    with pytest.raises(peftcore.AdapterConfigError, match="embed_tokens' has rank 4 but adapter 'default'"):
+        peftcore.hotswap_adapter(model, big, "default")
+    assert_unchanged(model, snap)
