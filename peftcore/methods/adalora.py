@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .. import peft_format
-from ..errors import AdapterWeightsError
+from ..errors import AdapterWeightsError, UnsupportedAdapterError
 from ..layers import AdaLoraLinear, AdaLoraLinear4bit, AdaLoraLinear8bit, adalora_scaling, bnb_kind
 from .base import adapter_kw, shape_in_out, take
 from .lora import Lora
@@ -88,6 +88,9 @@ class AdaLora(Lora):
             keep = torch.tensor(mask, device=A.device)
             A, E, B = A[keep], E[keep], B[:, keep]
         return dict(zip(SUFFIXES, (A, B, E)))
+
+    def combine(self, config, configs, layers, adapters, weights, options):
+        raise UnsupportedAdapterError("add_weighted_adapter: AdaLoRA adapters cannot be combined (as in PEFT)")
 
     def swap_slots(self, layer):
         return ("A", "lora_A", True), ("E", "lora_E", True), ("B", "lora_B", False)

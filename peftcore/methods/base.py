@@ -12,6 +12,7 @@ through ``methods.method_for(peft_type)``, instead of laddering on method names:
   arguments of the layer's ``add``;
 * ``saved``: the tensors PEFT writes for one adapter of one layer, by key suffix;
 * ``merge``: the adapters' effect folded into a dense float copy of the base weight;
+* ``combine``: ``add_weighted_adapter``'s combination of several adapters into one;
 * ``check_swap`` / ``swap``: hot-swapping an adapter's tensors in place.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .. import inject, peft_format
-from ..errors import AdapterWeightsError
+from ..errors import AdapterConfigError, AdapterWeightsError, UnsupportedAdapterError
 from ..layers import AdapterLayer
 
 
@@ -78,6 +79,16 @@ def fill(slot: torch.Tensor, new: Optional[torch.Tensor], rows: bool) -> None:
         tail.zero_()
 
 
+def union_modules(values: list, what: str):
+    """PEFT's union of target (or feedforward) modules: sets joined, regexes OR-ed."""
+    kinds = {type(v) for v in values if v is not None}
+    if len(kinds) > 1:
+        raise AdapterConfigError(f"add_weighted_adapter: the adapters' {what} mix lists and regex strings: {values}")
+    if kinds == {str}:
+        return "|".join(f"({v})" for v in values)
+    return sorted({m for v in values if v for m in v})
+
+
 class Method:
     """The hooks of one adapter method (see the module docstring)."""
 
@@ -111,6 +122,13 @@ class Method:
     def merges_bias(self, layer: AdapterLayer) -> bool:
         """Whether merging changes the base bias (IA3 scaling the output)."""
         return False
+
+    def combine(self, config, configs: list, layers: list, adapters: list[str], weights: list[float],
+                options: dict) -> list[tuple[str, nn.Module, dict]]:
+        """``add_weighted_adapter``: (path, layer, add kwargs) of the combined adapter on each
+        of ``layers`` (the (path, layer) pairs carrying a source adapter), with ``config``
+        (a copy of the first source's, target_modules already joined) adjusted in place."""
+        raise UnsupportedAdapterError(f"add_weighted_adapter: {self.peft_type} adapters cannot be combined")
 
     def check_swap(self, layer: AdapterLayer, name: str, new: dict, path: str, source: str) -> None:
         """Raise if ``new`` (a bound adapter) does not fit adapter ``name``'s slot."""

@@ -13,7 +13,7 @@ import torch
 from .. import inject
 from ..errors import AdapterConfigError, AdapterWeightsError
 from ..layers import AdapterLayer, Ia3Linear, Ia3Linear4bit, Ia3Linear8bit, bnb_kind
-from .base import Method, adapter_kw, shape_in_out, take
+from .base import Method, adapter_kw, shape_in_out, take, union_modules
 
 SUFFIX = "ia3_l"
 
@@ -76,6 +76,15 @@ class Ia3(Method):
             if bias is not None:
                 bias = bias * l.flatten() if sign > 0 else bias / l.flatten()
         return acc, bias
+
+    def combine(self, config, configs, layers, adapters, weights, options):
+        """PEFT's weighted sum of the vectors, l = Σ w_i·l_i (``combination_type`` is not read)."""
+        config.feedforward_modules = union_modules([c.feedforward_modules for c in configs], "feedforward_modules")
+        out = []
+        for path, m in layers:
+            l = sum(w * m.ia3_l[n].detach() for n, w in zip(adapters, weights) if n in m.adapter_names)  # noqa: E741
+            out.append((path, m, dict(l=l.clone())))
+        return out
 
     def check_swap(self, layer, name, new, path, source):
         if new["l"].shape != layer.ia3_l[name].shape:

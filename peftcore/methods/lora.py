@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..errors import AdapterConfigError, AdapterWeightsError
+from ..errors import AdapterConfigError, AdapterWeightsError, UnsupportedAdapterError
 from ..layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinear4bit, LoraLinear8bit, bnb_kind, lora_scaling
 from .base import Method, adapter_kw, fill, pattern_value, shape_in_out, take
 
@@ -22,6 +22,37 @@ from .base import Method, adapter_kw, fill, pattern_value, shape_in_out, take
 def lora_suffixes(is_embedding: bool) -> tuple[str, str]:
     """On-disk suffixes of the two LoRA factors of a module."""
     return ("lora_embedding_A", "lora_embedding_B") if is_embedding else ("lora_A.weight", "lora_B.weight")
+
+
+COMBINATIONS = ("svd", "linear", "cat")
+
+
+def _factors(layer: LoraLayer, present: list[tuple[str, float]], combination: str, rank: int,
+                  svd_clamp: Optional[float], full_matrices: bool, driver: Optional[str]):
+    """(A, B) of the combined adapter on one layer, in float32 (float64 for float64 adapters)."""
+    f = torch.float64 if any(layer.adapter_weights(n)[0].dtype == torch.float64 for n, _ in present) else torch.float32
+    fac = [(layer.adapter_weights(n)[0].detach().to(f), layer.adapter_weights(n)[1].detach().to(f), w * layer.scaling[n])
+           for n, w in present]
+    if combination == "cat":
+        A = torch.cat([ws * a for a, _, ws in fac], dim=0)
+        B = torch.cat([b for _, b, _ in fac], dim=1)
+        pad = rank - A.shape[0]  # adapters this layer does not carry: zero rows / columns
+        return torch.nn.functional.pad(A, (0, 0, 0, pad)), torch.nn.functional.pad(B, (0, pad))
+    if combination == "linear":
+        A = sum((1.0 if ws >= 0 else -1.0) * abs(ws) ** 0.5 * a for a, _, ws in fac)
+        B = sum(abs(ws) ** 0.5 * b for _, b, ws in fac)
+        return A, B
+    delta = sum(ws * (b @ a) for a, b, ws in fac)  # [out, in] (embeddings: [dim, num_embeddings])
+    if rank > min(delta.shape):
+        raise AdapterConfigError(
+            f"add_weighted_adapter: svd_rank={rank} exceeds the smaller side of a {tuple(delta.shape)} delta"
+        )
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    B, A = U[:, :rank] @ torch.diag(S[:rank]), Vh[:rank, :]
+    if svd_clamp is not None:
+        hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), svd_clamp)
+        A, B = A.clamp(-hi, hi), B.clamp(-hi, hi)
+    return A, B
 
 
 class Lora(Method):
@@ -95,6 +126,47 @@ class Lora(Method):
         for n in names:
             acc += sign * self.delta_weight(layer, n).to(device=acc.device, dtype=acc.dtype)
         return acc, bias
+
+    def combine(self, config, configs, layers, adapters, weights, options):
+        """Per layer, over the source adapters that layer carries (``s_i`` their scales):
+
+        * ``"cat"``: A = [w_1·s_1·A_1; w_2·s_2·A_2; ...], B = [B_1, B_2, ...]: exactly
+          Σ w_i·s_i·B_i·A_i, at rank Σ r_i (a layer missing an adapter keeps zero rows there);
+        * ``"linear"``: A = Σ sign(w_i s_i)·√|w_i s_i|·A_i, B = Σ √|w_i s_i|·B_i (equal ranks
+          only): PEFT's cheap approximation, not the weighted sum of the deltas;
+        * ``"svd"``: the rank-``svd_rank`` (default: the largest source rank) truncated SVD of
+          Σ w_i·s_i·B_i·A_i, B = U·S, A = Vᴴ, optionally clamped at the ``svd_clamp`` quantile.
+
+        The new adapter's scale is exactly 1: its config has ``lora_alpha = r`` and
+        ``use_rslora = False``. (PEFT copies ``use_rslora`` from the first source, which
+        scales the combined adapter by √r instead of 1 under rsLoRA.)"""
+        combination_type = options["combination_type"]
+        if combination_type not in COMBINATIONS:
+            raise UnsupportedAdapterError(
+                f"add_weighted_adapter: combination_type={combination_type!r} is not supported; use one of {COMBINATIONS}"
+            )
+        if len(adapters) == 1:
+            combination_type = "linear"  # PEFT's rule: one adapter is simply rescaled
+        ranks = {n: max([m.r[n] for _, m in layers if n in m.adapter_names], default=0) for n in adapters}
+        if combination_type == "linear" and len(set(ranks.values())) != 1:
+            raise AdapterConfigError(
+                f"add_weighted_adapter: combination_type='linear' needs adapters of one rank, got {ranks}; "
+                "use 'cat' (exact) or 'svd'"
+            )
+        rank = {"linear": max(ranks.values()), "cat": sum(ranks.values())}.get(combination_type)
+        if rank is None:
+            rank = options["svd_rank"] or max(ranks.values())
+        config.r, config.lora_alpha, config.use_rslora = rank, rank, False  # scale exactly 1
+        config.rank_pattern, config.alpha_pattern = {}, {}
+        out = []
+        for path, m in layers:
+            present = [(n, w) for n, w in zip(adapters, weights) if n in m.adapter_names]
+            A, B = _factors(m, present, combination_type, rank, options["svd_clamp"], options["svd_full_matrices"],
+                            options["svd_driver"])
+            dt = m.adapter_weights(present[0][0])[0].dtype
+            out.append((path, m, dict(A=A.to(dt).contiguous(), B=B.to(dt).contiguous(), scaling=1.0,
+                                      dropout_p=config.lora_dropout)))
+        return out
 
     def swap_slots(self, layer) -> tuple:
         """(kwargs key, parameter dict, rank along dim 0) of each tensor a hot-swap writes."""
