@@ -199,11 +199,6 @@ def _fake(name):
     return register
 
 
-@_fake("lora_linear")
-def _lora_linear_fake(x, weight, bias, lora_A, lora_B, lora_E, scales, lora_x):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
 @_fake("lora_linear_backward")
 def _lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, scales, lora_x, output_mask):
     # Every gradient is a fresh contiguous tensor, whatever the strides of its input
@@ -216,27 +211,6 @@ def _lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, scales, lora
     gB = [B.new_empty(B.shape) for B in lora_B] if want_ad else []
     gxa = [t.new_empty(t.shape) for t in lora_x] if lora_x is not None else []
     return gx, gw, gb, gA, gB, gxa
-
-
-@_fake("ia3_linear")
-def _ia3_linear_fake(x, weight, bias, ia3_l, active, feedforward):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@_fake("ia3_linear_4bit")
-def _ia3_linear_4bit_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                          nested_blocksize, out_features, bias, ia3_l, active, feedforward):
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-@_fake("ia3_linear_int8")
-def _ia3_linear_int8_fake(x, weight, row_scale, bias, ia3_l, active, feedforward):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@_fake("lora_embedding")
-def _lora_embedding_fake(indices, weight, lora_A, lora_B, scales, padding_idx):
-    return weight.new_empty((*indices.shape, weight.shape[1]))
 
 
 @_fake("lora_embedding_backward")
@@ -254,52 +228,34 @@ def _dequantize_4bit_fake(qweight, absmax, code, blocksize, nested_absmax, neste
     return qweight.new_empty((out_features, in_features), dtype=dtype)
 
 
-@_fake("lora_linear_4bit")
-def _lora_linear_4bit_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                           nested_blocksize, out_features, bias, lora_A, lora_B, lora_E, scales, lora_x):
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
 @_fake("dequantize_int8")
 def _dequantize_int8_fake(weight, row_scale, dtype):
     return weight.new_empty(weight.shape, dtype=dtype)
 
 
-@_fake("lora_linear_int8")
-def _lora_linear_int8_fake(x, weight, row_scale, bias, lora_A, lora_B, lora_E, scales, lora_x):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _arg_names(schema: str) -> list[str]:
+    return [a.strip().split(" ")[-1] for a in schema[schema.index("(") + 1:schema.rindex(") ->")].split(",")]
 
 
-@_fake("lora_linear_mixed")
-def _lora_linear_mixed_fake(x, weight, bias, lora_A, lora_B, lora_E, scales, rows):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _forward_fake(name):
+    """A forward op's fake, from its schema's argument names: x's leading dims +
+    [out_features] (that argument where the op has it, else weight.shape[0]) in x's
+    dtype; an op over ``indices`` (lora_embedding): indices' shape + [weight.shape[1]] in
+    weight's dtype."""
+    names = _arg_names(SCHEMAS[name])
+
+    def fake(*args):
+        a = dict(zip(names, args))
+        if "indices" in a:
+            return a["weight"].new_empty((*a["indices"].shape, a["weight"].shape[1]))
+        out = a["out_features"] if "out_features" in a else a["weight"].shape[0]
+        return a["x"].new_empty((*a["x"].shape[:-1], out))
+
+    return fake
 
 
-@_fake("ia3_linear_mixed")
-def _ia3_linear_mixed_fake(x, weight, bias, ia3_l, rows, feedforward):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@_fake("lora_linear_4bit_mixed")
-def _lora_linear_4bit_mixed_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                 nested_blocksize, out_features, bias, lora_A, lora_B, lora_E, scales, rows, lora_x):
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-@_fake("lora_linear_int8_mixed")
-def _lora_linear_int8_mixed_fake(x, weight, row_scale, bias, lora_A, lora_B, lora_E, scales, rows):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@_fake("ia3_linear_4bit_mixed")
-def _ia3_linear_4bit_mixed_fake(x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                                nested_blocksize, out_features, bias, ia3_l, rows, feedforward):
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-@_fake("ia3_linear_int8_mixed")
-def _ia3_linear_int8_mixed_fake(x, weight, row_scale, bias, ia3_l, rows, feedforward):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+for _name in FORWARD_OPS:
+    _fake(_name)(_forward_fake(_name))
 
 
 def _out_fake(name):

@@ -268,12 +268,14 @@ def _check_method(model: nn.Module, config: AdapterConfig, verb: str, trainable:
             f"{verb}: the model has adapters of another method {other}; adapters on one model share a method, "
             f"so a {config.peft_type} adapter cannot be added (delete those first)"
         )
-    if trainable and config.peft_type == "ADALORA":
+    method = method_for(config.peft_type)
+    if trainable and method.trains_alone:
         busy = sorted({n for m in model.modules() if isinstance(m, AdapterLayer) for n in m.adapter_names
                        if any(p.requires_grad for p in m.adapter_params(n).values())})
         if busy:
             raise AdapterConfigError(
-                f"{verb}: AdaLoRA adapter(s) {busy} are trainable; only one AdaLoRA adapter can train at a time "
+                f"{verb}: {method.label} adapter(s) {busy} are trainable; only one {method.label} adapter can "
+                "train at a time "
                 "(load this one with is_trainable=False, or delete the other first)"
             )
 

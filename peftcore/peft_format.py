@@ -88,8 +88,9 @@ def strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- writing
 def embedding_is_targeted(model: nn.Module, config: AdapterConfig, targets) -> bool:
-    """PEFT's save_embedding_layers="auto": embeddings named in target_modules (LoRA)."""
-    if config.peft_type != "LORA":
+    """PEFT's save_embedding_layers="auto": embeddings named in target_modules (methods that
+    adapt embeddings)."""
+    if not methods.method_for(config.peft_type).on_embeddings:
         return False
     if isinstance(targets, str):
         return any(

@@ -24,6 +24,9 @@ SUFFIXES = ("lora_A", "lora_B", "lora_E")  # plain parameters: no '.weight'
 
 class AdaLora(Lora):
     peft_type = "ADALORA"
+    label = "AdaLoRA"
+    on_embeddings = False
+    trains_alone = True
     layers = {"4bit": AdaLoraLinear4bit, "8bit": AdaLoraLinear8bit, None: AdaLoraLinear}
 
     def make_layer(self, module, feedforward):

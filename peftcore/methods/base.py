@@ -93,6 +93,9 @@ class Method:
     """The hooks of one adapter method (see the module docstring)."""
 
     peft_type = ""
+    label = ""  # the method's name in messages
+    on_embeddings = False  # adapts nn.Embedding (PEFT then also saves a targeted embedding's table)
+    trains_alone = False  # only one adapter of this method may train at a time (AdaLoRA's rank allocation)
 
     def make_layer(self, module: nn.Module, feedforward: bool) -> AdapterLayer:
         raise NotImplementedError

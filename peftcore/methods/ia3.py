@@ -20,6 +20,7 @@ SUFFIX = "ia3_l"
 
 class Ia3(Method):
     peft_type = "IA3"
+    label = "IA3"
     layers = {"4bit": Ia3Linear4bit, "8bit": Ia3Linear8bit, None: Ia3Linear}
 
     def make_layer(self, module, feedforward):

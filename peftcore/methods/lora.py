@@ -57,6 +57,8 @@ def _factors(layer: LoraLayer, present: list[tuple[str, float]], combination: st
 
 class Lora(Method):
     peft_type = "LORA"
+    label = "LoRA"
+    on_embeddings = True
     # Layer class by bitsandbytes kind of the base (None: nn.Linear / Conv1D).
     layers = {"4bit": LoraLinear4bit, "8bit": LoraLinear8bit, None: LoraLinear}
     factors = ("lora_A", "lora_B")  # the layer's parameter dicts of A and B
