@@ -324,6 +324,30 @@ def test_save_pretrained_multi_layout_matches_peft(dirs, tmp_path, names):
 
 
 # ---------------------------------------------------------------------- torch.compile
+def test_modules_to_save_switch_recompiles_once():
+    """README: a switch that changes which modules_to_save copy runs (a choice between whole
+    modules) recompiles once; going back to a choice already compiled does not."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4)).eval()
+    for i, name in enumerate("ab"):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        peftcore.add_adapter(model, peftcore.LoraConfig(r=2, target_modules=["0"], modules_to_save=["1"],
+                                                        init_lora_weights=False), name)
+        with torch.no_grad():
+            model[1].modules_to_save[name].weight.add_(i + 1.0)  # the copies differ
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        for name, frames in (("a", 1), ("b", 2), ("a", 2), ("b", 2)):
+            peftcore.set_adapter(model, name)
+            assert torch.equal(compiled(x), model(x)), name
+            assert counter.frame_count == frames, (name, counter.frame_count)
+
+
 SWITCH_CONFIGS = {
     "lora": lambda i: peftcore.LoraConfig(r=2 + 2 * i, lora_alpha=1 + i, target_modules=["0"], init_lora_weights=False),
     "ia3": lambda i: peftcore.IA3Config(target_modules=["0"], feedforward_modules=[], init_ia3_weights=False),

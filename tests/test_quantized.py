@@ -551,3 +551,72 @@ def test_qlora_trainer(root, tmp_path):
     oracle = dequantized_copy(fresh)
     # bf16 compute dtype: one bf16 flip of x (see the parity test)
     assert rel_err(logits(model), logits(peft_model(oracle, {"default": str(tmp_path / "trained")}))) <= 2**-8
+
+
+# ---------------------------------------------------------------------- the README's claims
+def _largest_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) made while fn() runs, from the profiler's
+    memory events (every at::empty / ATen temporary goes through the CPU allocator)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"], default=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_forward_builds_no_dense_weight(bits):
+    """README: on the CPU the quantized forward reads the packed bytes and builds no
+    full-precision copy of W (at any token count, fp32 or bf16 x). A dense copy would be
+    one allocation of >= 2·N·K bytes (bf16); the probe sees one in dequantize itself."""
+    from tests.op_db import quantize_4bit, quantize_int8
+
+    N = K = 1024
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(0)) / K**0.5
+    A, B, s = [torch.randn(16, K) * 0.01], [torch.randn(N, 16) * 0.01], torch.ones(1)
+    if bits == 4:
+        q = quantize_4bit(w, 64, "nf4", True)
+        wargs = (q["qweight"], q["absmax"], q["code"], q["blocksize"], q["nested_absmax"], q["nested_code"],
+                 q["nested_offset"], q["nested_blocksize"], N)
+
+        def fwd(x):
+            return torch.ops.peftcore.lora_linear_4bit(x, *wargs, None, A, B, None, s, None)
+
+        def dense():
+            return torch.ops.peftcore.dequantize_4bit(*wargs, K, torch.bfloat16)
+    else:
+        CB, SCB = quantize_int8(w)
+
+        def fwd(x):
+            return torch.ops.peftcore.lora_linear_int8(x, CB, SCB, None, A, B, None, s, None)
+
+        def dense():
+            return torch.ops.peftcore.dequantize_int8(CB, SCB, torch.bfloat16)
+
+    assert _largest_allocation(dense) >= 2 * N * K  # the probe sees a dense copy
+    for dtype in (torch.float32, torch.bfloat16):
+        for T in (1, 2, 16, 128):
+            x = torch.randn(T, K, dtype=dtype)
+            with torch.no_grad():
+                biggest = _largest_allocation(lambda: fwd(x))
+            assert biggest < N * K, f"{bits}-bit forward, {dtype}, {T} tokens: an allocation of {biggest} bytes"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_adapted_layers_never_run_bitsandbytes_forward(root, tmp_path, monkeypatch, bits):
+    """README: adapted quantized layers run peftcore's ops on the stored weight, never
+    bitsandbytes' forward (every linear adapted here, so none may call it)."""
+    model = _qmodel(root, "llama", bits)
+    ad = peft_adapter_dir(tmp_path, model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    peftcore.load_adapter(model, ad)
+
+    def refuse(self, *a, **k):
+        raise AssertionError(f"bitsandbytes' {type(self).__name__}.forward ran")
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", refuse)
+    monkeypatch.setattr(bnb.nn.Linear8bitLt, "forward", refuse)
+    with torch.no_grad():
+        assert torch.isfinite(model(INPUT_IDS).logits).all()
+    peftcore.disable_adapters(model)  # the base alone goes through the same ops
+    with torch.no_grad():
+        model(INPUT_IDS)
