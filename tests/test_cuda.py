@@ -283,7 +283,7 @@ def test_whole_model_parity_cpu_vs_cuda(dtype):
 # _twin and tolerances), and the whole result equals the CPU kernel's. `rows` and `scales`
 # on the GPU (as the model's layers hold them: read on the device, no sync) and on the CPU.
 from tests.ops.test_mixed_ops import _flat as _flat_rows  # noqa: E402
-from tests.ops.test_mixed_ops import _rows, _twin, _twin_args, _with_rows  # noqa: E402
+from tests.ops.test_mixed_ops import _rows, _twin, _with_rows, group_bound  # noqa: E402
 
 MIXED = [n for n in OPS if n.endswith("_mixed")]
 # Positions of the per-layer state (LoRA scales) and of rows in each mixed op's arguments.
@@ -312,13 +312,6 @@ def _mixed_cases():
                     yield pytest.param(name, dt, s, on_dev, id=f"{name}-{str(dt)[6:]}-{str(adt)[6:]}-{s.name}-{where}")
 
 
-def _quant_group_bound(name, dtype, args, slot):
-    """tests/helpers.quantized_bound of the single-adapter twin (CPU args) against
-    reference.py: a quantized op's CUDA and CPU kernels each lie within it."""
-    op, targs = _twin_args(name, args, slot)
-    return quantized_bound(op, dtype, targs, OPS[op].ref(*targs))
-
-
 @pytest.mark.parametrize("name,dtype,s,state_on_device", list(_mixed_cases()))
 def test_mixed_groups_match_twins_and_cpu(name, dtype, s, state_on_device):
     _need_kernel(name)
@@ -343,7 +336,7 @@ def test_mixed_groups_match_twins_and_cpu(name, dtype, s, state_on_device):
         else:
             torch.testing.assert_close(got, exp, **tol(dtype), msg=lambda m: f"{name} slot {slot}: {m}")
         if name in MIXED_QUANT:  # other base kernels (GEMV / cuBLAS vs CPU): the quantized bound
-            bound = _flat_rows(_quant_group_bound(name, dtype, args, slot))[sel]
+            bound = _flat_rows(group_bound(name, dtype, args, slot))[sel]
             # Each kernel is within `bound` of the exact result, so the two are within twice it.
             assert_within(got, want_cpu[sel], 2 * bound, f"{name} slot {slot} on CUDA vs the CPU kernel")
     if name not in MIXED_QUANT:

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .. import peft_format
 from ..errors import AdapterWeightsError, UnsupportedAdapterError
-from ..layers import AdaLoraLinear, AdaLoraLinear4bit, AdaLoraLinear8bit, adalora_scaling, bnb_kind
+from ..layers import AdaLoraLinear, AdaLoraLinear4bit, AdaLoraLinear8bit, adalora_scaling
 from .base import adapter_kw, shape_in_out, take
 from .lora import Lora
 
@@ -28,9 +28,6 @@ class AdaLora(Lora):
     on_embeddings = False
     trains_alone = True
     layers = {"4bit": AdaLoraLinear4bit, "8bit": AdaLoraLinear8bit, None: AdaLoraLinear}
-
-    def make_layer(self, module, feedforward):
-        return self.layers[bnb_kind(module)](module)
 
     def new(self, config, path, module, feedforward):
         # PEFT's order of random draws (A, E, B, then the ranknum placeholder), so a seeded

@@ -64,7 +64,7 @@ class Lora(Method):
     factors = ("lora_A", "lora_B")  # the layer's parameter dicts of A and B
 
     def make_layer(self, module, feedforward):
-        if isinstance(module, nn.Embedding):
+        if self.on_embeddings and isinstance(module, nn.Embedding):
             return LoraEmbedding(module)
         return self.layers[bnb_kind(module)](module)
 

@@ -108,6 +108,13 @@ def test_dense_matches_reference(name, dtype, adapter_dtype, s):
 QUANTIZED = [p for p in CASES if p.values[0] not in ("lora_linear_mixed", "ia3_linear_mixed")]
 
 
+def group_bound(name, dtype, args, slot):
+    """tests/helpers.quantized_bound of the single-adapter twin of slot `slot` (whole batch)
+    against reference.py: a quantized mixed op's rows of that slot lie within it."""
+    single, targs = _twin_args(name, args, slot)
+    return quantized_bound(single, dtype, targs, getattr(reference, single)(*targs))
+
+
 @pytest.mark.parametrize("name,dtype,adapter_dtype,s", QUANTIZED)
 def test_quantized_matches_reference(name, dtype, adapter_dtype, s):
     """Native against reference.py's mixed op, group by group within the bound of the
@@ -120,8 +127,7 @@ def test_quantized_matches_reference(name, dtype, adapter_dtype, s):
     per = math.prod(s.args[0].shape[:-1]) // len(rows)
     yf, rf = _flat(y), _flat(r)
     for slot in sorted(set(rows)):
-        single, args = _twin_args(name, s.args, slot)
-        bound = _flat(quantized_bound(single, dtype, args, getattr(reference, single)(*args)))
+        bound = _flat(group_bound(name, dtype, s.args, slot))
         sel = [i for g, q in enumerate(rows) if q == slot for i in range(g * per, (g + 1) * per)]
         assert_within(yf[sel], rf[sel], bound[sel], f"{name} slot {slot} vs reference")
 
