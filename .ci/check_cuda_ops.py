@@ -1,8 +1,9 @@
 """CI check, no GPU needed: every ``peftcore::`` op with a CPU kernel also has a CUDA kernel.
 
 Run with the Python of an environment where peftcore was built with PEFTCORE_BUILD_CUDA=1
-(``make cuda-build``). The op list comes from the dispatcher (every registered
-``peftcore::`` op with a CPU kernel), so a new CPU op without a CUDA kernel fails it.
+(``make cuda-build``). The op list is peftcore's op table (``peftcore._ops.OPS``, each
+forward op with its ``.out`` overload) together with every registered ``peftcore::`` op,
+so a new op without a CPU or a CUDA kernel fails it.
 
   --allow-missing PATTERN   (repeatable; fnmatch on the op name without ``peftcore::``)
                             report such ops but do not fail on them.
@@ -30,8 +31,15 @@ def main() -> int:
     if native._C_ERROR is not None:
         print(f"peftcore._C failed to load: {native._C_ERROR}", file=sys.stderr)
         return 1
-    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("peftcore::"))
-    cpu_ops = [n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU")]
+    from peftcore._ops import OPS
+
+    table = {f"peftcore::{n}{o}" for n, d in OPS.items() for o in ("", ".out")[:1 + d.forward]}
+    names = sorted(table | {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("peftcore::")})
+    no_cpu = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU")]
+    if no_cpu:
+        print(f"{len(no_cpu)} op(s) without a CPU kernel: {', '.join(no_cpu)}", file=sys.stderr)
+        return 1
+    cpu_ops = names
     missing, allowed = [], []
     print(f"peftcore from {peftcore.__file__}; torch {torch.__version__} (CUDA {torch.version.cuda})")
     for n in cpu_ops:

@@ -20,62 +20,52 @@
 
 #define PEFTCORE_UNPAREN(...) __VA_ARGS__
 
-// The arguments of bitsandbytes' 4-bit weight (formats: peftcore/reference.py).
-#define PEFTCORE_WEIGHT4_ARGS                                                                                   \
-  const at::Tensor &qweight, const at::Tensor &absmax, const at::Tensor &code, int64_t blocksize,              \
-      const std::optional<at::Tensor> &nested_absmax, const std::optional<at::Tensor> &nested_code,            \
+// The arguments of bitsandbytes' 4-bit weight (formats: peftcore/reference.py dequantize_4bit).
+#define PEFTCORE_WEIGHT4_ARGS                                                                                          \
+  const at::Tensor &qweight, const at::Tensor &absmax, const at::Tensor &code, int64_t blocksize,                      \
+      const std::optional<at::Tensor> &nested_absmax, const std::optional<at::Tensor> &nested_code,                 \
       const std::optional<at::Tensor> &nested_offset, int64_t nested_blocksize, int64_t out_features
 
-#define PEFTCORE_FORWARD_OPS(X)                                                                                  \
-  /* lora_linear: y = x·Wᵀ + b + Σ_a s_a · ((x_a·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ, E_a = 1 without lora_E (AdaLoRA's         \
-     singular values); every LoRA-family op below takes the same optional lora_E */                              \
-  X(lora_linear, (const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,          \
-                  at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,            \
-                  const at::Tensor& scales, std::optional<at::TensorList> lora_x))                               \
-  /* ia3_linear: y = round(float(x·Wᵀ + b) ⊙ l), or (feedforward) round(float(x) ⊙ l)·Wᵀ + b,                   \
-     l = Π_{active a} ia3_l[a] */                                                                                \
-  X(ia3_linear, (const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,           \
-                 at::TensorList ia3_l, const at::Tensor& active, bool feedforward))                              \
-  /* lora_embedding: y = W[idx] + Σ_a s_a · A_aᵀ[idx]·B_aᵀ */                                                    \
-  X(lora_embedding, (const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,                 \
-                     at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx))                      \
-  /* lora_linear_4bit: lora_linear over an nf4 / fp4 W (+ double quantization) */                                \
-  X(lora_linear_4bit, (const at::Tensor& x, PEFTCORE_WEIGHT4_ARGS, const std::optional<at::Tensor>& bias,        \
-                       at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,       \
-                       const at::Tensor& scales, std::optional<at::TensorList> lora_x))                          \
-  /* lora_linear_int8: lora_linear over W = CB·SCB/127 (LLM.int8 weights) */                                     \
-  X(lora_linear_int8, (const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,               \
-                       const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,      \
-                       std::optional<at::TensorList> lora_E, const at::Tensor& scales,                           \
-                       std::optional<at::TensorList> lora_x))                                                    \
-  /* ia3_linear_4bit / ia3_linear_int8: ia3_linear's scaling over the same quantized bases */                    \
-  X(ia3_linear_4bit, (const at::Tensor& x, PEFTCORE_WEIGHT4_ARGS, const std::optional<at::Tensor>& bias,         \
-                      at::TensorList ia3_l, const at::Tensor& active, bool feedforward))                         \
-  X(ia3_linear_int8, (const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,                \
-                      const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& active,     \
-                      bool feedforward))                                                                         \
-  /* Mixed batches: row group g of x uses adapter slot rows[g] alone (-1 = base); inference only.                \
-     lora_linear_mixed: lora_linear per row group */                                                             \
-  X(lora_linear_mixed, (const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,    \
-                        at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,      \
-                        const at::Tensor& scales, const at::Tensor& rows))                                       \
-  /* ia3_linear_mixed: ia3_linear with one vector per row group */                                               \
-  X(ia3_linear_mixed, (const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,     \
-                       at::TensorList ia3_l, const at::Tensor& rows, bool feedforward))                          \
-  /* the same over the quantized bases (4-bit LoRA: lora_x, when given, is what the LoRA terms read) */          \
-  X(lora_linear_4bit_mixed, (const at::Tensor& x, PEFTCORE_WEIGHT4_ARGS, const std::optional<at::Tensor>& bias,  \
-                             at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E, \
-                             const at::Tensor& scales, const at::Tensor& rows,                                   \
-                             const std::optional<at::Tensor>& lora_x))                                           \
-  X(ia3_linear_4bit_mixed, (const at::Tensor& x, PEFTCORE_WEIGHT4_ARGS, const std::optional<at::Tensor>& bias,   \
-                            at::TensorList ia3_l, const at::Tensor& rows, bool feedforward))                     \
-  X(lora_linear_int8_mixed, (const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,         \
-                             const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B, \
-                             std::optional<at::TensorList> lora_E, const at::Tensor& scales,                     \
-                             const at::Tensor& rows))                                                            \
-  X(ia3_linear_int8_mixed, (const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,          \
-                            const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& rows, \
-                            bool feedforward))
+// The op table (peftcore/_ops.py OPS) in C++: the linear family is x, a base kind's weight
+// arguments (BASES), the bias, then a method's arguments (METHODS).
+#define PEFTCORE_WEIGHT_ARGS const at::Tensor &weight
+#define PEFTCORE_WEIGHT_INT8_ARGS const at::Tensor &weight, const at::Tensor &row_scale
+#define PEFTCORE_LINEAR_ARGS(WEIGHT) const at::Tensor &x, WEIGHT, const std::optional<at::Tensor> &bias
+// The LoRA family's adapters with their optional per-adapter extras (lora_E: AdaLoRA's E).
+#define PEFTCORE_LORA_ARGS                                                                                             \
+  at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E, const at::Tensor &scales
+// IA3's vectors; `select` is the single op's active mask or the mixed op's rows.
+#define PEFTCORE_IA3_ARGS(select) at::TensorList ia3_l, select, bool feedforward
+
+#define PEFTCORE_FORWARD_OPS(X)                                                                                        \
+  /* lora_linear: y = x·Wᵀ + b + Σ_a s_a · ((x_a·A_aᵀ) ⊙ E_aᵀ)·B_aᵀ, E_a = 1 without lora_E (AdaLoRA's singular        \
+     values) */                                                                                                        \
+  X(lora_linear, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_ARGS), PEFTCORE_LORA_ARGS,                                      \
+                  std::optional<at::TensorList> lora_x))                                                               \
+  /* lora_linear_4bit / _int8: lora_linear over an nf4 / fp4 W (+ double quantization), over W = CB·SCB/127 */         \
+  X(lora_linear_4bit, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS), PEFTCORE_LORA_ARGS,                                \
+                       std::optional<at::TensorList> lora_x))                                                          \
+  X(lora_linear_int8, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS), PEFTCORE_LORA_ARGS,                            \
+                       std::optional<at::TensorList> lora_x))                                                          \
+  /* Mixed batches: row group g of x uses adapter slot rows[g] alone (-1 = base); inference only. On a 4-bit base,     \
+     lora_x (when given) is what the LoRA terms read. */                                                               \
+  X(lora_linear_mixed, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_ARGS), PEFTCORE_LORA_ARGS, const at::Tensor& rows))       \
+  X(lora_linear_4bit_mixed, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS), PEFTCORE_LORA_ARGS, const at::Tensor& rows,  \
+                             const std::optional<at::Tensor>& lora_x))                                                 \
+  X(lora_linear_int8_mixed, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS), PEFTCORE_LORA_ARGS,                      \
+                             const at::Tensor& rows))                                                                  \
+  /* ia3_linear: y = round(float(x·Wᵀ + b) ⊙ l), or (feedforward) round(float(x) ⊙ l)·Wᵀ + b, l = Π_{active a}         \
+     ia3_l[a]; the _mixed forms: one vector per row group */                                                           \
+  X(ia3_linear, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_ARGS), PEFTCORE_IA3_ARGS(const at::Tensor& active)))             \
+  X(ia3_linear_4bit, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS), PEFTCORE_IA3_ARGS(const at::Tensor& active)))       \
+  X(ia3_linear_int8, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS), PEFTCORE_IA3_ARGS(const at::Tensor& active)))   \
+  X(ia3_linear_mixed, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_ARGS), PEFTCORE_IA3_ARGS(const at::Tensor& rows)))         \
+  X(ia3_linear_4bit_mixed, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS), PEFTCORE_IA3_ARGS(const at::Tensor& rows)))   \
+  X(ia3_linear_int8_mixed, (PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),                                           \
+                            PEFTCORE_IA3_ARGS(const at::Tensor& rows)))                                                \
+  /* lora_embedding: y = W[idx] + Σ_a s_a · A_aᵀ[idx]·B_aᵀ */                                                          \
+  X(lora_embedding, (const at::Tensor& indices, const at::Tensor& weight, at::TensorList lora_A,                       \
+                     at::TensorList lora_B, const at::Tensor& scales, int64_t padding_idx))
 
 namespace peftcore {
 // (grad_x, grad_weight, grad_bias, grad_lora_A[], grad_lora_B[], grad_lora_x[])

@@ -8,6 +8,8 @@ instead of aborting the interpreter.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -15,99 +17,93 @@ from . import reference
 
 lib = torch.library.Library("peftcore", "DEF")
 
+# ------------------------------------------------------------------ the op table
+# Every peftcore:: op is declared here once. The linear family is a product: a method's
+# adapter arguments over a base kind's weight arguments, single or mixed; the schemas,
+# the reference fallbacks, the fake kernels, the autograd registrations, the tests'
+# OpInfos (tests/op_db.py) and CI's CUDA coverage check (.ci/check_cuda_ops.py) all read
+# OPS. The C++ entry points mirror it in csrc/ops.h (the dispatcher checks each C++
+# signature against its schema when _C loads).
+#
 # Schemas carry no default values on purpose: the dispatcher drops arguments equal
 # to their defaults, which would change the structure autograd expects back.
 # ops.py gives the Python-side defaults.
 
-# name: schema (arguments and returns)
-SCHEMAS = {
-    # The LoRA family: lora_E (AdaLoRA's singular values, r_a per adapter) is optional on
-    # every base kind; a future per-adapter extra (DoRA's magnitude) joins it there.
-    "lora_linear": (
-        "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, Tensor[]? lora_E, "
-        "Tensor scales, Tensor[]? lora_x) -> Tensor"
-    ),
-    "lora_linear_backward": (
-        "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor[] lora_A, Tensor[] lora_B, "
-        "Tensor scales, Tensor[]? lora_x, bool[4] output_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor[])"
-    ),
-    "ia3_linear": (
-        "ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] ia3_l, Tensor active, bool feedforward) -> Tensor"
-    ),
-    "lora_embedding": (
-        "lora_embedding(Tensor indices, Tensor weight, Tensor[] lora_A, Tensor[] lora_B, Tensor scales, "
-        "int padding_idx) -> Tensor"
-    ),
-    "lora_embedding_backward": (
-        "lora_embedding_backward(Tensor grad_out, Tensor indices, Tensor weight, Tensor[] lora_A, "
-        "Tensor[] lora_B, Tensor scales, int padding_idx, bool[2] output_mask) -> (Tensor, Tensor[], Tensor[])"
-    ),
-    # bitsandbytes-quantized bases (formats in reference.dequantize_4bit / dequantize_int8)
-    "dequantize_4bit": (
-        "dequantize_4bit(Tensor qweight, Tensor absmax, Tensor code, int blocksize, Tensor? nested_absmax, "
-        "Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, int out_features, int in_features, "
-        "ScalarType dtype) -> Tensor"
-    ),
-    "lora_linear_4bit": (
-        "lora_linear_4bit(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
-        "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, "
-        "int out_features, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, Tensor[]? lora_E, Tensor scales, "
-        "Tensor[]? lora_x) -> Tensor"
-    ),
-    "dequantize_int8": "dequantize_int8(Tensor weight, Tensor row_scale, ScalarType dtype) -> Tensor",
-    "lora_linear_int8": (
-        "lora_linear_int8(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] lora_A, "
-        "Tensor[] lora_B, Tensor[]? lora_E, Tensor scales, Tensor[]? lora_x) -> Tensor"
-    ),
-    "ia3_linear_4bit": (
-        "ia3_linear_4bit(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
-        "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, "
-        "int out_features, Tensor? bias, Tensor[] ia3_l, Tensor active, bool feedforward) -> Tensor"
-    ),
-    "ia3_linear_int8": (
-        "ia3_linear_int8(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] ia3_l, Tensor active, "
-        "bool feedforward) -> Tensor"
-    ),
-    # Mixed batches (inference only): row group g of x uses adapter slot rows[g] alone, -1 = base.
-    "lora_linear_mixed": (
-        "lora_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
-        "Tensor[]? lora_E, Tensor scales, Tensor rows) -> Tensor"
-    ),
-    "ia3_linear_mixed": (
-        "ia3_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor[] ia3_l, Tensor rows, bool feedforward) -> Tensor"
-    ),
-    "lora_linear_4bit_mixed": (
-        "lora_linear_4bit_mixed(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
-        "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, "
-        "int out_features, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, Tensor[]? lora_E, Tensor scales, "
-        "Tensor rows, Tensor? lora_x) -> Tensor"
-    ),
-    "lora_linear_int8_mixed": (
-        "lora_linear_int8_mixed(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] lora_A, "
-        "Tensor[] lora_B, Tensor[]? lora_E, Tensor scales, Tensor rows) -> Tensor"
-    ),
-    "ia3_linear_4bit_mixed": (
-        "ia3_linear_4bit_mixed(Tensor x, Tensor qweight, Tensor absmax, Tensor code, int blocksize, "
-        "Tensor? nested_absmax, Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, "
-        "int out_features, Tensor? bias, Tensor[] ia3_l, Tensor rows, bool feedforward) -> Tensor"
-    ),
-    "ia3_linear_int8_mixed": (
-        "ia3_linear_int8_mixed(Tensor x, Tensor weight, Tensor row_scale, Tensor? bias, Tensor[] ia3_l, "
-        "Tensor rows, bool feedforward) -> Tensor"
-    ),
+# The arguments that stand for the frozen weight W, between x and bias, per base kind
+# (the suffix of the op names): dense W, bitsandbytes' 4-bit weight (formats in
+# reference.dequantize_4bit), LLM.int8's CB and SCB.
+BASES = {
+    "": "Tensor weight",
+    "_4bit": ("Tensor qweight, Tensor absmax, Tensor code, int blocksize, Tensor? nested_absmax, "
+              "Tensor? nested_code, Tensor? nested_offset, int nested_blocksize, int out_features"),
+    "_int8": "Tensor weight, Tensor row_scale",
 }
+# Per method: (its adapter arguments, then the tail of the single op, of the mixed op).
+# The LoRA family's optional per-adapter extras sit with its factors: lora_E (AdaLoRA's
+# singular values, r_a per adapter) today, a future one (DoRA's magnitude) beside it.
+# Mixed batches (inference only): row group g of x uses adapter slot rows[g] alone, -1 = base.
+METHODS = {
+    "lora": ("Tensor[] lora_A, Tensor[] lora_B, Tensor[]? lora_E, Tensor scales", "Tensor[]? lora_x", "Tensor rows"),
+    "ia3": ("Tensor[] ia3_l", "Tensor active, bool feedforward", "Tensor rows, bool feedforward"),
+}
+# The one irregular tail: on a 4-bit base the base product reads x rounded to the compute
+# dtype while the LoRA terms read the original x (layers.compute_input_4bit).
+MIXED_TAILS = {"lora_linear_4bit_mixed": "Tensor rows, Tensor? lora_x"}
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    args: str  # the schema's arguments
+    returns: str = "Tensor"
+    method: Optional[str] = None  # the linear family: "lora" / "ia3" (a METHODS key)
+    base: Optional[str] = None  # the linear family: a BASES key
+    mixed: bool = False
+    forward: bool = True  # a forward op: has the `.out` overload (see below)
+    trains: bool = False  # has autograd
+
+    @property
+    def schema(self) -> str:
+        return f"{self.name}({self.args}) -> {self.returns}"
+
+    @property
+    def arg_names(self) -> list[str]:
+        return [a.strip().split(" ")[-1] for a in self.args.split(",")]
+
+
+def _linear_family():
+    for method, (adapters, single, mixed_tail) in METHODS.items():
+        for base, weight in BASES.items():
+            for mixed in (False, True):
+                name = f"{method}_linear{base}{'_mixed' if mixed else ''}"
+                tail = MIXED_TAILS.get(name, mixed_tail if mixed else single)
+                yield OpDef(name, f"Tensor x, {weight}, Tensor? bias, {adapters}, {tail}", method=method, base=base,
+                            mixed=mixed, trains=not mixed)
+
+
+OPS: dict[str, OpDef] = {d.name: d for d in (
+    *_linear_family(),
+    OpDef("lora_embedding", "Tensor indices, Tensor weight, Tensor[] lora_A, Tensor[] lora_B, Tensor scales, "
+          "int padding_idx", trains=True),
+    # The backward ops serve the autograd below (every gradient of plain LoRA factors).
+    OpDef("lora_linear_backward", "Tensor grad_out, Tensor x, Tensor weight, Tensor[] lora_A, Tensor[] lora_B, "
+          "Tensor scales, Tensor[]? lora_x, bool[4] output_mask",
+          returns="(Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor[])", forward=False),
+    OpDef("lora_embedding_backward", "Tensor grad_out, Tensor indices, Tensor weight, Tensor[] lora_A, "
+          "Tensor[] lora_B, Tensor scales, int padding_idx, bool[2] output_mask",
+          returns="(Tensor, Tensor[], Tensor[])", forward=False),
+    # W of the quantized bases as a dense [out, in] tensor of `dtype`.
+    OpDef("dequantize_4bit", f"{BASES['_4bit']}, int in_features, ScalarType dtype", forward=False),
+    OpDef("dequantize_int8", f"{BASES['_int8']}, ScalarType dtype", forward=False),
+)}
+SCHEMAS = {name: d.schema for name, d in OPS.items()}
 # The forward ops. Each also has an `.out` overload that writes the result into a caller's
 # buffer (static addresses for CUDA graphs and serving engines):
 #   <name>.out(<arguments>, *, Tensor(a!) out) -> ()
 # It returns nothing, so torch.compile can functionalize it (an alias-annotated return it
 # cannot). The buffer must have the result's shape, dtype and device; it is never resized.
 # Inference only: no autograd.
-FORWARD_OPS = (
-    "lora_linear", "ia3_linear", "lora_embedding", "lora_linear_4bit", "lora_linear_int8",
-    "ia3_linear_4bit", "ia3_linear_int8", "lora_linear_mixed", "ia3_linear_mixed", "lora_linear_4bit_mixed",
-    "lora_linear_int8_mixed", "ia3_linear_4bit_mixed", "ia3_linear_int8_mixed",
-)
+FORWARD_OPS = tuple(name for name, d in OPS.items() if d.forward)
 
 
 def out_schema(name: str) -> str:
@@ -174,11 +170,7 @@ def _fallback_out(name, fn):
     return kernel
 
 
-lib.impl("lora_linear_backward", _fallback("lora_linear_backward", reference.lora_linear_backward),
-         "CompositeExplicitAutograd")
-lib.impl("lora_embedding_backward", _fallback("lora_embedding_backward", reference.lora_embedding_backward),
-         "CompositeExplicitAutograd")
-for _name in ("dequantize_4bit", "dequantize_int8", *FORWARD_OPS):
+for _name in OPS:  # reference.<name> is each op's readable spec and its fallback
     lib.impl(_name, _fallback(_name, getattr(reference, _name)), "CompositeExplicitAutograd")
 for _name in FORWARD_OPS:
     lib.impl(f"{_name}.out", _fallback_out(_name, getattr(reference, _name)), "CompositeExplicitAutograd")
@@ -233,16 +225,12 @@ def _dequantize_int8_fake(weight, row_scale, dtype):
     return weight.new_empty(weight.shape, dtype=dtype)
 
 
-def _arg_names(schema: str) -> list[str]:
-    return [a.strip().split(" ")[-1] for a in schema[schema.index("(") + 1:schema.rindex(") ->")].split(",")]
-
-
 def _forward_fake(name):
     """A forward op's fake, from its schema's argument names: x's leading dims +
     [out_features] (that argument where the op has it, else weight.shape[0]) in x's
     dtype; an op over ``indices`` (lora_embedding): indices' shape + [weight.shape[1]] in
     weight's dtype."""
-    names = _arg_names(SCHEMAS[name])
+    names = OPS[name].arg_names
 
     def fake(*args):
         a = dict(zip(names, args))
@@ -345,7 +333,6 @@ def _lora_linear_backward(ctx, grad):
             list(gxa) if ctx.has_lora_x else None)
 
 
-torch.library.register_autograd("peftcore::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup)
 
 
 def _lora_embedding_setup(ctx, inputs, output):
@@ -432,12 +419,6 @@ def _dequantize_int8_for(quant, x):
     return torch.ops.peftcore.dequantize_int8(weight, row_scale, x.dtype)
 
 
-torch.library.register_autograd(
-    "peftcore::lora_linear_4bit", _quantized_backward(_dequantize_4bit_for), setup_context=_quantized_setup(10)
-)
-torch.library.register_autograd(
-    "peftcore::lora_linear_int8", _quantized_backward(_dequantize_int8_for), setup_context=_quantized_setup(3)
-)
 
 
 # (IA)³: y = s(x) with l = Π_{active a} l_a; feedforward y = base(x ⊙ l), else y = base(x) ⊙ l
@@ -524,7 +505,6 @@ def _ia3_backward(ctx, grad):
     return gx, gw, gb.to(bias.dtype) if gb is not None else None, gls, None, None
 
 
-torch.library.register_autograd("peftcore::ia3_linear", _ia3_backward, setup_context=_ia3_setup)
 
 
 def _ia3_quantized_setup(n_before_bias):
@@ -568,13 +548,30 @@ def _ia3_quantized_backward(dequantize, base_op):
     return backward
 
 
-torch.library.register_autograd(
-    "peftcore::ia3_linear_4bit",
-    _ia3_quantized_backward(_dequantize_4bit_for, torch.ops.peftcore.lora_linear_4bit),
-    setup_context=_ia3_quantized_setup(10),
-)
-torch.library.register_autograd(
-    "peftcore::ia3_linear_int8",
-    _ia3_quantized_backward(_dequantize_int8_for, torch.ops.peftcore.lora_linear_int8),
-    setup_context=_ia3_quantized_setup(3),
-)
+
+
+# The linear family's autograd, from the table: per method, the dense base's pair, or the
+# quantized pair built from the base kind's dequantizer and its number of arguments.
+_DEQUANTIZE = {"_4bit": _dequantize_4bit_for, "_int8": _dequantize_int8_for}
+
+
+def _n_before_bias(base: str) -> int:
+    return 1 + len(BASES[base].split(","))  # x, then the base kind's weight arguments
+
+
+def _autograd(d: OpDef):
+    """(backward, setup_context) of a linear-family op that trains."""
+    if d.base == "":
+        return {"lora": (_lora_linear_backward, _lora_linear_setup), "ia3": (_ia3_backward, _ia3_setup)}[d.method]
+    n, dequantize = _n_before_bias(d.base), _DEQUANTIZE[d.base]
+    if d.method == "lora":
+        return _quantized_backward(dequantize), _quantized_setup(n)
+    # IA3 recomputes its unscaled base output with the LoRA op of the same base (no adapters).
+    return _ia3_quantized_backward(dequantize, getattr(torch.ops.peftcore, f"lora_linear{d.base}")), \
+        _ia3_quantized_setup(n)
+
+
+for _d in OPS.values():
+    if _d.trains and _d.method is not None:
+        _backward, _setup = _autograd(_d)
+        torch.library.register_autograd(f"peftcore::{_d.name}", _backward, setup_context=_setup)

@@ -69,7 +69,7 @@ def _prepare_config(model: nn.Module, config: AdapterConfig, found) -> AdapterCo
     if config.target_modules is None or (
         isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
     ):
-        config.target_modules = inject.resolve_target_modules(model, config)
+        config.target_modules = inject.resolve_target_modules(model, config, method_for(config.peft_type))
     method_for(config.peft_type).prepare_config(model, config)
     conv1d = any(
         bool(Conv1D) and isinstance(m.base_layer if isinstance(m, AdapterLayer) else m, Conv1D) for _, m in found
@@ -81,7 +81,7 @@ def _prepare_config(model: nn.Module, config: AdapterConfig, found) -> AdapterCo
 
 
 def plan_new(model: nn.Module, name: str, config: AdapterConfig) -> Plan:
-    targets, found = inject.find_targets(model, config)
+    targets, found = inject.find_targets(model, config, method_for(config.peft_type))
     plan = Plan(name, _prepare_config(model, config, found), targets)
     method = method_for(config.peft_type)
     for path, module in found:
@@ -119,7 +119,7 @@ def _plan_modules_to_save(model: nn.Module, plan: Plan, remaining: Optional[dict
 
 def plan_load(model: nn.Module, name: str, config: AdapterConfig, sd: dict, source: str) -> Plan:
     """Bind every tensor of ``sd`` (prefix already stripped) to the model, or raise."""
-    targets, found = inject.find_targets(model, config)
+    targets, found = inject.find_targets(model, config, method_for(config.peft_type))
     plan = Plan(name, _prepare_config(model, config, found), targets)
     remaining = dict(sd)
 

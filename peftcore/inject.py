@@ -8,9 +8,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ._ops import OPS
 from .config import AdapterConfig
 from .errors import AdapterConfigError, UnsupportedAdapterError
 from .layers import (
+    BASE_KINDS,
     AdapterLayer,
     Conv1D,
     ModulesToSaveWrapper,
@@ -20,82 +22,6 @@ from .layers import (
     module_shape,
 )
 
-# PEFT's defaults for target_modules=None, per transformers model_type and method.
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"],
-    "gpt_neox": ["query_key_value"],
-    "gptj": ["q_proj", "v_proj"],
-    "falcon": ["query_key_value"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "t5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-}
-IA3_DEFAULT_TARGETS = {
-    "llama": ["k_proj", "v_proj", "down_proj"],
-    "mistral": ["k_proj", "v_proj", "down_proj"],
-    "qwen2": ["q_proj", "v_proj", "down_proj"],
-    "qwen3": ["q_proj", "v_proj", "down_proj"],
-    "gemma": ["q_proj", "v_proj", "down_proj"],
-    "gemma2": ["q_proj", "v_proj", "down_proj"],
-    "opt": ["q_proj", "k_proj", "fc2"],
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
-    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
-    "gptj": ["q_proj", "v_proj", "fc_out"],
-    "falcon": ["query_key_value", "dense_4h_to_h"],
-    "bert": ["key", "value", "output.dense"],
-    "roberta": ["key", "value", "output.dense"],
-    "t5": ["k", "v", "wo"],
-    "bart": ["q_proj", "v_proj", "fc2"],
-}
-# The feedforward subset of IA3_DEFAULT_TARGETS (input scaling).
-IA3_DEFAULT_FEEDFORWARD = {
-    "llama": ["down_proj"],
-    "mistral": ["down_proj"],
-    "qwen2": ["down_proj"],
-    "qwen3": ["down_proj"],
-    "gemma": ["down_proj"],
-    "gemma2": ["down_proj"],
-    "opt": ["fc2"],
-    "gpt2": ["mlp.c_proj"],
-    "bloom": ["mlp.dense_4h_to_h"],
-    "gpt_neox": ["dense_4h_to_h"],
-    "gptj": ["fc_out"],
-    "falcon": ["dense_4h_to_h"],
-    "bert": ["output.dense"],
-    "roberta": ["output.dense"],
-    "t5": ["wo"],
-    "bart": ["fc2"],
-}
-ADALORA_DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"],
-    "gpt_neox": ["query_key_value"],
-    "gptj": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "key", "value", "dense"],
-    "t5": ["q", "k", "v", "o", "wi", "wo"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
-_DEFAULTS = {"LORA": DEFAULT_TARGETS, "ADALORA": ADALORA_DEFAULT_TARGETS, "IA3": IA3_DEFAULT_TARGETS}
 
 
 def adapter_modules(model: nn.Module):
@@ -121,17 +47,18 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(_base(module), nn.Linear) or (bool(Conv1D) and isinstance(_base(module), Conv1D))
 
 
-def _model_type(model: nn.Module):
+def model_type(model: nn.Module):
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def resolve_target_modules(model: nn.Module, config: AdapterConfig):
-    """The effective ``target_modules``: the per-architecture default of the method for
-    None, and the full module names for ``"all-linear"`` (PEFT leaves out the output head)."""
+def resolve_target_modules(model: nn.Module, config: AdapterConfig, method):
+    """The effective ``target_modules``: the per-architecture default of the method
+    (``method.default_targets``) for None, and the full module names for ``"all-linear"``
+    (PEFT leaves out the output head)."""
     tm = config.target_modules
     if tm is None:
-        mt = _model_type(model)
-        defaults = _DEFAULTS[config.peft_type]
+        mt = model_type(model)
+        defaults = method.default_targets
         if mt not in defaults:
             raise AdapterConfigError(
                 f"target_modules is not set and peftcore knows no {config.peft_type} default for "
@@ -150,20 +77,6 @@ def resolve_target_modules(model: nn.Module, config: AdapterConfig):
                     break
         return sorted(names)
     return tm
-
-
-def resolve_feedforward_modules(model: nn.Module, config) -> object:
-    """IA3's effective ``feedforward_modules``: as given, or (None) PEFT's per-architecture
-    default, whatever target_modules is (PEFT's rule; [] means none)."""
-    if config.feedforward_modules is not None:
-        return config.feedforward_modules
-    mt = _model_type(model)
-    if mt not in IA3_DEFAULT_FEEDFORWARD:
-        raise AdapterConfigError(
-            f"feedforward_modules is not set and peftcore knows no IA3 default for model_type={mt!r}; "
-            "name them (an empty list for none)"
-        )
-    return list(IA3_DEFAULT_FEEDFORWARD[mt])
 
 
 def is_feedforward(feedforward, key: str) -> bool:
@@ -212,11 +125,12 @@ def is_target(config: AdapterConfig, targets, key: str) -> bool:
     return any(key.endswith("." + t) for t in targets) and _layer_index_ok(config, key)
 
 
-def find_targets(model: nn.Module, config: AdapterConfig) -> tuple[list[str], list[tuple[str, nn.Module]]]:
-    """Resolved target_modules and the (name, module) pairs they select.
+def find_targets(model: nn.Module, config: AdapterConfig, method) -> tuple[list[str], list[tuple[str, nn.Module]]]:
+    """Resolved target_modules and the (name, module) pairs they select, for ``method``
+    (a ``methods.Method``: its default targets, whether it adapts embeddings).
 
     Raises if nothing matches, or a matched module is of a type peftcore cannot adapt."""
-    targets = resolve_target_modules(model, config)
+    targets = resolve_target_modules(model, config, method)
     found = [(n, m) for n, m in adapter_modules(model) if n and is_target(config, targets, n)]
     if not found:
         raise AdapterConfigError(
@@ -234,10 +148,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> tuple[list[str], li
                 f"method, so it cannot also get {config.peft_type}"
             )
         b = _base(m)
-        if config.peft_type == "LORA":
+        if method.on_embeddings:
             if not (_is_linear(m) or isinstance(b, nn.Embedding)):
                 raise UnsupportedAdapterError(
-                    f"module {n!r} is a {type(b).__name__}; peftcore's LoRA supports nn.Linear, "
+                    f"module {n!r} is a {type(b).__name__}; peftcore's {method.label} supports nn.Linear, "
                     "transformers Conv1D and nn.Embedding"
                 )
         elif not _is_linear(m):
@@ -281,7 +195,7 @@ def check_quantized(name: str, b: nn.Module, kind: str) -> None:
         # sensible for bitsandbytes' GPU layout): refuse where they are missing.
         from .native import native_available
 
-        ops = ("lora_linear_4bit", "ia3_linear_4bit") if kind == "4bit" else ("lora_linear_int8", "ia3_linear_int8")
+        ops = [n for n, d in OPS.items() if d.base == BASE_KINDS[kind].suffix]  # every method's, and mixed
         if dev.type != "cuda" or not all(native_available(op, "cuda") for op in ops):
             raise UnsupportedAdapterError(
                 f"{where} is quantized and on device {dev}; this build of peftcore has no {dev.type} kernel for it. "

@@ -154,76 +154,6 @@ def module_shape(base_layer: nn.Module) -> dict:
     return dict(is_conv1d=conv1d, in_features=in_f, out_features=out_f)
 
 
-class LoraLayer(AdapterLayer):
-    """Common state of LoRA layers: ``lora_A`` / ``lora_B`` (``lora_embedding_A`` / ``_B``
-    for embeddings) and the ``lora_scales`` buffer (each adapter's effective scale)."""
-
-    peft_type = "LORA"
-    param_dicts = ("lora_A", "lora_B")
-    meta_dicts = ("scaling", "r", "dropout_p")
-    state_name = "lora_scales"
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        self.__dict__.update(
-            scaling={},  # name -> configured scale (alpha / r or alpha / sqrt(r))
-            r={},  # name -> rank
-            dropout_p={},  # name -> LoRA dropout probability (training only)
-        )
-
-    def adapter_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) such that the adapter's delta is ``scaling · B·A``."""
-        a, b = self.param_dicts[:2]
-        return self._modules[a][name], self._modules[b][name]
-
-    def _lists(self):
-        return self._params(self.param_dicts[0]), self._params(self.param_dicts[1])
-
-    def _lora_E(self):
-        """The per-adapter extra of the low-rank update that the ops take as ``lora_E``:
-        None for LoRA (AdaLoRA: its singular values)."""
-        return None
-
-    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout_p: float) -> None:
-        self.scaling[name] = scaling
-        self.r[name] = A.shape[0]
-        self.dropout_p[name] = dropout_p
-        self._add_params(name, **{self.param_dicts[0]: A, self.param_dicts[1]: B})
-
-    def _on_value(self, name: str) -> float:
-        return self.scaling[name]
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{n}: r={self.r[n]} scaling={self.scaling[n]:g}" for n in self.adapter_names)
-
-    def _dropped(self, x: torch.Tensor):
-        """PEFT drops out the LoRA input only, independently for each adapter (training only)."""
-        if self.training and any(p > 0 for p in self.dropout_p.values()):
-            return [F.dropout(x, p, True) if p > 0 else x for p in self.dropout_p.values()]
-        return None
-
-
-class LoraLinear(LoraLayer):
-    """LoRA on ``nn.Linear`` or transformers ``Conv1D`` (whose weight is stored (in, out))."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if kwargs:
-            self._no_row_adapters(kwargs)
-        if self._mixed is not None:
-            return self._forward_mixed(x, *self._mixed)
-        base = self.base_layer
-        weight = self._weight()
-        lora_A, lora_B = self._lists()
-        lora_x = self._dropped(x)
-        return torch.ops.peftcore.lora_linear(x, weight, base.bias, lora_A, lora_B, self._lora_E(), self.lora_scales,
-                                              lora_x)
-
-    def _forward_mixed(self, x, rows, scales):
-        lora_A, lora_B = self._lists()
-        return torch.ops.peftcore.lora_linear_mixed(x, self._weight(), self.base_layer.bias, lora_A, lora_B,
-                                                    self._lora_E(), scales, rows)
-
-
 # ---------------------------------------------------------------- bitsandbytes bases
 # bitsandbytes is optional: nothing below imports it at module import time.
 def bnb_kind(module: nn.Module) -> str | None:
@@ -293,52 +223,6 @@ def stored_4bit(base: nn.Module) -> tuple:
     return (w.data, qs.absmax, qs.code, int(qs.blocksize), *nested)
 
 
-class LoraLinear4bit(LoraLayer):
-    """LoRA on ``bitsandbytes.nn.Linear4bit`` (nf4 / fp4, optional double quantization).
-
-    The forward runs ``peftcore::lora_linear_4bit`` on the layer's packed bytes and
-    quant state (never bitsandbytes' forward, never a dequantized weight). As bitsandbytes
-    does, x is cast to the layer's ``compute_dtype`` for the base product and the result is
-    returned in x's dtype. The LoRA branch sees the *original* x, as in PEFT:
-
-    * compute dtype narrower than x (fp32 x, bf16 compute): the base product reads x rounded
-      to the compute dtype (as bitsandbytes), kept in x's dtype, and the original x goes to
-      the LoRA terms as ``lora_x``; everything is summed at x's precision.
-    * compute dtype wider (bf16 x, fp32 compute): the upcast is exact, so base and LoRA
-      read it, are summed in fp32 and rounded to x's dtype once (PEFT rounds the base and
-      the LoRA output to x's dtype separately before adding: a one-ulp difference).
-    """
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        unpack_cpu_4bit(base_layer)  # no-op unless bitsandbytes already ran it on CPU
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if kwargs:
-            self._no_row_adapters(kwargs)
-        base = self.base_layer
-        unpack_cpu_4bit(base)  # no-op unless bitsandbytes ran the base directly since injection
-        if self._mixed is not None:
-            return self._forward_mixed(x, *self._mixed)
-        lora_A, lora_B = self._lists()
-        xc, lora_x = compute_input_4bit(base, x, self._dropped(x), len(lora_A))
-        out = torch.ops.peftcore.lora_linear_4bit(
-            xc, *stored_4bit(base), self.out_features, base.bias, lora_A, lora_B, self._lora_E(), self.lora_scales,
-            lora_x,
-        )
-        return out.to(x.dtype)
-
-    def _forward_mixed(self, x, rows, scales):
-        base = self.base_layer
-        lora_A, lora_B = self._lists()
-        xc, lora_x = compute_input_4bit(base, x, None, 1)
-        out = torch.ops.peftcore.lora_linear_4bit_mixed(
-            xc, *stored_4bit(base), self.out_features, base.bias, lora_A, lora_B, self._lora_E(), scales, rows,
-            None if lora_x is None else lora_x[0],
-        )
-        return out.to(x.dtype)
-
-
 def _compute_dtype(base: nn.Module):
     return base.compute_dtype if getattr(base, "compute_type_is_set", base.compute_dtype is not None) else None
 
@@ -370,30 +254,192 @@ def int8_state(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return base.weight.data, scb
 
 
-class LoraLinear8bit(LoraLayer):
+# ---------------------------------------------------------------- base kinds
+class BaseKind:
+    """How an adapter layer's ops read its frozen base: one instance per base kind (dense,
+    bitsandbytes 4-bit, LLM.int8), shared by every method's layer. It holds the kind's
+    ops (``peftcore::<method>_linear<suffix>`` and their ``_mixed`` forms, the suffix a key
+    of ``_ops.BASES``), the arguments that stand for W, and the dtype handling around the
+    op; the method layers (``LoraLinear``, ``Ia3Linear``) write their forward once over it."""
+
+    suffix = ""
+
+    def __init__(self):
+        ops = torch.ops.peftcore
+        self.lora, self.lora_mixed, self.ia3, self.ia3_mixed = (
+            getattr(ops, f"{m}_linear{self.suffix}{x}") for m in ("lora", "ia3") for x in ("", "_mixed")
+        )
+
+    def refresh(self, base: nn.Module) -> None:
+        """Before every forward (the layout of a 4-bit weight may have changed)."""
+
+    def weight(self, layer: "AdapterLayer") -> tuple:
+        """The op's arguments for W (between x and bias)."""
+        return (layer._weight(),)
+
+    def lora_input(self, base: nn.Module, x: torch.Tensor, lora_x, n_adapters: int):
+        """(x for the base product, lora_x: what the LoRA terms read, None = x)."""
+        return x, lora_x
+
+    def mixed_lora_x(self, lora_x) -> tuple:
+        """The mixed LoRA op's trailing lora_x argument, where the kind has one."""
+        return ()
+
+    def ia3_input(self, base: nn.Module, x: torch.Tensor, feedforward: bool) -> torch.Tensor:
+        return x
+
+    def output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out
+
+
+class Quant4Kind(BaseKind):
+    """bitsandbytes ``Linear4bit``: the packed bytes and quant state, x in the layer's
+    compute dtype for the base product (``compute_input_4bit``), the result in x's dtype."""
+
+    suffix = "_4bit"
+
+    def refresh(self, base):
+        unpack_cpu_4bit(base)  # no-op unless bitsandbytes ran the base directly since injection
+
+    def weight(self, layer):
+        return (*stored_4bit(layer.base_layer), layer.out_features)
+
+    def lora_input(self, base, x, lora_x, n_adapters):
+        return compute_input_4bit(base, x, lora_x, n_adapters)
+
+    def mixed_lora_x(self, lora_x):
+        return (None if lora_x is None else lora_x[0],)
+
+    def ia3_input(self, base, x, feedforward):
+        # Output scaling: x as bitsandbytes computes with it (see compute_input_4bit).
+        # Input scaling with a compute dtype narrower than x: x·l stays at x's precision
+        # (bitsandbytes would round x·l to the compute dtype; this is the more exact product).
+        return x if feedforward and _narrower_compute(base, x) else compute_input_4bit(base, x, None, 0)[0]
+
+    def output(self, out, x):
+        return out.to(x.dtype)
+
+
+class Int8Kind(BaseKind):
+    """bitsandbytes ``Linear8bitLt``: CB / SCB (``int8_state``) in x's dtype."""
+
+    suffix = "_int8"
+
+    def weight(self, layer):
+        return int8_state(layer.base_layer)
+
+
+BASE_KINDS = {None: BaseKind(), "4bit": Quant4Kind(), "8bit": Int8Kind()}  # by bnb_kind(base)
+
+
+class LoraLayer(AdapterLayer):
+    """Common state of LoRA layers: ``lora_A`` / ``lora_B`` (``lora_embedding_A`` / ``_B``
+    for embeddings) and the ``lora_scales`` buffer (each adapter's effective scale)."""
+
+    peft_type = "LORA"
+    param_dicts = ("lora_A", "lora_B")
+    meta_dicts = ("scaling", "r", "dropout_p")
+    state_name = "lora_scales"
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.__dict__.update(
+            scaling={},  # name -> configured scale (alpha / r or alpha / sqrt(r))
+            r={},  # name -> rank
+            dropout_p={},  # name -> LoRA dropout probability (training only)
+        )
+
+    def adapter_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) such that the adapter's delta is ``scaling · B·A``."""
+        a, b = self.param_dicts[:2]
+        return self._modules[a][name], self._modules[b][name]
+
+    def _lists(self):
+        return self._params(self.param_dicts[0]), self._params(self.param_dicts[1])
+
+    def _lora_E(self):
+        """The per-adapter extra of the low-rank update that the ops take as ``lora_E``:
+        None for LoRA (AdaLoRA: its singular values)."""
+        return None
+
+    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout_p: float) -> None:
+        self.scaling[name] = scaling
+        self.r[name] = A.shape[0]
+        self.dropout_p[name] = dropout_p
+        self._add_params(name, **{self.param_dicts[0]: A, self.param_dicts[1]: B})
+
+    def _on_value(self, name: str) -> float:
+        return self.scaling[name]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={self.r[n]} scaling={self.scaling[n]:g}" for n in self.adapter_names)
+
+    def _dropped(self, x: torch.Tensor):
+        """PEFT drops out the LoRA input only, independently for each adapter (training only)."""
+        if self.training and any(p > 0 for p in self.dropout_p.values()):
+            return [F.dropout(x, p, True) if p > 0 else x for p in self.dropout_p.values()]
+        return None
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` or transformers ``Conv1D`` (whose weight is stored (in, out)):
+    one ``peftcore::lora_linear`` call. The forward is written once for every base kind
+    (``kind``); the subclasses below only choose theirs."""
+
+    kind = BASE_KINDS[None]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs:
+            self._no_row_adapters(kwargs)
+        kind, base = self.kind, self.base_layer
+        kind.refresh(base)
+        if self._mixed is not None:
+            return self._forward_mixed(x, *self._mixed)
+        lora_A, lora_B = self._lists()
+        xc, lora_x = kind.lora_input(base, x, self._dropped(x), len(lora_A))
+        out = kind.lora(xc, *kind.weight(self), base.bias, lora_A, lora_B, self._lora_E(), self.lora_scales, lora_x)
+        return kind.output(out, x)
+
+    def _forward_mixed(self, x, rows, scales):
+        kind, base = self.kind, self.base_layer
+        lora_A, lora_B = self._lists()
+        xc, lora_x = kind.lora_input(base, x, None, 1)
+        out = kind.lora_mixed(xc, *kind.weight(self), base.bias, lora_A, lora_B, self._lora_E(), scales, rows,
+                              *kind.mixed_lora_x(lora_x))
+        return kind.output(out, x)
+
+
+class LoraLinear4bit(LoraLinear):
+    """LoRA on ``bitsandbytes.nn.Linear4bit`` (nf4 / fp4, optional double quantization).
+
+    The forward runs ``peftcore::lora_linear_4bit`` on the layer's packed bytes and
+    quant state (never bitsandbytes' forward, never a dequantized weight). As bitsandbytes
+    does, x is cast to the layer's ``compute_dtype`` for the base product and the result is
+    returned in x's dtype. The LoRA branch sees the *original* x, as in PEFT:
+
+    * compute dtype narrower than x (fp32 x, bf16 compute): the base product reads x rounded
+      to the compute dtype (as bitsandbytes), kept in x's dtype, and the original x goes to
+      the LoRA terms as ``lora_x``; everything is summed at x's precision.
+    * compute dtype wider (bf16 x, fp32 compute): the upcast is exact, so base and LoRA
+      read it, are summed in fp32 and rounded to x's dtype once (PEFT rounds the base and
+      the LoRA output to x's dtype separately before adding: a one-ulp difference).
+    """
+
+    kind = BASE_KINDS["4bit"]
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        unpack_cpu_4bit(base_layer)  # no-op unless bitsandbytes already ran it on CPU
+
+
+class LoraLinear8bit(LoraLinear):
     """LoRA on ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8, ``has_fp16_weights=False``).
 
     The forward runs ``peftcore::lora_linear_int8`` on CB / SCB in x's dtype. The layer's
     ``threshold`` (outlier decomposition) plays no part: peftcore computes against the exact
     dequantized weight CB·SCB/127, which is what the outlier path approximates."""
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if kwargs:
-            self._no_row_adapters(kwargs)
-        if self._mixed is not None:
-            return self._forward_mixed(x, *self._mixed)
-        base = self.base_layer
-        cb, scb = int8_state(base)
-        lora_A, lora_B = self._lists()
-        return torch.ops.peftcore.lora_linear_int8(
-            x, cb, scb, base.bias, lora_A, lora_B, self._lora_E(), self.lora_scales, self._dropped(x)
-        )
-
-    def _forward_mixed(self, x, rows, scales):
-        cb, scb = int8_state(self.base_layer)
-        lora_A, lora_B = self._lists()
-        return torch.ops.peftcore.lora_linear_int8_mixed(x, cb, scb, self.base_layer.bias, lora_A, lora_B,
-                                                         self._lora_E(), scales, rows)
+    kind = BASE_KINDS["8bit"]
 
 
 class LoraEmbedding(LoraLayer):
@@ -447,7 +493,7 @@ class AdaLoraLayer(LoraLayer):
         return self._params("lora_E")
 
 
-# One class per base kind: the LoRA layer's forward, with E passed as the ops' lora_E.
+# One class per base kind (its LoRA layer's kind): the LoRA forward, with E passed as the ops' lora_E.
 class AdaLoraLinear(AdaLoraLayer, LoraLinear):
     """AdaLoRA on ``nn.Linear`` / transformers ``Conv1D``: ``peftcore::lora_linear`` with lora_E."""
 
@@ -488,75 +534,44 @@ class Ia3Layer(AdapterLayer):
 
 
 class Ia3Linear(Ia3Layer):
-    """IA3 on ``nn.Linear`` / transformers ``Conv1D``: one ``peftcore::ia3_linear`` call."""
+    """IA3 on ``nn.Linear`` / transformers ``Conv1D``: one ``peftcore::ia3_linear`` call,
+    written once for every base kind (``kind``), as ``LoraLinear``."""
+
+    kind = BASE_KINDS[None]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if kwargs:
             self._no_row_adapters(kwargs)
+        kind, base = self.kind, self.base_layer
+        kind.refresh(base)
         if self._mixed is not None:
             return self._forward_mixed(x, *self._mixed)
-        base = self.base_layer
-        weight = self._weight()
-        return torch.ops.peftcore.ia3_linear(x, weight, base.bias, self._params("ia3_l"), self.ia3_active,
-                                             self.is_feedforward)
+        xc = kind.ia3_input(base, x, self.is_feedforward)
+        out = kind.ia3(xc, *kind.weight(self), base.bias, self._params("ia3_l"), self.ia3_active, self.is_feedforward)
+        return kind.output(out, x)
 
     def _forward_mixed(self, x, rows, scales):
-        return torch.ops.peftcore.ia3_linear_mixed(x, self._weight(), self.base_layer.bias, self._params("ia3_l"),
-                                                   rows, self.is_feedforward)
+        kind, base = self.kind, self.base_layer
+        xc = kind.ia3_input(base, x, self.is_feedforward)
+        out = kind.ia3_mixed(xc, *kind.weight(self), base.bias, self._params("ia3_l"), rows, self.is_feedforward)
+        return kind.output(out, x)
 
 
-class Ia3Linear4bit(Ia3Layer):
+class Ia3Linear4bit(Ia3Linear):
     """IA3 on ``bitsandbytes.nn.Linear4bit``: one ``peftcore::ia3_linear_4bit`` call on the
     packed weight, returned in x's dtype."""
+
+    kind = BASE_KINDS["4bit"]
 
     def __init__(self, base_layer: nn.Module, feedforward: bool):
         super().__init__(base_layer, feedforward)
         unpack_cpu_4bit(base_layer)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if kwargs:
-            self._no_row_adapters(kwargs)
-        base = self.base_layer
-        unpack_cpu_4bit(base)
-        xc = self._input_4bit(x)
-        if self._mixed is not None:
-            rows = self._mixed[0]
-            out = torch.ops.peftcore.ia3_linear_4bit_mixed(
-                xc, *stored_4bit(base), self.out_features, base.bias, self._params("ia3_l"), rows, self.is_feedforward
-            )
-        else:
-            out = torch.ops.peftcore.ia3_linear_4bit(
-                xc, *stored_4bit(base), self.out_features, base.bias, self._params("ia3_l"), self.ia3_active,
-                self.is_feedforward,
-            )
-        return out.to(x.dtype)
 
-    def _input_4bit(self, x):
-        # Output scaling: x as bitsandbytes computes with it (see compute_input_4bit).
-        # Input scaling with a compute dtype narrower than x: x·l stays at x's precision
-        # (bitsandbytes would round x·l to the compute dtype; this is the more exact product).
-        base = self.base_layer
-        return x if self.is_feedforward and _narrower_compute(base, x) else compute_input_4bit(base, x, None, 0)[0]
-
-
-class Ia3Linear8bit(Ia3Layer):
+class Ia3Linear8bit(Ia3Linear):
     """IA3 on ``bitsandbytes.nn.Linear8bitLt``: one ``peftcore::ia3_linear_int8`` call on CB / SCB."""
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if kwargs:
-            self._no_row_adapters(kwargs)
-        if self._mixed is not None:
-            return self._forward_mixed(x, *self._mixed)
-        base = self.base_layer
-        cb, scb = int8_state(base)
-        return torch.ops.peftcore.ia3_linear_int8(
-            x, cb, scb, base.bias, self._params("ia3_l"), self.ia3_active, self.is_feedforward
-        )
-
-    def _forward_mixed(self, x, rows, scales):
-        cb, scb = int8_state(self.base_layer)
-        return torch.ops.peftcore.ia3_linear_int8_mixed(x, cb, scb, self.base_layer.bias, self._params("ia3_l"), rows,
-                                                        self.is_feedforward)
+    kind = BASE_KINDS["8bit"]
 
 
 class ModulesToSaveWrapper(nn.Module):

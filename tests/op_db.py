@@ -23,6 +23,7 @@ import torch
 
 import peftcore  # noqa: F401  (registers the ops)
 from peftcore import reference
+from peftcore._ops import OPS as OP_TABLE
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -798,76 +799,12 @@ def sample_ia3_linear_int8_mixed(dtype, adapter_dtype=None, requires_grad=False)
         yield SampleInput(name, (x, *wargs, bias, vecs, rows_t, o.get("ff", False)), meta=meta)
 
 
+# One OpInfo per op of peftcore's table (peftcore._ops.OPS): the op, reference.<name>,
+# sample_<name> above, and whether it has autograd. A new op without samples fails here.
 OPS: dict[str, OpInfo] = {
-    "lora_linear": OpInfo(
-        "lora_linear", torch.ops.peftcore.lora_linear, reference.lora_linear, sample_lora_linear, True
-    ),
-    "lora_linear_backward": OpInfo(
-        "lora_linear_backward",
-        torch.ops.peftcore.lora_linear_backward,
-        reference.lora_linear_backward,
-        sample_lora_linear_backward,
-        False,
-    ),
-    "ia3_linear": OpInfo("ia3_linear", torch.ops.peftcore.ia3_linear, reference.ia3_linear, sample_ia3_linear, True),
-    "lora_embedding": OpInfo(
-        "lora_embedding", torch.ops.peftcore.lora_embedding, reference.lora_embedding, sample_lora_embedding, True
-    ),
-    "lora_embedding_backward": OpInfo(
-        "lora_embedding_backward",
-        torch.ops.peftcore.lora_embedding_backward,
-        reference.lora_embedding_backward,
-        sample_lora_embedding_backward,
-        False,
-    ),
-    "dequantize_4bit": OpInfo(
-        "dequantize_4bit", torch.ops.peftcore.dequantize_4bit, reference.dequantize_4bit, sample_dequantize_4bit,
-        False,
-    ),
-    "lora_linear_4bit": OpInfo(
-        "lora_linear_4bit", torch.ops.peftcore.lora_linear_4bit, reference.lora_linear_4bit, sample_lora_linear_4bit,
-        True,
-    ),
-    "dequantize_int8": OpInfo(
-        "dequantize_int8", torch.ops.peftcore.dequantize_int8, reference.dequantize_int8, sample_dequantize_int8,
-        False,
-    ),
-    "lora_linear_int8": OpInfo(
-        "lora_linear_int8", torch.ops.peftcore.lora_linear_int8, reference.lora_linear_int8, sample_lora_linear_int8,
-        True,
-    ),
-    "ia3_linear_4bit": OpInfo(
-        "ia3_linear_4bit", torch.ops.peftcore.ia3_linear_4bit, reference.ia3_linear_4bit, sample_ia3_linear_4bit,
-        True,
-    ),
-    "ia3_linear_int8": OpInfo(
-        "ia3_linear_int8", torch.ops.peftcore.ia3_linear_int8, reference.ia3_linear_int8, sample_ia3_linear_int8,
-        True,
-    ),
-    "lora_linear_mixed": OpInfo(
-        "lora_linear_mixed", torch.ops.peftcore.lora_linear_mixed, reference.lora_linear_mixed,
-        sample_lora_linear_mixed, False,
-    ),
-    "ia3_linear_mixed": OpInfo(
-        "ia3_linear_mixed", torch.ops.peftcore.ia3_linear_mixed, reference.ia3_linear_mixed,
-        sample_ia3_linear_mixed, False,
-    ),
-    "lora_linear_4bit_mixed": OpInfo(
-        "lora_linear_4bit_mixed", torch.ops.peftcore.lora_linear_4bit_mixed, reference.lora_linear_4bit_mixed,
-        sample_lora_linear_4bit_mixed, False,
-    ),
-    "lora_linear_int8_mixed": OpInfo(
-        "lora_linear_int8_mixed", torch.ops.peftcore.lora_linear_int8_mixed, reference.lora_linear_int8_mixed,
-        sample_lora_linear_int8_mixed, False,
-    ),
-    "ia3_linear_4bit_mixed": OpInfo(
-        "ia3_linear_4bit_mixed", torch.ops.peftcore.ia3_linear_4bit_mixed, reference.ia3_linear_4bit_mixed,
-        sample_ia3_linear_4bit_mixed, False,
-    ),
-    "ia3_linear_int8_mixed": OpInfo(
-        "ia3_linear_int8_mixed", torch.ops.peftcore.ia3_linear_int8_mixed, reference.ia3_linear_int8_mixed,
-        sample_ia3_linear_int8_mixed, False,
-    ),
+    name: OpInfo(name, getattr(torch.ops.peftcore, name), getattr(reference, name), globals()[f"sample_{name}"],
+                 d.trains)
+    for name, d in OP_TABLE.items()
 }
 
 

@@ -17,9 +17,8 @@
 
 namespace peftcore {
 
-at::Tensor ia3_linear_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& rows,
-                                bool feedforward) {
+at::Tensor ia3_linear_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_ARGS),
+                                PEFTCORE_IA3_ARGS(const at::Tensor& rows)) {
   const char* op = "ia3_linear_mixed";
   const cpu::LinearDims d = cpu::check_base_linear(op, x, weight, bias);
   const auto segs = cpu::row_segments(op, rows, d.n, int64_t(ia3_l.size()));

@@ -19,9 +19,7 @@
 
 namespace peftcore {
 
-at::Tensor lora_linear_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, at::TensorList lora_A, at::TensorList lora_B,
-                                 std::optional<at::TensorList> lora_E, const at::Tensor& scales,
+at::Tensor lora_linear_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_ARGS), PEFTCORE_LORA_ARGS,
                                  const at::Tensor& rows) {
   const char* op = "lora_linear_mixed";
   const cpu::LinearDims d = cpu::check_linear_args(op, x, weight, bias, lora_A, lora_B, scales, std::nullopt);

@@ -89,7 +89,7 @@ Weight4 check_weight4(const char* op, const at::Tensor& qweight, const at::Tenso
   return w;
 }
 
-void check_int8(const char* op, const at::Tensor& weight, const at::Tensor& row_scale) {
+void check_int8(const char* op, PEFTCORE_WEIGHT_INT8_ARGS) {
   check_int8_state(op, weight, row_scale, device_rule(op, at::kCPU));
 }
 
@@ -242,18 +242,14 @@ void check_x_and_bias(const char* op, const at::Tensor& x, int64_t N, const std:
 }
 
 // The checks every 4-bit op makes at entry (x, bias, stored weight).
-Weight4 check_linear_4bit(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                          const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
-                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& nested_offset,
-                          int64_t nested_blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
+Weight4 check_linear_4bit(const char* op, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS)) {
   check_x_and_bias(op, x, out_features, bias);
   return check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
                        nested_blocksize, out_features, x.size(-1));
 }
 
 // The checks every int8 op makes at entry (weight, row scales, x, bias); returns out_features.
-int64_t check_linear_int8(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                          const std::optional<at::Tensor>& bias) {
+int64_t check_linear_int8(const char* op, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS)) {
   check_int8(op, weight, row_scale);
   const int64_t N = weight.size(0);
   check_x_and_bias(op, x, N, bias);
@@ -319,8 +315,8 @@ void linear_4bit(at::Tensor& y, const at::Tensor& x, const Weight4& w, const std
 }
 
 // The LLM.int8 base y = x·Wᵀ + b (checked arguments), with IA3's scales where given.
-void linear_int8(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_scale,
-                 const std::optional<at::Tensor>& bias, const at::Tensor& in_scale, const at::Tensor& out_scale) {
+void linear_int8(at::Tensor& y, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS), const at::Tensor& in_scale,
+                 const at::Tensor& out_scale) {
   const int64_t K = x.size(-1);
   const at::Tensor cb = weight.contiguous();
   const at::Tensor scb = row_scale.to(at::kFloat).contiguous();
@@ -350,13 +346,7 @@ void linear_int8(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, c
 
 }  // namespace
 
-at::Tensor lora_linear_4bit_cpu(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
-                                const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                                const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& nested_code,
-                                const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                                int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
-                                at::TensorList lora_B, std::optional<at::TensorList> lora_E, const at::Tensor& scales,
+at::Tensor lora_linear_4bit_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS), PEFTCORE_LORA_ARGS,
                                 std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_4bit";
   const int64_t K = x.size(-1), N = out_features;
@@ -372,13 +362,8 @@ at::Tensor lora_linear_4bit_cpu(const Out* out, const at::Tensor& x, const at::T
   });
 }
 
-at::Tensor ia3_linear_4bit_cpu(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
-                               const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& nested_code,
-                               const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                               int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
-                               const at::Tensor& active, bool feedforward) {
+at::Tensor ia3_linear_4bit_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS),
+                               PEFTCORE_IA3_ARGS(const at::Tensor& active)) {
   const char* op = "ia3_linear_4bit";
   const int64_t K = x.size(-1), N = out_features;
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
@@ -394,10 +379,8 @@ at::Tensor ia3_linear_4bit_cpu(const Out* out, const at::Tensor& x, const at::Te
   });
 }
 
-at::Tensor lora_linear_int8_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                                const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,
-                                const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+at::Tensor lora_linear_int8_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS), PEFTCORE_LORA_ARGS,
+                                std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_int8";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
@@ -410,9 +393,8 @@ at::Tensor lora_linear_int8_cpu(const Out* out, const at::Tensor& x, const at::T
   });
 }
 
-at::Tensor ia3_linear_int8_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                               const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                               at::TensorList ia3_l, const at::Tensor& active, bool feedforward) {
+at::Tensor ia3_linear_int8_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
+                               PEFTCORE_IA3_ARGS(const at::Tensor& active)) {
   const char* op = "ia3_linear_int8";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   const at::Tensor l = cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
@@ -427,14 +409,7 @@ at::Tensor ia3_linear_int8_cpu(const Out* out, const at::Tensor& x, const at::Te
 }
 
 // ---- mixed batches (mixed.h): the base pass once for every row, then per row group.
-at::Tensor lora_linear_4bit_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
-                                      const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                                      const std::optional<at::Tensor>& nested_absmax,
-                                      const std::optional<at::Tensor>& nested_code,
-                                      const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                                      int64_t out_features, const std::optional<at::Tensor>& bias,
-                                      at::TensorList lora_A, at::TensorList lora_B,
-                                      std::optional<at::TensorList> lora_E, const at::Tensor& scales,
+at::Tensor lora_linear_4bit_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS), PEFTCORE_LORA_ARGS,
                                       const at::Tensor& rows, const std::optional<at::Tensor>& lora_x) {
   const char* op = "lora_linear_4bit_mixed";
   const int64_t K = x.size(-1), N = out_features;
@@ -452,13 +427,8 @@ at::Tensor lora_linear_4bit_mixed_cpu(const Out* out, const at::Tensor& x, const
   });
 }
 
-at::Tensor ia3_linear_4bit_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
-                                     const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                                     const std::optional<at::Tensor>& nested_absmax,
-                                     const std::optional<at::Tensor>& nested_code,
-                                     const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                                     int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
-                                     const at::Tensor& rows, bool feedforward) {
+at::Tensor ia3_linear_4bit_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS),
+                                     PEFTCORE_IA3_ARGS(const at::Tensor& rows)) {
   const char* op = "ia3_linear_4bit_mixed";
   const int64_t K = x.size(-1), N = out_features;
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
@@ -477,11 +447,8 @@ at::Tensor ia3_linear_4bit_mixed_cpu(const Out* out, const at::Tensor& x, const 
   });
 }
 
-at::Tensor lora_linear_int8_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                                      const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                      at::TensorList lora_A, at::TensorList lora_B,
-                                      std::optional<at::TensorList> lora_E, const at::Tensor& scales,
-                                      const at::Tensor& rows) {
+at::Tensor lora_linear_int8_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
+                                      PEFTCORE_LORA_ARGS, const at::Tensor& rows) {
   const char* op = "lora_linear_int8_mixed";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
@@ -494,9 +461,8 @@ at::Tensor lora_linear_int8_mixed_cpu(const Out* out, const at::Tensor& x, const
   });
 }
 
-at::Tensor ia3_linear_int8_mixed_cpu(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                                     const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                     at::TensorList ia3_l, const at::Tensor& rows, bool feedforward) {
+at::Tensor ia3_linear_int8_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
+                                     PEFTCORE_IA3_ARGS(const at::Tensor& rows)) {
   const char* op = "ia3_linear_int8_mixed";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(ia3_l.size()));
@@ -513,11 +479,7 @@ at::Tensor ia3_linear_int8_mixed_cpu(const Out* out, const at::Tensor& x, const 
   });
 }
 
-at::Tensor dequantize_4bit_cpu(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,
-                               int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& nested_code,
-                               const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                               int64_t out_features, int64_t in_features, at::ScalarType dtype) {
+at::Tensor dequantize_4bit_cpu(PEFTCORE_WEIGHT4_ARGS, int64_t in_features, at::ScalarType dtype) {
   const char* op = "dequantize_4bit";
   const int64_t N = out_features, K = in_features;
   const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
@@ -544,7 +506,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& qweight, const at::Tensor& absm
   return out.to(dtype);
 }
 
-at::Tensor dequantize_int8_cpu(const at::Tensor& weight, const at::Tensor& row_scale, at::ScalarType dtype) {
+at::Tensor dequantize_int8_cpu(PEFTCORE_WEIGHT_INT8_ARGS, at::ScalarType dtype) {
   const char* op = "dequantize_int8";
   check_int8(op, weight, row_scale);
   TORCH_CHECK(at::isFloatingType(dtype), "peftcore::", op, ": dtype must be a floating type but is ", dtype);

@@ -103,9 +103,8 @@ namespace peftcore {
 
 using namespace peftcore::cuda;
 
-at::Tensor ia3_linear_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, at::TensorList ia3_l, const at::Tensor& rows,
-                                 bool feedforward) {
+at::Tensor ia3_linear_mixed_cuda(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_ARGS),
+                                 PEFTCORE_IA3_ARGS(const at::Tensor& rows)) {
   const char* op = "ia3_linear_mixed";
   const LinearDims d = check_base_linear(op, x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());

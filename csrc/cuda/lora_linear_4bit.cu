@@ -208,10 +208,7 @@ void linear_4bit(const at::Tensor& x, const Weight4& w, const std::optional<at::
 
 // The checks of every 4-bit op on an x at entry: x and the bias, then the stored weight
 // on x's device (its conversions allocate there).
-Weight4 check_linear_4bit(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
-                          const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
-                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& nested_offset,
-                          int64_t nested_blocksize, int64_t out_features, const std::optional<at::Tensor>& bias) {
+Weight4 check_linear_4bit(const char* op, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS)) {
   check_quant_x_and_bias(op, x, out_features, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   return check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
@@ -220,13 +217,7 @@ Weight4 check_linear_4bit(const char* op, const at::Tensor& x, const at::Tensor&
 
 }  // namespace
 
-at::Tensor lora_linear_4bit_cuda(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
-                                 const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                                 const std::optional<at::Tensor>& nested_absmax,
-                                 const std::optional<at::Tensor>& nested_code,
-                                 const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                                 int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList lora_A,
-                                 at::TensorList lora_B, std::optional<at::TensorList> lora_E, const at::Tensor& scales,
+at::Tensor lora_linear_4bit_cuda(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS), PEFTCORE_LORA_ARGS,
                                  std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_4bit";
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code,
@@ -244,13 +235,8 @@ at::Tensor lora_linear_4bit_cuda(const Out* out, const at::Tensor& x, const at::
   });
 }
 
-at::Tensor ia3_linear_4bit_cuda(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
-                                const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                                const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& nested_code,
-                                const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                                int64_t out_features, const std::optional<at::Tensor>& bias, at::TensorList ia3_l,
-                                const at::Tensor& active, bool feedforward) {
+at::Tensor ia3_linear_4bit_cuda(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS),
+                                PEFTCORE_IA3_ARGS(const at::Tensor& active)) {
   const char* op = "ia3_linear_4bit";
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code,
                                       nested_offset, nested_blocksize, out_features, bias);
@@ -266,11 +252,7 @@ at::Tensor ia3_linear_4bit_cuda(const Out* out, const at::Tensor& x, const at::T
   });
 }
 
-at::Tensor dequantize_4bit_cuda(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& code,
-                                int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& nested_code,
-                                const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                                int64_t out_features, int64_t in_features, at::ScalarType dtype) {
+at::Tensor dequantize_4bit_cuda(PEFTCORE_WEIGHT4_ARGS, int64_t in_features, at::ScalarType dtype) {
   const char* op = "dequantize_4bit";
   check_defined(op, qweight, "qweight");
   TORCH_CHECK(qweight.is_cuda(), "peftcore::", op, ": qweight is on ", qweight.device(), " but this kernel runs on CUDA");
@@ -283,14 +265,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& qweight, const at::Tensor& abs
 
 // ---- mixed batches (mixed.h): the base once for every row (the GEMV / GEMM above, no
 // adapter in its epilogue: the per-row terms follow), then each row group's adapter.
-at::Tensor lora_linear_4bit_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
-                                       const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                                       const std::optional<at::Tensor>& nested_absmax,
-                                       const std::optional<at::Tensor>& nested_code,
-                                       const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                                       int64_t out_features, const std::optional<at::Tensor>& bias,
-                                       at::TensorList lora_A, at::TensorList lora_B,
-                                       std::optional<at::TensorList> lora_E, const at::Tensor& scales,
+at::Tensor lora_linear_4bit_mixed_cuda(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS), PEFTCORE_LORA_ARGS,
                                        const at::Tensor& rows, const std::optional<at::Tensor>& lora_x) {
   const char* op = "lora_linear_4bit_mixed";
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code,
@@ -310,13 +285,8 @@ at::Tensor lora_linear_4bit_mixed_cuda(const Out* out, const at::Tensor& x, cons
   });
 }
 
-at::Tensor ia3_linear_4bit_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& qweight,
-                                      const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                                      const std::optional<at::Tensor>& nested_absmax,
-                                      const std::optional<at::Tensor>& nested_code,
-                                      const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
-                                      int64_t out_features, const std::optional<at::Tensor>& bias,
-                                      at::TensorList ia3_l, const at::Tensor& rows, bool feedforward) {
+at::Tensor ia3_linear_4bit_mixed_cuda(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS),
+                                      PEFTCORE_IA3_ARGS(const at::Tensor& rows)) {
   const char* op = "ia3_linear_4bit_mixed";
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code,
                                       nested_offset, nested_blocksize, out_features, bias);

@@ -107,7 +107,7 @@ struct Int8Weight {
   at::Tensor cb, scb;  // contiguous int8 [N, K], float32 [N]
 };
 
-Int8Weight check_int8(const char* op, const at::Tensor& weight, const at::Tensor& row_scale, const at::Device& dev) {
+Int8Weight check_int8(const char* op, PEFTCORE_WEIGHT_INT8_ARGS, const at::Device& dev) {
   check_int8_state(op, weight, row_scale, device_rule(op, dev));
   return {weight.contiguous(), row_scale.reshape({-1}).to(at::kFloat).contiguous()};
 }
@@ -171,8 +171,7 @@ void linear_int8(const at::Tensor& x, const Int8Weight& w, const std::optional<a
 
 // The checks of every int8 op on an x at entry: x, the stored weight on x's device, the
 // bias and in_features.
-Int8Weight check_linear_int8(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                             const at::Tensor& row_scale, const std::optional<at::Tensor>& bias) {
+Int8Weight check_linear_int8(const char* op, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS)) {
   check_x(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   Int8Weight w = check_int8(op, weight, row_scale, x.device());
@@ -183,10 +182,8 @@ Int8Weight check_linear_int8(const char* op, const at::Tensor& x, const at::Tens
 
 }  // namespace
 
-at::Tensor lora_linear_int8_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                                 const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                 at::TensorList lora_A, at::TensorList lora_B, std::optional<at::TensorList> lora_E,
-                                 const at::Tensor& scales, std::optional<at::TensorList> lora_x) {
+at::Tensor lora_linear_int8_cuda(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS), PEFTCORE_LORA_ARGS,
+                                 std::optional<at::TensorList> lora_x) {
   const char* op = "lora_linear_int8";
   const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -202,9 +199,8 @@ at::Tensor lora_linear_int8_cuda(const Out* out, const at::Tensor& x, const at::
   });
 }
 
-at::Tensor ia3_linear_int8_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                                const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                at::TensorList ia3_l, const at::Tensor& active, bool feedforward) {
+at::Tensor ia3_linear_int8_cuda(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
+                                PEFTCORE_IA3_ARGS(const at::Tensor& active)) {
   const char* op = "ia3_linear_int8";
   const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -219,7 +215,7 @@ at::Tensor ia3_linear_int8_cuda(const Out* out, const at::Tensor& x, const at::T
   });
 }
 
-at::Tensor dequantize_int8_cuda(const at::Tensor& weight, const at::Tensor& row_scale, at::ScalarType dtype) {
+at::Tensor dequantize_int8_cuda(PEFTCORE_WEIGHT_INT8_ARGS, at::ScalarType dtype) {
   const char* op = "dequantize_int8";
   check_defined(op, weight, "weight");
   TORCH_CHECK(weight.is_cuda(), "peftcore::", op, ": weight is on ", weight.device(), " but this kernel runs on CUDA");
@@ -230,11 +226,8 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& weight, const at::Tensor& row_
 }
 
 // ---- mixed batches (mixed.h): the base once for every row, then each row group's adapter.
-at::Tensor lora_linear_int8_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                                       const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                       at::TensorList lora_A, at::TensorList lora_B,
-                                       std::optional<at::TensorList> lora_E, const at::Tensor& scales,
-                                       const at::Tensor& rows) {
+at::Tensor lora_linear_int8_mixed_cuda(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
+                                       PEFTCORE_LORA_ARGS, const at::Tensor& rows) {
   const char* op = "lora_linear_int8_mixed";
   const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -249,9 +242,8 @@ at::Tensor lora_linear_int8_mixed_cuda(const Out* out, const at::Tensor& x, cons
   });
 }
 
-at::Tensor ia3_linear_int8_mixed_cuda(const Out* out, const at::Tensor& x, const at::Tensor& weight,
-                                      const at::Tensor& row_scale, const std::optional<at::Tensor>& bias,
-                                      at::TensorList ia3_l, const at::Tensor& rows, bool feedforward) {
+at::Tensor ia3_linear_int8_mixed_cuda(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
+                                      PEFTCORE_IA3_ARGS(const at::Tensor& rows)) {
   const char* op = "ia3_linear_int8_mixed";
   const Int8Weight w = check_linear_int8(op, x, weight, row_scale, bias);
   const c10::cuda::CUDAGuard guard(x.device());

@@ -22,8 +22,28 @@ from .lora import Lora
 SUFFIXES = ("lora_A", "lora_B", "lora_E")  # plain parameters: no '.weight'
 
 
+# PEFT's AdaLoRA defaults for target_modules=None, per transformers model_type.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
 class AdaLora(Lora):
     peft_type = "ADALORA"
+    default_targets = DEFAULT_TARGETS
     label = "AdaLoRA"
     on_embeddings = False
     trains_alone = True

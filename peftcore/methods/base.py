@@ -94,6 +94,7 @@ class Method:
 
     peft_type = ""
     label = ""  # the method's name in messages
+    default_targets: dict = {}  # PEFT's target_modules for None, per transformers model_type
     on_embeddings = False  # adapts nn.Embedding (PEFT then also saves a targeted embedding's table)
     trains_alone = False  # only one adapter of this method may train at a time (AdaLoRA's rank allocation)
 

@@ -18,8 +18,63 @@ from .base import Method, adapter_kw, shape_in_out, take, union_modules
 SUFFIX = "ia3_l"
 
 
+# PEFT's IA3 defaults for target_modules=None, per transformers model_type.
+DEFAULT_TARGETS = {
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "bert": ["key", "value", "output.dense"],
+    "roberta": ["key", "value", "output.dense"],
+    "t5": ["k", "v", "wo"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+}
+# The feedforward subset of DEFAULT_TARGETS (input scaling).
+DEFAULT_FEEDFORWARD = {
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "opt": ["fc2"],
+    "gpt2": ["mlp.c_proj"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "gptj": ["fc_out"],
+    "falcon": ["dense_4h_to_h"],
+    "bert": ["output.dense"],
+    "roberta": ["output.dense"],
+    "t5": ["wo"],
+    "bart": ["fc2"],
+}
+
+
+def resolve_feedforward_modules(model, config) -> object:
+    """IA3's effective ``feedforward_modules``: as given, or (None) PEFT's per-architecture
+    default, whatever target_modules is (PEFT's rule; [] means none)."""
+    if config.feedforward_modules is not None:
+        return config.feedforward_modules
+    mt = inject.model_type(model)
+    if mt not in DEFAULT_FEEDFORWARD:
+        raise AdapterConfigError(
+            f"feedforward_modules is not set and peftcore knows no IA3 default for model_type={mt!r}; "
+            "name them (an empty list for none)"
+        )
+    return list(DEFAULT_FEEDFORWARD[mt])
+
+
 class Ia3(Method):
     peft_type = "IA3"
+    default_targets = DEFAULT_TARGETS
     label = "IA3"
     layers = {"4bit": Ia3Linear4bit, "8bit": Ia3Linear8bit, None: Ia3Linear}
 
@@ -27,7 +82,7 @@ class Ia3(Method):
         return self.layers[bnb_kind(module)](module, feedforward)
 
     def prepare_config(self, model, config):
-        config.feedforward_modules = inject.resolve_feedforward_modules(model, config)
+        config.feedforward_modules = resolve_feedforward_modules(model, config)
 
     def feedforward(self, config, path, module):
         """Whether ``path`` scales its input; a layer that already has IA3 adapters keeps

@@ -55,8 +55,33 @@ def _factors(layer: LoraLayer, present: list[tuple[str, float]], combination: st
     return A, B
 
 
+# PEFT's defaults for target_modules=None, per transformers model_type.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
+
+
 class Lora(Method):
     peft_type = "LORA"
+    default_targets = DEFAULT_TARGETS
     label = "LoRA"
     on_embeddings = True
     # Layer class by bitsandbytes kind of the base (None: nn.Linear / Conv1D).

@@ -1,12 +1,17 @@
-"""Every op the dispatcher knows under ``peftcore::`` has samples in tests/op_db.py
-and (when the extension is built) a native CPU kernel, so no op can be added without
-tests or silently fall back to the reference."""
+"""Every op the dispatcher knows under ``peftcore::`` is in peftcore's op table
+(``peftcore._ops.OPS``), has samples in tests/op_db.py and (when the extension is built) a
+native CPU kernel, so no op can be added without tests or silently fall back to the
+reference; the reference and the typed wrapper of each op take the table's arguments."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import inspect
+
 import peftcore
+from peftcore import ops, reference
+from peftcore._ops import OPS as OP_TABLE
 from tests.op_db import OPS, native_loaded
 
 
@@ -31,3 +36,25 @@ def test_op_has_native_cpu_kernel(op):
 
 def test_op_db_has_no_stale_entries():
     assert set(OPS) <= set(_peftcore_ops())
+
+
+def test_dispatcher_ops_are_the_table():
+    assert set(_peftcore_ops()) == set(OP_TABLE)
+    for name, d in OP_TABLE.items():
+        schema = str(torch._C._get_schema(f"peftcore::{name}", ""))
+        assert schema.startswith(f"peftcore::{name}(") and d.arg_names == [
+            a.name for a in torch._C._get_schema(f"peftcore::{name}", "").arguments
+        ], (schema, d.schema)
+
+
+@pytest.mark.parametrize("op", sorted(OP_TABLE))
+def test_reference_takes_the_table_arguments(op):
+    assert list(inspect.signature(getattr(reference, op)).parameters) == OP_TABLE[op].arg_names
+
+
+@pytest.mark.parametrize("op", sorted(n for n in OP_TABLE if hasattr(ops, n)))
+def test_typed_wrapper_takes_the_table_arguments(op):
+    # The wrappers order their arguments for callers (defaults last, lora_E by keyword),
+    # but take exactly the schema's arguments, plus out= on the forward ops.
+    params = set(inspect.signature(getattr(ops, op)).parameters)
+    assert params == set(OP_TABLE[op].arg_names) | ({"out"} if OP_TABLE[op].forward else set())
