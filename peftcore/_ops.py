@@ -42,8 +42,10 @@ BASES = {
 # The LoRA family's optional per-adapter extras sit with its factors: lora_E (AdaLoRA's
 # singular values, r_a per adapter) today, a future one (DoRA's magnitude) beside it.
 # Mixed batches (inference only): row group g of x uses adapter slot rows[g] alone, -1 = base.
+LORA_EXTRAS = ("lora_E",)
 METHODS = {
-    "lora": ("Tensor[] lora_A, Tensor[] lora_B, Tensor[]? lora_E, Tensor scales", "Tensor[]? lora_x", "Tensor rows"),
+    "lora": ("Tensor[] lora_A, Tensor[] lora_B, " + "".join(f"Tensor[]? {e}, " for e in LORA_EXTRAS) + "Tensor scales",
+             "Tensor[]? lora_x", "Tensor rows"),
     "ia3": ("Tensor[] ia3_l", "Tensor active, bool feedforward", "Tensor rows, bool feedforward"),
 }
 # The one irregular tail: on a 4-bit base the base product reads x rounded to the compute
@@ -438,33 +440,36 @@ def _ia3_factors(ia3_l, active, f, device):
 
 
 def _ia3_grads(grad, x, weight, ia3_l, active, feedforward, base, want):
-    """(grad_x, grad_weight, grad_bias, grad_ia3_l[]) in float32 (float64), each cast to
-    its input's dtype and shape; base(x) recomputes the unscaled base output."""
+    """(grad_x, grad_weight, grad_bias, grad_ia3_l[]), each cast to its input's dtype and
+    shape; base(x) recomputes the unscaled base output. The base's GEMMs run in the base
+    dtype (x's, as W), as F.linear's backward runs them (no float32 copy of W); the
+    scaling and the vectors' gradients in float32 (float64)."""
     want_x, want_w, want_b, want_l = want
     f = reference._acc(x)
     out_f, in_f = grad.shape[-1], x.shape[-1]
-    g = grad.reshape(-1, out_f).to(f)
+    go = grad.reshape(-1, out_f)
+    g = go.to(f)
     x2 = x.reshape(-1, in_f)
     on, factors, l = _ia3_factors(ia3_l, active, f, x.device)
     gx = gw = gb = gl = None
-    w = weight.to(f)
     if feedforward:
-        gxs = g @ w if (want_x or want_l) else None  # dL/dx', x' = x ⊙ l
+        gxs = (go @ weight).to(f) if (want_x or want_l) else None  # dL/dx', x' = x ⊙ l
         if want_x:
             gx = gxs if l is None else gxs * l
         if want_l and l is not None:
             gl = (gxs * x2.to(f)).sum(0)
         if want_w:
             xs = x2 if l is None else (x2.to(f) * l).to(x.dtype)
-            gw = g.t() @ xs.to(f)
+            gw = go.t() @ xs
         if want_b:
             gb = g.sum(0)
     else:
-        gbase = g if l is None else g * l
+        gbase = g if l is None else g * l  # dL/d base(x), rounded to x's dtype for the GEMMs
+        gbase_x = gbase.to(x.dtype)
         if want_x:
-            gx = gbase @ w
+            gx = gbase_x @ weight
         if want_w:
-            gw = gbase.t() @ x2.to(f)
+            gw = gbase_x.t() @ x2
         if want_b:
             gb = gbase.sum(0)
         if want_l and l is not None:

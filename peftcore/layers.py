@@ -21,10 +21,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._ops import LORA_EXTRAS
+
 try:  # transformers is optional: GPT-2 style Conv1D is supported when it is installed.
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover
     Conv1D = ()
+
+
+_NO_EXTRAS = (None,) * len(LORA_EXTRAS)
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -357,10 +362,22 @@ class LoraLayer(AdapterLayer):
     def _lists(self):
         return self._params(self.param_dicts[0]), self._params(self.param_dicts[1])
 
-    def _lora_E(self):
-        """The per-adapter extra of the low-rank update that the ops take as ``lora_E``:
-        None for LoRA (AdaLoRA: its singular values)."""
-        return None
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        # Which of the LoRA ops' per-adapter extras (_ops.LORA_EXTRAS) this layer holds: a
+        # variant names its extra among its param_dicts (AdaLoRA: lora_E), and passes it.
+        slots = tuple(e if e in cls.param_dicts else None for e in LORA_EXTRAS)
+        cls._extra_slots = slots if any(slots) else None
+
+    _extra_slots = None
+
+    def _extras(self) -> tuple:
+        """The ops' extras arguments, in table order: the list of this layer's tensors of
+        each, None where the method has none (plain LoRA: all None)."""
+        slots = self._extra_slots
+        if slots is None:
+            return _NO_EXTRAS
+        return tuple(None if e is None else self._params(e) for e in slots)
 
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout_p: float) -> None:
         self.scaling[name] = scaling
@@ -397,14 +414,14 @@ class LoraLinear(LoraLayer):
             return self._forward_mixed(x, *self._mixed)
         lora_A, lora_B = self._lists()
         xc, lora_x = kind.lora_input(base, x, self._dropped(x), len(lora_A))
-        out = kind.lora(xc, *kind.weight(self), base.bias, lora_A, lora_B, self._lora_E(), self.lora_scales, lora_x)
+        out = kind.lora(xc, *kind.weight(self), base.bias, lora_A, lora_B, *self._extras(), self.lora_scales, lora_x)
         return kind.output(out, x)
 
     def _forward_mixed(self, x, rows, scales):
         kind, base = self.kind, self.base_layer
         lora_A, lora_B = self._lists()
         xc, lora_x = kind.lora_input(base, x, None, 1)
-        out = kind.lora_mixed(xc, *kind.weight(self), base.bias, lora_A, lora_B, self._lora_E(), scales, rows,
+        out = kind.lora_mixed(xc, *kind.weight(self), base.bias, lora_A, lora_B, *self._extras(), scales, rows,
                               *kind.mixed_lora_x(lora_x))
         return kind.output(out, x)
 
@@ -489,11 +506,9 @@ class AdaLoraLayer(LoraLayer):
     def adapter_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name] * self.lora_E[name], self.lora_B[name]
 
-    def _lora_E(self):
-        return self._params("lora_E")
 
-
-# One class per base kind (its LoRA layer's kind): the LoRA forward, with E passed as the ops' lora_E.
+# One class per base kind (its LoRA layer's kind): the LoRA forward, which passes lora_E (a
+# param_dict of AdaLoraLayer) as the ops' extra of that name.
 class AdaLoraLinear(AdaLoraLayer, LoraLinear):
     """AdaLoRA on ``nn.Linear`` / transformers ``Conv1D``: ``peftcore::lora_linear`` with lora_E."""
 

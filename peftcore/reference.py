@@ -135,17 +135,21 @@ def lora_linear_backward(
     (grad_x, grad_weight, grad_bias, grad_lora_A[], grad_lora_B[], grad_lora_x[]);
     an output not asked for is an empty tensor (lists are empty). grad_lora_x is
     empty unless lora_x was given. Inactive adapters get zero gradients.
-    Gradients are computed in float32 and returned in each input's dtype.
+    The base's products run in the base dtype, as ``F.linear``'s backward runs them (a
+    bf16 / fp16 GEMM accumulates in float32 inside the library, its result rounded once;
+    W is never copied to float32); the adapter terms are computed in float32 and added to
+    the base's input gradient there; each gradient is returned in its input's dtype.
     """
     want_x, want_w, want_b, want_ad = output_mask
     in_f = x.shape[-1]
     out_f = grad_out.shape[-1]
     f = _acc(x)
-    g = grad_out.reshape(-1, out_f).to(f)
+    go = grad_out.reshape(-1, out_f)  # x's dtype, as W
+    g = go.to(f)
     x2 = x.reshape(-1, in_f)
     # A fresh empty tensor per output not asked for: outputs of an op must not alias.
-    gx = g @ weight.to(f) if want_x else None
-    gw = (g.t() @ x2.to(f)).to(weight.dtype) if want_w else x.new_empty(0)
+    gx = (go @ weight).to(f) if want_x else None
+    gw = go.t() @ x2 if want_w else x.new_empty(0)
     gb = g.sum(0).to(grad_out.dtype) if want_b else x.new_empty(0)
     gA: list[torch.Tensor] = []
     gB: list[torch.Tensor] = []

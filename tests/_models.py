@@ -149,6 +149,17 @@ def peft_model(base_model: nn.Module, adapter_dirs: dict, *, is_trainable: bool 
 
 
 # ---------------------------------------------------------------------- outputs
+def canon_name(name: str) -> str:
+    """A parameter name in a form shared by PEFT and peftcore: no PeftModel prefix, no
+    wrapper infixes, no adapter name, no trailing '.weight' of LoRA factors."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    for a, b in ((".base_layer.", "."), (".original_module.", "."), (".modules_to_save.default.", ".copy."),
+                 (".default.weight", ""), (".default", "")):
+        name = name.replace(a, b)
+    return name
+
+
 def _main_output(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out

@@ -4,6 +4,10 @@
   output oracle), transformers, accelerate, bitsandbytes (its quantizer makes the quantized
   samples, its dequantizer is their oracle) and safetensors must import, bitsandbytes with
   its native library. `make test` installs them (pyproject's `test` extra).
+* **The native extension must load.** A build whose ``peftcore._C`` fails to load (an
+  undefined symbol, a stale binary) would otherwise pass: every op falls back to the
+  reference it is compared with, and the native-only tests skip. Unless the run asks for
+  the fallback (``PEFTCORE_DISABLE_C=1``), that stops the run with the loader's message.
 * **A fresh torch.compile cache per run.** Inductor's on-disk cache (/tmp by default)
   outlives the run and is not keyed on a custom op's schema: after a peftcore schema
   change it replays code that calls the op with the old arguments. The suite compiles
@@ -46,6 +50,12 @@ def pytest_configure(config):
         raise pytest.UsageError(
             "test dependencies missing (install them: `make test`, or pip install -e '.[test]'): " + "; ".join(missing)
         )
+    if os.environ.get("PEFTCORE_DISABLE_C", "") in ("", "0"):
+        from peftcore import native
+
+        if native._C_ERROR is not None:
+            raise pytest.UsageError(f"peftcore._C failed to load ({native._C_ERROR}): rebuild it (`make build`), "
+                                    "or set PEFTCORE_DISABLE_C=1 to test the reference fallback on purpose")
 
 
 def pytest_unconfigure(config):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import peftcore
-from tests._models import INPUT_IDS, VOCAB, logits, peft_model, tiny_llama, tiny_opt
+from tests._models import INPUT_IDS, VOCAB, canon_name, logits, peft_model, tiny_llama, tiny_opt
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -27,19 +27,8 @@ def _batch(n=4, length=12, seed=0):
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _canon(name: str) -> str:
-    """A parameter name in a form shared by PEFT and peftcore: no PeftModel prefix, no
-    wrapper infixes, no adapter name, no trailing '.weight' of LoRA factors."""
-    if name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
-    for a, b in ((".base_layer.", "."), (".original_module.", "."), (".modules_to_save.default.", ".copy."),
-                 (".default.weight", ""), (".default", "")):
-        name = name.replace(a, b)
-    return name
-
-
 def _trainable(model):
-    return {_canon(n): p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    return {canon_name(n): p.numel() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _peft_counterpart(base, cfg_kwargs):

@@ -1,6 +1,7 @@
 // The backward of lora_linear and lora_embedding, written once for the CPU and the CUDA
-// kernels: ATen GEMMs in the accumulation dtype (float32, float64 for float64), each
-// gradient cast back once, following reference.lora_linear_backward /
+// kernels: ATen GEMMs, the base's in the base dtype (as F.linear's backward) and the
+// adapters' in the accumulation dtype (float32, float64 for float64), each gradient cast
+// back once, following reference.lora_linear_backward /
 // reference.lora_embedding_backward. The callers check the arguments (with their device
 // rules) and pass the state as State reads it (state.h): host values skip the adapters
 // that are off; device values mask every term with a select, so a disabled adapter's NaN
@@ -27,13 +28,20 @@ inline LinearGrads lora_linear_grads(const at::Tensor& grad_out, const at::Tenso
                                      int64_t in, int64_t out) {
   const auto [want_x, want_w, want_b, want_ad] = output_mask;
   const auto f = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor g = grad_out.reshape({-1, out}).to(f);
+  // bf16 / fp16: the base's GEMMs run in the base dtype, as F.linear's own backward runs
+  // them (the GEMM library accumulates in float32 internally): never a float32 copy of W.
+  // The adapter terms accumulate in f and join the base's input gradient before its one
+  // cast back.
+  const bool narrow = x.scalar_type() != f;
+  const at::Tensor go = grad_out.reshape({-1, out});  // in x's dtype, as W (checked)
+  const at::Tensor g = go.to(f);
   const at::Tensor x2 = x.reshape({-1, in});
   // A fresh empty tensor per output not asked for: outputs of an op must not alias.
   const auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor gx = want_x ? at::mm(g, weight.to(f)) : at::Tensor();
-  at::Tensor gw = want_w ? at::mm(g.t(), x2.to(f)).to(weight.scalar_type()) : empty();
+  at::Tensor gx = want_x ? at::mm(go, weight) : at::Tensor();
+  at::Tensor gw = want_w ? at::mm(go.t(), x2) : empty();
   at::Tensor gb = want_b ? g.sum(0).to(grad_out.scalar_type()) : empty();
+  at::Tensor gx_ad;  // narrow: the adapters' share of grad_x, in f
 
   std::vector<at::Tensor> gA, gB, gxa;
   for (size_t a = 0; a < lora_A.size(); ++a) {
@@ -59,12 +67,16 @@ inline LinearGrads lora_linear_grads(const at::Tensor& grad_out, const at::Tenso
       gxa.push_back(st.masked(at::mm(gt, Af), a).reshape(xa.sizes()).to(xa.scalar_type()));
     } else if (want_x) {
       // Host state: one fused accumulate; device state: the masked term added.
-      if (st.on_device())
-        gx.add_(st.masked(at::mm(gt, Af), a));
+      at::Tensor& acc = narrow ? gx_ad : gx;
+      if (!acc.defined())
+        acc = st.masked(at::mm(gt, Af), a);
+      else if (st.on_device())
+        acc.add_(st.masked(at::mm(gt, Af), a));
       else
-        gx.addmm_(gt, Af);
+        acc.addmm_(gt, Af);
     }
   }
+  if (gx_ad.defined()) gx = gx_ad.add_(gx);  // in f: one rounding of the adapters' share
   gx = want_x ? gx.reshape(x.sizes()).to(x.scalar_type()) : empty();
   return {gx, gw, gb, gA, gB, gxa};
 }

@@ -58,6 +58,17 @@ void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, 
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, float* buf, int64_t Kp);
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, c10::BFloat16* buf, int64_t Kp);
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, double* buf, int64_t Kp);
+
+// dequantize_4bit's fast path (AVX-512): whole rows of W decoded straight into the result,
+// in natural order and in its dtype (float32; bfloat16 with AVX512_BF16, rounded once from
+// the float32 code · absmax). Applies when K and the blocksize are multiples of 32 (every
+// run of 32 codes lies in one block and starts on a byte).
+bool flat_4bit_available(int64_t K, int64_t blocksize, bool bf16);
+// Flat elements [e0, e1) of W into out[0, e1 - e0) (e0, e1 multiples of 32); bscale[b - b0]
+// the float32 absmax of every block b they touch, as for decode_4bit.
+void decode_4bit_flat(const Packed4& w, int64_t e0, int64_t e1, const float* bscale, int64_t b0, float* out);
+void decode_4bit_flat(const Packed4& w, int64_t e0, int64_t e1, const float* bscale, int64_t b0,
+                      c10::BFloat16* out);
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, int16_t* buf, int64_t Kp);
 
 // out[m * kPanelRows + j] = Σ_k buf[j, k] · xp[m, k] for m < M, j < kPanelRows, with

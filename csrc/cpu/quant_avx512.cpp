@@ -104,6 +104,52 @@ PEFTCORE_AVX512BF16_FN void decode_4bit(const Packed4& w, int64_t n0, int64_t nr
   zero_rows(buf, nr, Kp);
 }
 
+// Natural order: 16 bytes hold 32 codes, element 2i in the high nibble of byte i and 2i + 1
+// in its low one; interleaving the two nibble vectors byte by byte puts them in order.
+namespace {
+PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void nibbles_in_order(const uint8_t* q, __m128i& first,
+                                                                               __m128i& second) {
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask), lo = _mm_and_si128(v, mask);
+  first = _mm_unpacklo_epi8(hi, lo);  // codes 0..15
+  second = _mm_unpackhi_epi8(hi, lo);  // codes 16..31
+}
+}  // namespace
+
+PEFTCORE_AVX512_FN void decode_4bit_flat(const Packed4& w, int64_t e0, int64_t e1, const float* bscale, int64_t b0,
+                                         float* out) {
+  const __m512 code = _mm512_loadu_ps(w.code);
+  for (int64_t b = e0 / w.blocksize; b * w.blocksize < e1; ++b) {
+    const int64_t lo = std::max(e0, b * w.blocksize), hi = std::min(e1, (b + 1) * w.blocksize);
+    const __m512 table = _mm512_mul_ps(code, _mm512_set1_ps(bscale[b - b0]));
+    for (int64_t e = lo; e < hi; e += 32) {
+      __m128i first, second;
+      nibbles_in_order(w.q + e / 2, first, second);
+      _mm512_storeu_ps(out + (e - e0), _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(first), table));
+      _mm512_storeu_ps(out + (e - e0) + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(second), table));
+    }
+  }
+}
+
+PEFTCORE_AVX512BF16_FN void decode_4bit_flat(const Packed4& w, int64_t e0, int64_t e1, const float* bscale,
+                                             int64_t b0, c10::BFloat16* out_) {
+  auto* out = reinterpret_cast<uint16_t*>(out_);
+  const __m512 code = _mm512_loadu_ps(w.code);
+  for (int64_t b = e0 / w.blocksize; b * w.blocksize < e1; ++b) {
+    const int64_t lo = std::max(e0, b * w.blocksize), hi = std::min(e1, (b + 1) * w.blocksize);
+    // One rounding: bf16(code · absmax), round to nearest even (as the float32 result's .to(bf16)).
+    const __m256i t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(bscale[b - b0])));
+    const __m512i table = _mm512_broadcast_i64x4(t16);
+    for (int64_t e = lo; e < hi; e += 32) {
+      __m128i first, second;
+      nibbles_in_order(w.q + e / 2, first, second);
+      const __m512i idx = _mm512_cvtepu8_epi16(_mm256_set_m128i(second, first));
+      _mm512_storeu_si512(out + (e - e0), _mm512_permutexvar_epi16(idx, table));
+    }
+  }
+}
+
 PEFTCORE_AVX512_FN void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, float* buf, int64_t Kp) {
   for (int64_t j = 0; j < nr; ++j) {
     const int8_t* src = cb + (n0 + j) * K;

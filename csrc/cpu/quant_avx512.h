@@ -15,6 +15,9 @@ void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, 
                  c10::BFloat16* buf, int64_t Kp);
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, float* buf, int64_t Kp);
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, c10::BFloat16* buf, int64_t Kp);
+void decode_4bit_flat(const Packed4& w, int64_t e0, int64_t e1, const float* bscale, int64_t b0, float* out);
+void decode_4bit_flat(const Packed4& w, int64_t e0, int64_t e1, const float* bscale, int64_t b0,
+                      c10::BFloat16* out);
 // Fused GEMV for M <= kGemvRows token rows and a full panel (4 rows), without the
 // panel buffer. 4-bit: K % blocksize == 0 and blocksize % chunk == 0 (chunk 64 for
 // bf16, 32 for float32; x prepared in that chunk's order); bs_row0 holds the

@@ -228,6 +228,23 @@ void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, 
   generic::decode_4bit(w, n0, nr, bscale, b0, buf, Kp);
 }
 
+bool flat_4bit_available(int64_t K, int64_t blocksize, bool bf16) {
+  return (bf16 ? bf16_dot_available() : simd_available()) && K % 32 == 0 && blocksize % 32 == 0;
+}
+void decode_4bit_flat(const Packed4& w, int64_t e0, int64_t e1, const float* bscale, int64_t b0, float* out) {
+#if PEFTCORE_HAVE_AVX512
+  return avx512::decode_4bit_flat(w, e0, e1, bscale, b0, out);
+#endif
+  TORCH_CHECK(false, "peftcore: internal error: decode_4bit_flat without AVX-512");
+}
+void decode_4bit_flat(const Packed4& w, int64_t e0, int64_t e1, const float* bscale, int64_t b0,
+                      c10::BFloat16* out) {
+#if PEFTCORE_HAVE_AVX512
+  return avx512::decode_4bit_flat(w, e0, e1, bscale, b0, out);
+#endif
+  TORCH_CHECK(false, "peftcore: internal error: decode_4bit_flat without AVX-512");
+}
+
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, float* buf, int64_t Kp) {
 #if PEFTCORE_HAVE_AVX512
   if (simd_available()) return avx512::decode_int8(cb, K, n0, nr, buf, Kp);

@@ -485,6 +485,21 @@ at::Tensor dequantize_4bit_cpu(PEFTCORE_WEIGHT4_ARGS, int64_t in_features, at::S
   const Weight4 w = check_weight4(op, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
                                   nested_blocksize, N, K);
   TORCH_CHECK(at::isFloatingType(dtype), "peftcore::", op, ": dtype must be a floating type but is ", dtype);
+  const bool bf16 = dtype == at::kBFloat16;
+  if ((dtype == at::kFloat || bf16) && N > 0 && cpu::quant::flat_4bit_available(K, blocksize, bf16)) {
+    // Rows decoded straight into the result (the QLoRA backward's W, once per call).
+    at::Tensor out = at::empty({N, K}, qweight.options().dtype(dtype));
+    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t n0, int64_t n1) {
+      const int64_t e0 = n0 * K, e1 = n1 * K, b0 = e0 / blocksize, b1 = (e1 + blocksize - 1) / blocksize;
+      std::vector<float> bscale(b1 - b0);
+      w.block_scales(b0, b1, bscale.data());
+      if (bf16)
+        cpu::quant::decode_4bit_flat(w.packed, e0, e1, bscale.data(), b0, out.data_ptr<c10::BFloat16>() + e0);
+      else
+        cpu::quant::decode_4bit_flat(w.packed, e0, e1, bscale.data(), b0, out.data_ptr<float>() + e0);
+    });
+    return out;
+  }
   const bool f64 = dtype == at::kDouble;
   at::Tensor out = at::empty({N, K}, qweight.options().dtype(f64 ? at::kDouble : at::kFloat));
   if (N == 0 || K == 0) return out.to(dtype);

@@ -1,0 +1,120 @@
+"""Gradients of a training step against PEFT's: every method (LoRA, AdaLoRA, IA3) over
+nn.Linear, transformers Conv1D and nn.Embedding (LoRA) bases in float32, bfloat16 and
+float16, and on bitsandbytes nf4 / int8 bases. PEFT and peftcore load the same adapter
+file (trainable) onto copies of the same base; the loss's gradient of every trainable
+tensor is compared, name by name.
+
+* float32: against PEFT's gradients directly (the same math in another order).
+* bfloat16 / float16: both against the truth, the PEFT model in float64 over the same
+  (rounded) weights: peftcore's error must stay within twice PEFT's own. The two round in
+  different places (PEFT rounds the base and the LoRA output separately and its base
+  backward runs in the base dtype; peftcore adds the adapter terms in float32 and rounds
+  once), so neither is the other's oracle, and low precision compounds over the layers.
+* quantized bases: against PEFT on bitsandbytes itself, and both against PEFT over the
+  float64 dequantized weights (``tests/_models.dequantized_copy``).
+"""
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+
+import peftcore
+from tests._models import (
+    INPUT_IDS,
+    canon_name,
+    dequantized_copy,
+    perturb_trainable,
+    quantized_model,
+    saved_tiny,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_opt,
+)
+
+# name: (base builder, PEFT config): one per method and base layer kind.
+CASES = {
+    "lora-linear": (tiny_llama, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                        lora_dropout=0.0)),
+    "lora-conv1d": (tiny_gpt2, lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                       fan_in_fan_out=True, lora_dropout=0.0)),
+    "lora-embedding": (tiny_llama, lambda: peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                           target_modules=["embed_tokens", "q_proj", "down_proj"])),
+    "adalora": (tiny_llama, lambda: peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, total_step=10,
+                                                        target_modules=["q_proj", "v_proj", "up_proj"])),
+    "ia3": (tiny_opt, lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"],
+                                             init_ia3_weights=False)),
+}
+# float32: the same products summed in another order (measured up to 3e-6 relative).
+FP32_RTOL = 1e-5
+
+
+def _grads(model, labels=True):
+    """{canonical name: gradient} of the mean token loss on INPUT_IDS (eval mode: no dropout)."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=INPUT_IDS, labels=INPUT_IDS)
+    out.loss.backward()
+    # AdaLoRA's ranknum is frozen in both, but PEFT's low-precision load casts it to float32
+    # anew and leaves it requiring grad: not a trainable tensor of the adapter.
+    grads = {canon_name(n): p.grad.detach().double() for n, p in model.named_parameters()
+             if p.requires_grad and not n.endswith(".ranknum.default")}
+    assert grads and all(g is not None for g in grads.values())
+    return grads
+
+
+def _norm_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _pair(tmp_path, base, config, make_ref=None):
+    """(peftcore model, PEFT model[, PEFT model on make_ref(base)]) with one trainable adapter."""
+    pm = peft.get_peft_model(copy.deepcopy(base), config)
+    perturb_trainable(pm, seed=3)  # LoRA's B starts at 0: every factor must show in the loss
+    pm.save_pretrained(tmp_path / "a")
+    ours = copy.deepcopy(base)
+    peftcore.load_adapter(ours, tmp_path / "a", is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", is_trainable=True)
+    ref = None if make_ref is None else peft.PeftModel.from_pretrained(make_ref(base), tmp_path / "a",
+                                                                      is_trainable=True)
+    return ours, theirs, ref
+
+
+def _compare(ours, theirs, truth=None, factor=2.0):
+    g_ours, g_theirs = _grads(ours), _grads(theirs)
+    assert g_ours.keys() == g_theirs.keys()
+    if truth is None:
+        for n in g_ours:
+            assert _norm_err(g_ours[n], g_theirs[n]) <= FP32_RTOL, n
+        return
+    g_true = _grads(truth)
+    for n in g_ours:
+        e_ours, e_theirs = _norm_err(g_ours[n], g_true[n]), _norm_err(g_theirs[n], g_true[n])
+        # A floor of 1e-6 for the case where PEFT happens to be (nearly) exact.
+        assert e_ours <= factor * e_theirs + 1e-6, f"{n}: peftcore {e_ours:.2e} vs PEFT {e_theirs:.2e} from float64"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradients_match_peft(tmp_path, case, dtype):
+    build, config = CASES[case]
+    base = build().to(dtype)
+    if dtype == torch.float32:
+        ours, theirs, _ = _pair(tmp_path, base, config())
+        _compare(ours, theirs)
+    else:
+        ours, theirs, truth = _pair(tmp_path, base, config(), make_ref=lambda b: copy.deepcopy(b).double())
+        _compare(ours, theirs, truth)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gradients_on_quantized_bases_match_peft(tmp_path, bits):
+    # QLoRA as users run it: nf4 with double quantization and bf16 compute, bf16 activations
+    # (int8: LLM.int8 with bf16 activations).
+    kw = dict(compute_dtype=torch.bfloat16) if bits == 4 else {}
+    base = quantized_model(saved_tiny(tmp_path), bits, torch_dtype=torch.bfloat16, **kw)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    ours, theirs, truth = _pair(tmp_path, base, config, make_ref=lambda b: dequantized_copy(b).double())
+    _compare(ours, theirs, truth)
