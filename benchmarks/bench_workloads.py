@@ -7,8 +7,10 @@
   int8 (LLM.int8, bf16 activations). Reported: peftcore / PEFT per step.
 * ``generate``: greedy ``model.generate`` with the KV cache (it runs under ``no_grad``, not
   ``inference_mode``), Llama-shaped (hidden 2048, intermediate 5632, 6 layers, vocab 8192),
-  a 32-token prompt and 24 new tokens, LoRA r=16 on all 7 projections with float32
-  adapters (PEFT's default). Reported: peftcore / bare and PEFT / bare.
+  a 32-token prompt and 24 new tokens, LoRA r=16 on all 7 projections, float32 adapters
+  (PEFT's default) and, as ``bf16-noautocast``, bf16 adapters on the bf16 base (PEFT's
+  ``autocast_adapter_dtype=False`` in both libraries). Reported: peftcore / bare and PEFT / bare, the bare
+  model frozen as the adapted ones are.
 * ``layer``: the cost of one adapted linear under ``no_grad`` minus its ``nn.Linear``'s
   (a 64 x 64 layer at one token, so the time is all Python and dispatch).
 
@@ -17,7 +19,7 @@ pages and move the results by more than the effects measured); rounds are interl
 with alternating order, and each ratio is the median over rounds of the ratio within a
 round. Machine, threads, versions and the read bandwidth (the ceiling) are printed.
 
-    python benchmarks/bench_workloads.py [--train bf16,fp32,nf4,int8] [--generate bf16,fp32]
+    python benchmarks/bench_workloads.py [--train bf16,fp32,nf4,int8] [--generate bf16,fp32,bf16-noautocast]
                                          [--layer] [--repeats N]
 """
 from __future__ import annotations
@@ -68,15 +70,16 @@ def quantized(model, kind):
         return AutoModelForCausalLM.from_pretrained(d, quantization_config=qc, device_map="cpu", dtype=torch.bfloat16)
 
 
-def lora_pair(base, trainable):
+def lora_pair(base, trainable, autocast=True):
     """(PEFT model, peftcore model), both over ``base``'s weight memory, with the same
-    non-trivial LoRA adapter (PEFT's file, loaded by peftcore)."""
+    non-trivial LoRA adapter (PEFT's file, loaded by peftcore); ``autocast``: PEFT's
+    ``autocast_adapter_dtype`` in both."""
     import peft
 
     import peftcore
 
     cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJ)
-    pm = peft.get_peft_model(shared_copy(base), cfg)
+    pm = peft.get_peft_model(shared_copy(base), cfg, autocast_adapter_dtype=autocast)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -85,7 +88,7 @@ def lora_pair(base, trainable):
     ours = shared_copy(base)
     with tempfile.TemporaryDirectory() as d:
         pm.save_pretrained(d)
-        peftcore.load_adapter(ours, d, is_trainable=trainable)
+        peftcore.load_adapter(ours, d, is_trainable=trainable, autocast_adapter_dtype=autocast)
     return pm, ours
 
 
@@ -120,13 +123,19 @@ def train(kinds, repeats):
 
 
 def generate(kinds, repeats):
-    print("\n## generate: greedy, KV cache, 32-token prompt + 24 new tokens, no_grad, LoRA r=16 (float32 adapters)\n")
+    print("\n## generate: greedy, KV cache, 32-token prompt + 24 new tokens, no_grad, LoRA r=16 "
+          "(float32 adapters; -noautocast: in the base dtype)\n")
     print("| base | bare ms | peftcore ms | PEFT ms | peftcore / bare | PEFT / bare |")
     print("|---|---:|---:|---:|---:|---:|")
     ids = torch.randint(0, 8192, (1, 32), generator=torch.Generator().manual_seed(2))
     for kind in kinds:
-        base = llama(2048, 5632, 8192, DTYPES[kind]).eval()
-        pm, ours = lora_pair(base, trainable=False)
+        base = llama(2048, 5632, 8192, DTYPES[kind.split("-")[0]]).eval()
+        pm, ours = lora_pair(base, trainable=False, autocast=not kind.endswith("-noautocast"))
+        # The bare model frozen too, as both adapter libraries freeze the base: a frozen
+        # lm_head changes torch.matmul's path for generate's strided last-token slice (no
+        # folding: a bmm over a 33 MB copy of the weight, ~5 % of this run), which is
+        # PyTorch's cost of freezing, not the adapter's.
+        base.requires_grad_(False)
         pm.eval()
         kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
 
@@ -177,7 +186,7 @@ def layer(repeats, calls=2000):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", default="bf16,fp32,nf4,int8", help="bases of the training step ('' for none)")
-    ap.add_argument("--generate", default="bf16,fp32", help="bases of generate ('' for none)")
+    ap.add_argument("--generate", default="bf16,fp32,bf16-noautocast", help="bases of generate ('' for none)")
     ap.add_argument("--layer", action="store_true", help="also the per-layer cost under no_grad")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()

@@ -61,6 +61,17 @@ class Plan:
     writes: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # key, param, value
 
 
+def _adapter_dtype(add_kwargs: dict, module: nn.Module, autocast: bool) -> dict:
+    """PEFT's ``autocast_adapter_dtype``. True (its default): adapters of fp16 / bf16 bases are
+    float32, as the methods create and bind them. False: they take the base's dtype (half
+    the bytes at decode; the kernels still accumulate in float32). Bases whose weight is
+    not a float (bitsandbytes) keep float32 adapters either way, as in PEFT."""
+    dt = base_weight(module).dtype
+    if autocast or dt not in (torch.float16, torch.bfloat16):
+        return add_kwargs
+    return {k: v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in add_kwargs.items()}
+
+
 def _prepare_config(model: nn.Module, config: AdapterConfig, found) -> AdapterConfig:
     """PEFT rewrites some fields when it injects: resolved targets (and IA3's feedforward
     modules), and fan_in_fan_out forced to match the layer type (True for Conv1D). The
@@ -80,13 +91,14 @@ def _prepare_config(model: nn.Module, config: AdapterConfig, found) -> AdapterCo
     return config
 
 
-def plan_new(model: nn.Module, name: str, config: AdapterConfig) -> Plan:
+def plan_new(model: nn.Module, name: str, config: AdapterConfig, autocast_adapter_dtype: bool = True) -> Plan:
     targets, found = inject.find_targets(model, config, method_for(config.peft_type))
     plan = Plan(name, _prepare_config(model, config, found), targets)
     method = method_for(config.peft_type)
     for path, module in found:
         ff = method.feedforward(plan.config, path, module)
-        plan.lora.append(Entry(path, module, method.new(plan.config, path, module, ff), ff))
+        kw = _adapter_dtype(method.new(plan.config, path, module, ff), module, autocast_adapter_dtype)
+        plan.lora.append(Entry(path, module, kw, ff))
     _plan_modules_to_save(model, plan, None, None)
     if config.modules_to_save and not plan.mts:
         raise AdapterConfigError(f"modules_to_save={config.modules_to_save!r} matched no module")
@@ -117,7 +129,8 @@ def _plan_modules_to_save(model: nn.Module, plan: Plan, remaining: Optional[dict
         plan.mts.append((path, module, new))
 
 
-def plan_load(model: nn.Module, name: str, config: AdapterConfig, sd: dict, source: str) -> Plan:
+def plan_load(model: nn.Module, name: str, config: AdapterConfig, sd: dict, source: str,
+              autocast_adapter_dtype: bool = True) -> Plan:
     """Bind every tensor of ``sd`` (prefix already stripped) to the model, or raise."""
     targets, found = inject.find_targets(model, config, method_for(config.peft_type))
     plan = Plan(name, _prepare_config(model, config, found), targets)
@@ -126,7 +139,8 @@ def plan_load(model: nn.Module, name: str, config: AdapterConfig, sd: dict, sour
     method = method_for(config.peft_type)
     for path, module in found:
         ff = method.feedforward(plan.config, path, module)
-        plan.lora.append(Entry(path, module, method.bind(plan.config, path, module, ff, remaining, source), ff))
+        kw = method.bind(plan.config, path, module, ff, remaining, source)
+        plan.lora.append(Entry(path, module, _adapter_dtype(kw, module, autocast_adapter_dtype), ff))
     _plan_modules_to_save(model, plan, remaining, source)
 
     # Remaining keys must be base tensors the config says the adapter carries.
@@ -280,7 +294,8 @@ def _check_method(model: nn.Module, config: AdapterConfig, verb: str, trainable:
             )
 
 
-def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *,
+                autocast_adapter_dtype: bool = True) -> None:
     """Add a new, trainable adapter (``LoraConfig``, ``AdaLoraConfig`` or ``IA3Config``) with
     PEFT's initialisation and make it the active one.
 
@@ -290,7 +305,9 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
     IA3: vectors of ones (``init_ia3_weights=False``: random). As in PEFT, every parameter
     except this adapter's (and the biases / modules_to_save its config names) is frozen.
     All adapters on one model use one method. Raises (model unchanged) for invalid names
-    or configs. The model keeps its training mode (new layers take their base module's)."""
+    or configs. The model keeps its training mode (new layers take their base module's).
+    ``autocast_adapter_dtype`` (PEFT's): True keeps the adapter in float32 on fp16 / bf16
+    bases; False in the base's dtype."""
     if not isinstance(config, AdapterConfig):
         raise AdapterConfigError(
             f"config must be a peftcore.LoraConfig, AdaLoraConfig or IA3Config, got {type(config).__name__}"
@@ -299,7 +316,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
     check_not_merged(model, "add_adapter")
     config.check_supported(new=True)
     _check_method(model, config, "add_adapter", True)
-    plan = plan_new(model, adapter_name, config)
+    plan = plan_new(model, adapter_name, config, autocast_adapter_dtype)
     commit(model, plan, trainable=True)
 
 
@@ -314,13 +331,15 @@ def load_adapter(
     cache_dir: Optional[str] = None,
     local_files_only: bool = False,
     is_trainable: bool = False,
+    autocast_adapter_dtype: bool = True,
 ) -> None:
     """Load a PEFT-saved adapter (LoRA, AdaLoRA or IA3) from a folder or a Hub repo id; it
     becomes the active adapter.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (else
     ``adapter_model.bin`` through ``torch.load(weights_only=True)``). Adapter tensors are kept
-    in float32 (float64 on a float64 base), as PEFT does. Each module's rank comes from its
+    in float32 (float64 on a float64 base), as PEFT does; ``autocast_adapter_dtype=False``
+    (PEFT's flag) keeps them in the dtype of an fp16 / bf16 base instead. Each module's rank comes from its
     tensors (AdaLoRA: the kept triplets of ``rank_pattern``, possibly none). With
     ``is_trainable`` the adapter's parameters require grad, the rest of the model is frozen
     and the model keeps its training mode; otherwise they are frozen and the model is put
@@ -351,7 +370,7 @@ def load_adapter(
         raise type(e)(f"{path_or_repo_id}{'/' + subfolder if subfolder else ''}: {e}") from None
     sd = peft_format.strip_prefix(peft_format.read_weights(weights_path))
     try:
-        plan = plan_load(model, adapter_name, config, sd, weights_path)
+        plan = plan_load(model, adapter_name, config, sd, weights_path, autocast_adapter_dtype)
     except AdapterConfigError as e:
         raise AdapterConfigError(f"{config_path}: {e}") from None
     commit(model, plan, trainable=is_trainable)
@@ -445,14 +464,15 @@ def from_pretrained(path_or_repo_id, *, model_class=None, adapter_name: str = "d
     ``load_in_8bit=True`` / ``load_in_4bit=True`` become a transformers ``BitsAndBytesConfig``
     (transformers 5 no longer takes them bare; quantized bases must be on CPU, e.g.
     ``device_map="cpu"``); ``revision``, ``subfolder`` and
-    ``is_trainable`` apply to the adapter, ``token``, ``cache_dir`` and ``local_files_only``
-    to both. Returns the model with the adapter active, in eval mode unless ``is_trainable``."""
+    ``is_trainable`` and ``autocast_adapter_dtype`` apply to the adapter, ``token``,
+    ``cache_dir`` and ``local_files_only`` to both. Returns the model with the adapter active, in eval mode unless ``is_trainable``."""
     import transformers
 
     hub_kw = {k: base_kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in base_kwargs}
     revision = base_kwargs.pop("revision", None)
     subfolder = base_kwargs.pop("subfolder", None)
     is_trainable = base_kwargs.pop("is_trainable", False)
+    autocast = base_kwargs.pop("autocast_adapter_dtype", True)
     config_path = hub.resolve_file(path_or_repo_id, CONFIG_NAME, revision=revision, subfolder=subfolder, **hub_kw)
     config = peft_format.read_config(config_path)
     base_id = config.base_model_name_or_path
@@ -470,7 +490,8 @@ def from_pretrained(path_or_repo_id, *, model_class=None, adapter_name: str = "d
     _quantization_kwargs(base_kwargs)
     model = model_class.from_pretrained(base_id, **base_kwargs)
     load_adapter(
-        model, path_or_repo_id, adapter_name, revision=revision, subfolder=subfolder, is_trainable=is_trainable, **hub_kw
+        model, path_or_repo_id, adapter_name, revision=revision, subfolder=subfolder, is_trainable=is_trainable,
+        autocast_adapter_dtype=autocast, **hub_kw
     )
     return model
 

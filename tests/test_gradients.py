@@ -6,7 +6,7 @@ tensor is compared, name by name.
 
 * float32: against PEFT's gradients directly (the same math in another order).
 * bfloat16 / float16: both against the truth, the PEFT model in float64 over the same
-  (rounded) weights: peftcore's error must stay within twice PEFT's own. The two round in
+  (rounded) weights: peftcore's error must stay within ``LOW_FACTOR`` times PEFT's own. The two round in
   different places (PEFT rounds the base and the LoRA output separately and its base
   backward runs in the base dtype; peftcore adds the adapter terms in float32 and rounds
   once), so neither is the other's oracle, and low precision compounds over the layers.
@@ -69,10 +69,11 @@ def _norm_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def _pair(tmp_path, base, config, make_ref=None):
+def _pair(tmp_path, base, config, make_ref=None, seed=3):
     """(peftcore model, PEFT model[, PEFT model on make_ref(base)]) with one trainable adapter."""
+    torch.manual_seed(seed)  # PEFT initialises some adapters (AdaLoRA) from the global RNG
     pm = peft.get_peft_model(copy.deepcopy(base), config)
-    perturb_trainable(pm, seed=3)  # LoRA's B starts at 0: every factor must show in the loss
+    perturb_trainable(pm, seed=seed)  # LoRA's B starts at 0: every factor must show in the loss
     pm.save_pretrained(tmp_path / "a")
     ours = copy.deepcopy(base)
     peftcore.load_adapter(ours, tmp_path / "a", is_trainable=True)
@@ -82,7 +83,14 @@ def _pair(tmp_path, base, config, make_ref=None):
     return ours, theirs, ref
 
 
-def _compare(ours, theirs, truth=None, factor=2.0):
+# bf16 / fp16: peftcore's distance from the float64 gradient over PEFT's, per tensor. Over 12
+# seeds per case the median ratio was 1.0-1.4 and the worst 2.13 (a tensor with a small
+# gradient, AdaLoRA); 3 leaves room for that spread and still catches a kernel that is
+# off by more than low precision explains.
+LOW_FACTOR = 3.0
+
+
+def _compare(ours, theirs, truth=None, factor=LOW_FACTOR):
     g_ours, g_theirs = _grads(ours), _grads(theirs)
     assert g_ours.keys() == g_theirs.keys()
     if truth is None:
@@ -118,3 +126,17 @@ def test_gradients_on_quantized_bases_match_peft(tmp_path, bits):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
     ours, theirs, truth = _pair(tmp_path, base, config, make_ref=lambda b: dequantized_copy(b).double())
     _compare(ours, theirs, truth)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_grad_forward_equals_the_autograd_forward(tmp_path, case):
+    # Under no_grad the layers call the kernels below the autograd wrapper (layers.run_op):
+    # the same numbers, and no graph.
+    build, config = CASES[case]
+    ours, _, _ = _pair(tmp_path, build(), config())
+    ours.eval()
+    with torch.no_grad():
+        fast = ours(input_ids=INPUT_IDS).logits
+    tracked = ours(input_ids=INPUT_IDS).logits
+    assert not fast.requires_grad and tracked.requires_grad
+    assert torch.equal(fast, tracked)
