@@ -33,6 +33,7 @@ test: build $(VENV)/.test-deps
 	$(PY) -m pytest -q
 
 bench: build $(VENV)/.test-deps
+	$(PY) benchmarks/bench_workloads.py --layer
 	$(PY) benchmarks/bench_lora_linear.py
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_model.py --method ia3
