@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -90,38 +91,46 @@ inline at::TensorList checked_lora_E(const char* op, const std::optional<at::Ten
 // y += Σ_active s_a · ((x_a·A_aᵀ) ⊙ e_a)·B_aᵀ in acc_t, rounded once into y's dtype xt.
 // lora_E: empty (LoRA), or one tensor of r_a values per adapter (AdaLoRA's E, checked
 // by the caller), applied to the shrink result t (rows × r_a multiplies) rather than
-// to A (r_a × in) so that A ⊙ E is never built.
-template <typename xt, typename acc_t>
-void add_lowrank_typed(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B,
-                 const std::optional<at::TensorList>& lora_x, const std::vector<ActiveAdapter>& active,
-                 int64_t R, const LinearDims& d, at::Tensor& y, at::TensorList lora_E) {
+// to A (r_a × in) so that A ⊙ E is never built. wt: the element type the kernels read
+// A and B in: acc_t, or xt for adapters kept in x's dtype (autocast_adapter_dtype=False),
+// which shrink / pack_bt widen as they read them instead of a float32 copy per call.
+template <typename xt, typename acc_t, typename wt>
+void add_lowrank_impl(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B,
+                      const std::optional<at::TensorList>& lora_x, const std::vector<ActiveAdapter>& active,
+                      int64_t R, const LinearDims& d, at::Tensor& y, at::TensorList lora_E) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const auto wdt = c10::CppTypeToScalarType<wt>::value;
   const int64_t in = d.in;
 
   // Each adapter's input (x or its dropped-out copy) made contiguous once, and its
-  // A and B in the accumulation dtype (no-ops for the usual fp32 adapters).
+  // A and B in wt (no-ops for the usual fp32 adapters, and for base-dtype ones).
   const at::Tensor xc = x.contiguous();
   std::vector<at::Tensor> xs, As, Bs, Es;
-  std::vector<BView<acc_t>> Bv;
+  std::vector<BView<wt>> Bv;
   for (const auto& ad : active) {
     at::Tensor xa = lora_x.has_value() ? (*lora_x)[ad.index] : xc;
     if (xa.scalar_type() != x.scalar_type()) xa = xa.to(acc);  // odd lora_x dtype: widen exactly, once
     xs.push_back(xa.contiguous());
-    As.push_back(lora_A[ad.index].to(acc).contiguous());
-    Bs.push_back(lora_B[ad.index].to(acc));
-    Bv.push_back({Bs.back().template const_data_ptr<acc_t>(), Bs.back().stride(0), Bs.back().stride(1)});
+    As.push_back(lora_A[ad.index].to(wdt).contiguous());
+    Bs.push_back(lora_B[ad.index].to(wdt));
+    Bv.push_back({Bs.back().template const_data_ptr<wt>(), Bs.back().stride(0), Bs.back().stride(1)});
     if (!lora_E.empty()) Es.push_back(lora_E[ad.index].reshape({-1}).to(acc).contiguous());
   }
 
   // Shrink, on whichever thread needs the rows: t[i - i0, offset_a + q] = x_a[i]·A_a[q].
   const auto fill_T = [&](int64_t i0, int64_t i1, acc_t* t, int64_t ldt) {
     for (size_t k = 0; k < active.size(); ++k) {
-      const acc_t* A = As[k].template const_data_ptr<acc_t>();
+      const wt* A = As[k].template const_data_ptr<wt>();
       acc_t* tk = t + active[k].offset;
-      if (xs[k].scalar_type() == x.scalar_type())
+      bool widened = false;  // an odd-dtype lora_x, widened to acc_t (only with acc_t adapters)
+      if constexpr (std::is_same_v<wt, acc_t>) {
+        if (xs[k].scalar_type() != x.scalar_type()) {
+          shrink(xs[k].template const_data_ptr<acc_t>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
+          widened = true;
+        }
+      }
+      if (!widened)
         shrink(xs[k].template const_data_ptr<xt>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
-      else
-        shrink(xs[k].template const_data_ptr<acc_t>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
       if (!Es.empty()) {  // AdaLoRA: t[:, q] *= e[q], as reference.lora_linear rounds it
         const acc_t* e = Es[k].template const_data_ptr<acc_t>();
         const int64_t r = active[k].rank;
@@ -136,6 +145,22 @@ void add_lowrank_typed(const at::Tensor& x, at::TensorList lora_A, at::TensorLis
   // Expand: one pass over y, adding the low-rank product to the base output in place.
   xt* yp = y.data_ptr<xt>();
   lowrank_update<acc_t, xt>(d.n, d.out, R, R * in, fill_T, active, Bv, yp, d.out, nullptr, yp);
+}
+
+template <typename xt, typename acc_t>
+void add_lowrank_typed(const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B,
+                       const std::optional<at::TensorList>& lora_x, const std::vector<ActiveAdapter>& active,
+                       int64_t R, const LinearDims& d, at::Tensor& y, at::TensorList lora_E) {
+  if constexpr (!std::is_same_v<xt, acc_t>) {
+    // Every active adapter (and its input) in x's dtype: the kernels read them as they are.
+    const auto xd = x.scalar_type();
+    bool low = true;
+    for (const auto& ad : active)
+      low = low && lora_A[ad.index].scalar_type() == xd && lora_B[ad.index].scalar_type() == xd &&
+            (!lora_x.has_value() || (*lora_x)[ad.index].scalar_type() == xd);
+    if (low) return add_lowrank_impl<xt, acc_t, xt>(x, lora_A, lora_B, lora_x, active, R, d, y, lora_E);
+  }
+  add_lowrank_impl<xt, acc_t, acc_t>(x, lora_A, lora_B, lora_x, active, R, d, y, lora_E);
 }
 
 // y (contiguous, x's dtype, holding the base output) += the active adapters' terms.

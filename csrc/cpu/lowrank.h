@@ -20,12 +20,18 @@ namespace peftcore::cpu {
 // PEFTCORE_CPU_ISA=generic forces the portable kernels (tests/test_isa_generic.py).
 bool use_avx512();
 
-// rows × ranks dot products of length `in`. A and T are in the accumulation type.
+// rows × ranks dot products of length `in`. T is in the accumulation type; A in it too,
+// or (bf16 / fp16 x) in x's dtype, widened as it is read (adapters kept in the base dtype,
+// autocast_adapter_dtype=False: no float32 copy per call).
 void shrink(const float* x, int64_t ldx, const float* A, int64_t lda, float* T, int64_t ldt, int64_t rows,
             int64_t ranks, int64_t in);
 void shrink(const c10::BFloat16* x, int64_t ldx, const float* A, int64_t lda, float* T, int64_t ldt, int64_t rows,
             int64_t ranks, int64_t in);
 void shrink(const c10::Half* x, int64_t ldx, const float* A, int64_t lda, float* T, int64_t ldt, int64_t rows,
+            int64_t ranks, int64_t in);
+void shrink(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* A, int64_t lda, float* T, int64_t ldt,
+            int64_t rows, int64_t ranks, int64_t in);
+void shrink(const c10::Half* x, int64_t ldx, const c10::Half* A, int64_t lda, float* T, int64_t ldt, int64_t rows,
             int64_t ranks, int64_t in);
 void shrink(const double* x, int64_t ldx, const double* A, int64_t lda, double* T, int64_t ldt, int64_t rows,
             int64_t ranks, int64_t in);
@@ -49,6 +55,11 @@ void expand(const double* T, int64_t ldt, const double* Bt, int64_t ldb, int64_t
 // it (the AVX-512 kernels move whole 16-float vectors there).
 void pack_bt(const float* B, int64_t s0, int64_t s1, int64_t r, float scale, float* Bt, int64_t ldbt, int64_t cols);
 void pack_bt(const double* B, int64_t s0, int64_t s1, int64_t r, double scale, double* Bt, int64_t ldbt,
+             int64_t cols);
+// The same from a B kept in the base dtype (bf16 / fp16), widened to float32.
+void pack_bt(const c10::BFloat16* B, int64_t s0, int64_t s1, int64_t r, float scale, float* Bt, int64_t ldbt,
+             int64_t cols);
+void pack_bt(const c10::Half* B, int64_t s0, int64_t s1, int64_t r, float scale, float* Bt, int64_t ldbt,
              int64_t cols);
 
 }  // namespace peftcore::cpu

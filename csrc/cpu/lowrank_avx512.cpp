@@ -107,15 +107,15 @@ PEFTCORE_AVX512_INLINE void shrink_block(const xt* x, int64_t ldx, const float* 
   if (rows - i == 1) shrink_tile<1, QB>(x + i * ldx, ldx, ap, width, partial + i * 8);
 }
 
-template <typename xt>
-PEFTCORE_AVX512_FN void shrink_impl(const xt* x, int64_t ldx, const float* A, int64_t lda, float* T, int64_t ldt,
+template <typename xt, typename at>
+PEFTCORE_AVX512_FN void shrink_impl(const xt* x, int64_t ldx, const at* A, int64_t lda, float* T, int64_t ldt,
                                     int64_t rows, int64_t ranks, int64_t in) {
   __m512 partial[kShrinkRows * 8];      // 48 KB
   __m512 ap[kShrinkBlock / 16 * 8];     // 16 KB
   for (int64_t q = 0; q < ranks; q += 8) {
     const int kq = static_cast<int>(std::min<int64_t>(8, ranks - q));
     // A rank tail repeats the last row of A; those results are dropped.
-    const float* a[8];
+    const at* a[8];
     for (int k = 0; k < 8; ++k) a[k] = A + (q + std::min(k, kq - 1)) * lda;
     for (int64_t i0 = 0; i0 < rows; i0 += kShrinkRows) {
       const int64_t nr = std::min(kShrinkRows, rows - i0);
@@ -123,7 +123,7 @@ PEFTCORE_AVX512_FN void shrink_impl(const xt* x, int64_t ldx, const float* A, in
       for (int64_t p0 = 0; p0 < in; p0 += kShrinkBlock) {
         const int64_t width = std::min(kShrinkBlock, in - p0);
         for (int64_t p = 0; p < width; p += 16)  // zero-filled past in, so x's masked tail meets zeros
-          for (int k = 0; k < 8; ++k) ap[p / 16 * 8 + k] = _mm512_maskz_loadu_ps(tail_mask(width - p), a[k] + p0 + p);
+          for (int k = 0; k < 8; ++k) ap[p / 16 * 8 + k] = load16(a[k] + p0 + p, tail_mask(width - p));  // widened
         const float* apf = reinterpret_cast<const float*>(ap);
         if (kq <= 4)
           shrink_block<4>(x + i0 * ldx + p0, ldx, apf, width, nr, partial);
@@ -259,6 +259,14 @@ PEFTCORE_AVX512_FN void shrink(const c10::Half* x, int64_t ldx, const float* A, 
                                int64_t rows, int64_t ranks, int64_t in) {
   shrink_impl(x, ldx, A, lda, T, ldt, rows, ranks, in);
 }
+PEFTCORE_AVX512_FN void shrink(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* A, int64_t lda, float* T,
+                               int64_t ldt, int64_t rows, int64_t ranks, int64_t in) {
+  shrink_impl(x, ldx, A, lda, T, ldt, rows, ranks, in);
+}
+PEFTCORE_AVX512_FN void shrink(const c10::Half* x, int64_t ldx, const c10::Half* A, int64_t lda, float* T,
+                               int64_t ldt, int64_t rows, int64_t ranks, int64_t in) {
+  shrink_impl(x, ldx, A, lda, T, ldt, rows, ranks, in);
+}
 
 PEFTCORE_AVX512_FN void expand(const float* T, int64_t ldt, const float* Bt, int64_t ldb, int64_t R, const float* base,
                                int64_t ld_base, const int64_t* base_rows, float* y, int64_t ldy, int64_t rows,
@@ -276,21 +284,37 @@ PEFTCORE_AVX512_FN void expand(const float* T, int64_t ldt, const float* Bt, int
   expand_impl(T, ldt, Bt, ldb, R, base, ld_base, base_rows, y, ldy, rows, cols);
 }
 
-PEFTCORE_AVX512_FN void pack_bt(const float* B, int64_t ldb, int64_t r, float scale, float* Bt, int64_t ldbt,
-                                int64_t cols) {
+namespace {
+template <typename bt>  // float, or bf16 / fp16 (adapters kept in the base dtype), widened on load
+PEFTCORE_AVX512_INLINE void pack_bt_impl(const bt* B, int64_t ldb, int64_t r, float scale, float* Bt, int64_t ldbt,
+                                         int64_t cols) {
   const __m512 s = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < cols; j += 16) {
     const int64_t nj = std::min<int64_t>(16, cols - j);
     for (int64_t k = 0; k < r; k += 16) {
       const __mmask16 km = tail_mask(r - k);
       __m512 v[16];
-      for (int c = 0; c < 16; ++c) v[c] = c < nj ? _mm512_maskz_loadu_ps(km, B + (j + c) * ldb + k) : _mm512_setzero_ps();
+      for (int c = 0; c < 16; ++c) v[c] = c < nj ? load16(B + (j + c) * ldb + k, km) : _mm512_setzero_ps();
       transpose16x16(v);
       // Full 16-wide rows: Bt's leading dimension is padded to a multiple of 16.
       const int64_t nk = std::min<int64_t>(16, r - k);
       for (int64_t c = 0; c < nk; ++c) _mm512_storeu_ps(Bt + (k + c) * ldbt + j, _mm512_mul_ps(s, v[c]));
     }
   }
+}
+}  // namespace
+
+PEFTCORE_AVX512_FN void pack_bt(const float* B, int64_t ldb, int64_t r, float scale, float* Bt, int64_t ldbt,
+                                int64_t cols) {
+  pack_bt_impl(B, ldb, r, scale, Bt, ldbt, cols);
+}
+PEFTCORE_AVX512_FN void pack_bt(const c10::BFloat16* B, int64_t ldb, int64_t r, float scale, float* Bt, int64_t ldbt,
+                                int64_t cols) {
+  pack_bt_impl(B, ldb, r, scale, Bt, ldbt, cols);
+}
+PEFTCORE_AVX512_FN void pack_bt(const c10::Half* B, int64_t ldb, int64_t r, float scale, float* Bt, int64_t ldbt,
+                                int64_t cols) {
+  pack_bt_impl(B, ldb, r, scale, Bt, ldbt, cols);
 }
 
 }  // namespace peftcore::cpu::avx512

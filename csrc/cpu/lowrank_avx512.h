@@ -20,6 +20,10 @@ void shrink(const c10::BFloat16* x, int64_t ldx, const float* A, int64_t lda, fl
             int64_t ranks, int64_t in);
 void shrink(const c10::Half* x, int64_t ldx, const float* A, int64_t lda, float* T, int64_t ldt, int64_t rows,
             int64_t ranks, int64_t in);
+void shrink(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* A, int64_t lda, float* T, int64_t ldt,
+            int64_t rows, int64_t ranks, int64_t in);
+void shrink(const c10::Half* x, int64_t ldx, const c10::Half* A, int64_t lda, float* T, int64_t ldt, int64_t rows,
+            int64_t ranks, int64_t in);
 
 void expand(const float* T, int64_t ldt, const float* Bt, int64_t ldb, int64_t R, const float* base,
             int64_t ld_base, const int64_t* base_rows, float* y, int64_t ldy, int64_t rows, int64_t cols);
@@ -30,6 +34,8 @@ void expand(const float* T, int64_t ldt, const float* Bt, int64_t ldb, int64_t R
 
 // pack_bt for B with unit column stride (ldb = B's row stride).
 void pack_bt(const float* B, int64_t ldb, int64_t r, float scale, float* Bt, int64_t ldbt, int64_t cols);
+void pack_bt(const c10::BFloat16* B, int64_t ldb, int64_t r, float scale, float* Bt, int64_t ldbt, int64_t cols);
+void pack_bt(const c10::Half* B, int64_t ldb, int64_t r, float scale, float* Bt, int64_t ldbt, int64_t cols);
 
 }  // namespace peftcore::cpu::avx512
 #endif

@@ -25,9 +25,9 @@ namespace {
 
 // 4 rows of x against 4 rows of A: 16 accumulators + 8 loads fit the 32 zmm
 // registers, and each loaded x / A vector is used 4 times.
-template <typename xt, typename acc_t>
-PEFTCORE_INLINE void dot_4x4(const xt* x0, const xt* x1, const xt* x2, const xt* x3, const acc_t* a0,
-                             const acc_t* a1, const acc_t* a2, const acc_t* a3, int64_t in, acc_t* out /*[4][4]*/) {
+template <typename xt, typename at, typename acc_t>
+PEFTCORE_INLINE void dot_4x4(const xt* x0, const xt* x1, const xt* x2, const xt* x3, const at* a0,
+                             const at* a1, const at* a2, const at* a3, int64_t in, acc_t* out /*[4][4]*/) {
   acc_t s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
   acc_t s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
 #pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
@@ -35,7 +35,8 @@ PEFTCORE_INLINE void dot_4x4(const xt* x0, const xt* x1, const xt* x2, const xt*
     // bf16 / fp16 activations are widened here, on load, instead of in a copy of x.
     const acc_t v0 = static_cast<acc_t>(x0[p]), v1 = static_cast<acc_t>(x1[p]);
     const acc_t v2 = static_cast<acc_t>(x2[p]), v3 = static_cast<acc_t>(x3[p]);
-    const acc_t b0 = a0[p], b1 = a1[p], b2 = a2[p], b3 = a3[p];
+    const acc_t b0 = static_cast<acc_t>(a0[p]), b1 = static_cast<acc_t>(a1[p]);
+    const acc_t b2 = static_cast<acc_t>(a2[p]), b3 = static_cast<acc_t>(a3[p]);
     s00 += v0 * b0; s01 += v0 * b1; s02 += v0 * b2; s03 += v0 * b3;
     s10 += v1 * b0; s11 += v1 * b1; s12 += v1 * b2; s13 += v1 * b3;
     s20 += v2 * b0; s21 += v2 * b1; s22 += v2 * b2; s23 += v2 * b3;
@@ -48,26 +49,27 @@ PEFTCORE_INLINE void dot_4x4(const xt* x0, const xt* x1, const xt* x2, const xt*
 }
 
 // One row against 4 rows of A: the decode case (n = 1) and the row tail.
-template <typename xt, typename acc_t>
-PEFTCORE_INLINE void dot_1x4(const xt* x0, const acc_t* a0, const acc_t* a1, const acc_t* a2, const acc_t* a3,
+template <typename xt, typename at, typename acc_t>
+PEFTCORE_INLINE void dot_1x4(const xt* x0, const at* a0, const at* a1, const at* a2, const at* a3,
                              int64_t in, acc_t* out /*[4]*/) {
   acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
   for (int64_t p = 0; p < in; ++p) {
     const acc_t v = static_cast<acc_t>(x0[p]);
-    s0 += v * a0[p]; s1 += v * a1[p]; s2 += v * a2[p]; s3 += v * a3[p];
+    s0 += v * static_cast<acc_t>(a0[p]); s1 += v * static_cast<acc_t>(a1[p]);
+    s2 += v * static_cast<acc_t>(a2[p]); s3 += v * static_cast<acc_t>(a3[p]);
   }
   out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
 }
 
-template <typename xt, typename acc_t>
-PEFTCORE_INLINE void shrink_impl(const xt* x, int64_t ldx, const acc_t* A, int64_t lda, acc_t* T, int64_t ldt,
+template <typename xt, typename at, typename acc_t>
+PEFTCORE_INLINE void shrink_impl(const xt* x, int64_t ldx, const at* A, int64_t lda, acc_t* T, int64_t ldt,
                                  int64_t rows, int64_t ranks, int64_t in) {
   acc_t res[16];
   for (int64_t q = 0; q < ranks; q += 4) {
     const int64_t kq = std::min<int64_t>(4, ranks - q);
     // A rank tail (r not a multiple of 4) re-reads the last row; its results are dropped.
-    const acc_t* a[4];
+    const at* a[4];
     for (int k = 0; k < 4; ++k) a[k] = A + (q + std::min<int64_t>(k, kq - 1)) * lda;
     int64_t i = 0;
     for (; i + 4 <= rows; i += 4) {
@@ -154,13 +156,13 @@ PEFTCORE_INLINE void expand_impl(const acc_t* T, int64_t ldt, const acc_t* Bt, i
 // L1 while each of the r output rows gets one full cache line. (Column by column
 // would either re-read B's lines r times or scatter single writes over r rows
 // ldbt apart, which alias in the L1 sets.)
-template <typename acc_t>
-PEFTCORE_INLINE void pack_bt_impl(const acc_t* B, int64_t s0, int64_t s1, int64_t r, acc_t scale, acc_t* Bt,
+template <typename bt, typename acc_t>
+PEFTCORE_INLINE void pack_bt_impl(const bt* B, int64_t s0, int64_t s1, int64_t r, acc_t scale, acc_t* Bt,
                                   int64_t ldbt, int64_t cols) {
   for (int64_t jb = 0; jb < cols; jb += 16) {
     const int64_t je = std::min(cols, jb + 16);
     for (int64_t k = 0; k < r; ++k)
-      for (int64_t j = jb; j < je; ++j) Bt[k * ldbt + j] = scale * B[j * s0 + k * s1];
+      for (int64_t j = jb; j < je; ++j) Bt[k * ldbt + j] = scale * static_cast<acc_t>(B[j * s0 + k * s1]);
   }
 }
 
@@ -170,15 +172,17 @@ PEFTCORE_INLINE void pack_bt_impl(const acc_t* B, int64_t s0, int64_t s1, int64_
 // builds the ifunc resolvers for those only).
 namespace generic {
 
-#define PEFTCORE_DEFINE_SHRINK(xt, acc_t)                                                                    \
-  PEFTCORE_CLONES void shrink(const xt* x, int64_t ldx, const acc_t* A, int64_t lda, acc_t* T, int64_t ldt, \
-                              int64_t rows, int64_t ranks, int64_t in) {                                    \
-    shrink_impl(x, ldx, A, lda, T, ldt, rows, ranks, in);                                                   \
+#define PEFTCORE_DEFINE_SHRINK(xt, at, acc_t)                                                             \
+  PEFTCORE_CLONES void shrink(const xt* x, int64_t ldx, const at* A, int64_t lda, acc_t* T, int64_t ldt, \
+                              int64_t rows, int64_t ranks, int64_t in) {                                 \
+    shrink_impl(x, ldx, A, lda, T, ldt, rows, ranks, in);                                                \
   }
-PEFTCORE_DEFINE_SHRINK(float, float)
-PEFTCORE_DEFINE_SHRINK(c10::BFloat16, float)
-PEFTCORE_DEFINE_SHRINK(c10::Half, float)
-PEFTCORE_DEFINE_SHRINK(double, double)
+PEFTCORE_DEFINE_SHRINK(float, float, float)
+PEFTCORE_DEFINE_SHRINK(c10::BFloat16, float, float)
+PEFTCORE_DEFINE_SHRINK(c10::Half, float, float)
+PEFTCORE_DEFINE_SHRINK(c10::BFloat16, c10::BFloat16, float)
+PEFTCORE_DEFINE_SHRINK(c10::Half, c10::Half, float)
+PEFTCORE_DEFINE_SHRINK(double, double, double)
 #undef PEFTCORE_DEFINE_SHRINK
 
 #define PEFTCORE_DEFINE_EXPAND(acc_t, ot)                                                                          \
@@ -193,13 +197,15 @@ PEFTCORE_DEFINE_EXPAND(float, c10::Half)
 PEFTCORE_DEFINE_EXPAND(double, double)
 #undef PEFTCORE_DEFINE_EXPAND
 
-#define PEFTCORE_DEFINE_PACK_BT(acc_t)                                                                         \
-  PEFTCORE_CLONES void pack_bt(const acc_t* B, int64_t s0, int64_t s1, int64_t r, acc_t scale, acc_t* Bt,      \
+#define PEFTCORE_DEFINE_PACK_BT(bt, acc_t)                                                                     \
+  PEFTCORE_CLONES void pack_bt(const bt* B, int64_t s0, int64_t s1, int64_t r, acc_t scale, acc_t* Bt,         \
                                int64_t ldbt, int64_t cols) {                                                   \
     pack_bt_impl(B, s0, s1, r, scale, Bt, ldbt, cols);                                                         \
   }
-PEFTCORE_DEFINE_PACK_BT(float)
-PEFTCORE_DEFINE_PACK_BT(double)
+PEFTCORE_DEFINE_PACK_BT(float, float)
+PEFTCORE_DEFINE_PACK_BT(double, double)
+PEFTCORE_DEFINE_PACK_BT(c10::BFloat16, float)
+PEFTCORE_DEFINE_PACK_BT(c10::Half, float)
 #undef PEFTCORE_DEFINE_PACK_BT
 
 }  // namespace generic
@@ -241,6 +247,28 @@ PEFTCORE_DEFINE_DISPATCH(c10::BFloat16)
 PEFTCORE_DEFINE_DISPATCH(c10::Half)
 #undef PEFTCORE_DEFINE_DISPATCH
 
+#if PEFTCORE_HAVE_AVX512
+#define PEFTCORE_PACK_BT_AVX512(B, s0, s1, r, scale, Bt, ldbt, cols) \
+  if ((s1) == 1 && use_avx512()) return avx512::pack_bt(B, s0, r, scale, Bt, ldbt, cols)
+#else
+#define PEFTCORE_PACK_BT_AVX512(B, s0, s1, r, scale, Bt, ldbt, cols) (void)0
+#endif
+
+// Adapters in the base dtype (bf16 / fp16 x and A): widened as they are read.
+#define PEFTCORE_DEFINE_DISPATCH_LOW(xt)                                                                          \
+  void shrink(const xt* x, int64_t ldx, const xt* A, int64_t lda, float* T, int64_t ldt, int64_t rows,          \
+              int64_t ranks, int64_t in) {                                                                      \
+    PEFTCORE_DISPATCH(shrink(x, ldx, A, lda, T, ldt, rows, ranks, in));                                         \
+  }                                                                                                             \
+  void pack_bt(const xt* B, int64_t s0, int64_t s1, int64_t r, float scale, float* Bt, int64_t ldbt,             \
+               int64_t cols) {                                                                                  \
+    PEFTCORE_PACK_BT_AVX512(B, s0, s1, r, scale, Bt, ldbt, cols);                                               \
+    generic::pack_bt(B, s0, s1, r, scale, Bt, ldbt, cols);                                                      \
+  }
+PEFTCORE_DEFINE_DISPATCH_LOW(c10::BFloat16)
+PEFTCORE_DEFINE_DISPATCH_LOW(c10::Half)
+#undef PEFTCORE_DEFINE_DISPATCH_LOW
+
 void shrink(const double* x, int64_t ldx, const double* A, int64_t lda, double* T, int64_t ldt, int64_t rows,
             int64_t ranks, int64_t in) {
   generic::shrink(x, ldx, A, lda, T, ldt, rows, ranks, in);
@@ -251,9 +279,7 @@ void expand(const double* T, int64_t ldt, const double* Bt, int64_t ldb, int64_t
 }
 
 void pack_bt(const float* B, int64_t s0, int64_t s1, int64_t r, float scale, float* Bt, int64_t ldbt, int64_t cols) {
-#if PEFTCORE_HAVE_AVX512
-  if (s1 == 1 && use_avx512()) return avx512::pack_bt(B, s0, r, scale, Bt, ldbt, cols);
-#endif
+  PEFTCORE_PACK_BT_AVX512(B, s0, s1, r, scale, Bt, ldbt, cols);
   generic::pack_bt(B, s0, s1, r, scale, Bt, ldbt, cols);
 }
 void pack_bt(const double* B, int64_t s0, int64_t s1, int64_t r, double scale, double* Bt, int64_t ldbt,

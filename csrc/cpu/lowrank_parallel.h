@@ -51,9 +51,11 @@ constexpr int64_t kBtBlockElems = 16384;
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // One adapter's B [out, r] as the expand reads it (any strides).
-template <typename acc_t>
+// One adapter's B (out × r, strides s0, s1), in the accumulation type or (adapters kept
+// in the base dtype) in bf16 / fp16: pack_bt widens it.
+template <typename bt>
 struct BView {
-  const acc_t* data;
+  const bt* data;
   int64_t s0, s1;
 };
 
@@ -88,9 +90,9 @@ acc_t* thread_scratch(int64_t n) {
 //     (the Bt packing, ~R·out values, is repeated per thread: cheap next to the FMAs);
 //   - fewer rows (decode): each thread takes a band of columns and computes all of T
 //     (a few dot products, repeated per thread, instead of a second parallel region).
-template <typename acc_t, typename ot, typename FillT>
+template <typename acc_t, typename ot, typename FillT, typename bt>
 void lowrank_update(int64_t rows, int64_t cols, int64_t R, int64_t fill_cost, const FillT& fill_T,
-                    const std::vector<ActiveAdapter>& active, const std::vector<BView<acc_t>>& Bs, const ot* base,
+                    const std::vector<ActiveAdapter>& active, const std::vector<BView<bt>>& Bs, const ot* base,
                     int64_t ld_base, const int64_t* base_rows, ot* y) {
   if (rows == 0 || cols == 0 || R == 0) return;
   const int64_t work = rows * (fill_cost + cols * R);
