@@ -2,7 +2,8 @@
 nn.Linear, transformers Conv1D and nn.Embedding (LoRA) bases in float32, bfloat16 and
 float16, and on bitsandbytes nf4 / int8 bases. PEFT and peftcore load the same adapter
 file (trainable) onto copies of the same base; the loss's gradient of every trainable
-tensor is compared, name by name.
+tensor is compared, name by name. On quantized bases every method, LoRA in bf16
+activations, AdaLoRA and IA3 in float32 ones (see the test).
 
 * float32: against PEFT's gradients directly (the same math in another order).
 * bfloat16 / float16: both against the truth, the PEFT model in float64 over the same
@@ -117,14 +118,27 @@ def test_gradients_match_peft(tmp_path, case, dtype):
         _compare(ours, theirs, truth)
 
 
+QUANT_CONFIGS = {
+    "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                    lora_dropout=0.0),
+    "adalora": lambda: peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, total_step=10,
+                                          target_modules=["q_proj", "v_proj", "down_proj"]),
+    "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                  init_ia3_weights=False),
+}
+
+
+@pytest.mark.parametrize("method", list(QUANT_CONFIGS))
 @pytest.mark.parametrize("bits", [4, 8])
-def test_gradients_on_quantized_bases_match_peft(tmp_path, bits):
+def test_gradients_on_quantized_bases_match_peft(tmp_path, bits, method):
     # QLoRA as users run it: nf4 with double quantization and bf16 compute, bf16 activations
-    # (int8: LLM.int8 with bf16 activations).
+    # (int8: LLM.int8 with bf16 activations). AdaLoRA and IA3 with float32 activations: on
+    # bf16 ones PEFT's bitsandbytes layers of these methods return float32 (their float32
+    # vectors / factors promote the output) and Llama's attention refuses the mixed dtypes.
     kw = dict(compute_dtype=torch.bfloat16) if bits == 4 else {}
-    base = quantized_model(saved_tiny(tmp_path), bits, torch_dtype=torch.bfloat16, **kw)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
-    ours, theirs, truth = _pair(tmp_path, base, config, make_ref=lambda b: dequantized_copy(b).double())
+    act = torch.bfloat16 if method == "lora" else torch.float32
+    base = quantized_model(saved_tiny(tmp_path), bits, torch_dtype=act, **kw)
+    ours, theirs, truth = _pair(tmp_path, base, QUANT_CONFIGS[method](), make_ref=lambda b: dequantized_copy(b).double())
     _compare(ours, theirs, truth)
 
 
