@@ -1,5 +1,6 @@
 """Training features users turn on, with peftcore adapters: transformers' gradient
-checkpointing (re-entrant and not) gives the gradients of a run without it, and
+checkpointing (re-entrant and not; also through the ``Trainer``) gives the gradients of a
+run without it, and
 torch.compile compiles a whole training step through the adapter layers (no graph break
 inside them) to eager mode's gradients."""
 from __future__ import annotations
@@ -58,3 +59,28 @@ def test_compiled_llama_has_no_graph_break_in_adapter_layers():
     explained = torch._dynamo.explain(model)(input_ids=INPUT_IDS, labels=INPUT_IDS)
     ours = [str(b) for b in explained.break_reasons if "peftcore" in str(b)]
     assert not ours, ours
+
+
+def test_trainer_with_gradient_checkpointing_trains_as_without(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 64, (8, 16), generator=g)
+    rows = [{"input_ids": ids[i], "labels": ids[i]} for i in range(8)]
+
+    def train(checkpointing):
+        torch.manual_seed(0)  # the adapter's random init
+        model = _lora_llama()
+        args = TrainingArguments(output_dir=str(tmp_path / f"run{checkpointing}"), max_steps=6,
+                                 per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+                                 save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                                 gradient_checkpointing=checkpointing)
+        Trainer(model=model, args=args, train_dataset=rows).train()
+        assert model.is_gradient_checkpointing == checkpointing
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want, got = train(False), train(True)
+    assert want.keys() == got.keys()
+    for n in want:
+        # Six AdamW steps on the same gradients (see the test above), up to summation order.
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
