@@ -273,3 +273,13 @@ def has_cuda_kernels() -> bool:
 # The devices of a test that runs on both: the CPU always, the GPU (marked cuda) when there is one.
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not has_cuda_kernels(), reason="no GPU, or this build has no CUDA kernels")])]
+
+
+def largest_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) made while fn() runs, from the profiler's
+    memory events (every at::empty / ATen temporary goes through the CPU allocator)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"], default=0)

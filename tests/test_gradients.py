@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import peftcore
+from tests.helpers import largest_allocation
 from tests._models import (
     INPUT_IDS,
     canon_name,
@@ -154,3 +155,39 @@ def test_no_grad_forward_equals_the_autograd_forward(tmp_path, case):
     tracked = ours(input_ids=INPUT_IDS).logits
     assert not fast.requires_grad and tracked.requires_grad
     assert torch.equal(fast, tracked)
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4", "int8"])
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_bf16_backward_makes_no_float32_copy_of_the_weight(base, method):
+    """README: the backward runs the base's products in the base dtype, so the frozen W is
+    never copied to float32 (quantized bases: dequantized once, to bf16). A float32 copy
+    would be one allocation of 4·N·K bytes; the probe sees one in ``W.float()``."""
+    from tests.op_db import quantize_4bit, quantize_int8
+
+    N = K = 1024
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(0)) / K**0.5
+    wb = w.bfloat16()
+    assert largest_allocation(lambda: wb.float()) >= 4 * N * K  # the probe sees a float32 copy
+    if base == "dense":
+        wargs = (wb,)
+    elif base == "nf4":
+        q = quantize_4bit(w, 64, "nf4", True)
+        wargs = (q["qweight"], q["absmax"], q["code"], q["blocksize"], q["nested_absmax"], q["nested_code"],
+                 q["nested_offset"], q["nested_blocksize"], N)
+    else:
+        wargs = quantize_int8(w)
+    suffix = {"dense": "", "nf4": "_4bit", "int8": "_int8"}[base]
+    op = getattr(torch.ops.peftcore, f"{method}_linear{suffix}")
+    x = torch.randn(128, K, dtype=torch.bfloat16, requires_grad=True)
+    if method == "lora":
+        A, B = torch.randn(16, K, requires_grad=True), torch.randn(N, 16, requires_grad=True)
+        args = (x, *wargs, None, [A], [B], None, torch.ones(1), None)
+    else:
+        args = (x, *wargs, None, [torch.rand(N, 1, requires_grad=True)], torch.ones(1), False)
+
+    def step():
+        op(*args).float().sum().backward()
+
+    biggest = largest_allocation(step)
+    assert biggest < 4 * N * K, f"{method} on {base}: an allocation of {biggest} bytes in the backward"

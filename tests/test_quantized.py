@@ -44,6 +44,7 @@ from tests._models import (  # noqa: E402
     saved_tiny,
     tiny_llama,
 )
+from tests.helpers import largest_allocation  # noqa: E402
 
 EXACT_RTOL = 1e-4
 N_QLINEAR = 2 * 7  # tiny llama: 2 layers x (q, k, v, o, gate, up, down); OPT has fewer
@@ -554,16 +555,6 @@ def test_qlora_trainer(root, tmp_path):
 
 
 # ---------------------------------------------------------------------- the README's claims
-def _largest_allocation(fn) -> int:
-    """The largest single CPU allocation (bytes) made while fn() runs, from the profiler's
-    memory events (every at::empty / ATen temporary goes through the CPU allocator)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return max([e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"], default=0)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 def test_cpu_forward_builds_no_dense_weight(bits):
     """README: on the CPU the quantized forward reads the packed bytes and builds no
@@ -593,12 +584,12 @@ def test_cpu_forward_builds_no_dense_weight(bits):
         def dense():
             return torch.ops.peftcore.dequantize_int8(CB, SCB, torch.bfloat16)
 
-    assert _largest_allocation(dense) >= 2 * N * K  # the probe sees a dense copy
+    assert largest_allocation(dense) >= 2 * N * K  # the probe sees a dense copy
     for dtype in (torch.float32, torch.bfloat16):
         for T in (1, 2, 16, 128):
             x = torch.randn(T, K, dtype=dtype)
             with torch.no_grad():
-                biggest = _largest_allocation(lambda: fwd(x))
+                biggest = largest_allocation(lambda: fwd(x))
             assert biggest < N * K, f"{bits}-bit forward, {dtype}, {T} tokens: an allocation of {biggest} bytes"
 
 

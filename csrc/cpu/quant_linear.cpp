@@ -528,25 +528,27 @@ at::Tensor dequantize_int8_cpu(PEFTCORE_WEIGHT_INT8_ARGS, at::ScalarType dtype) 
   const at::Tensor cb = weight.contiguous();
   const at::Tensor scb = row_scale.to(at::kFloat).contiguous();
   const int64_t N = cb.size(0), K = cb.size(1);
-  const bool f64 = dtype == at::kDouble;
-  at::Tensor out = at::empty({N, K}, weight.options().dtype(f64 ? at::kDouble : at::kFloat));
+  // Straight into the result's dtype (the QLoRA-style backward's bf16 W: no float32 copy).
+  at::Tensor out = at::empty({N, K}, weight.options().dtype(dtype));
   const int8_t* src = cb.const_data_ptr<int8_t>();
   const float* sp = scb.const_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "peftcore_dequantize_int8", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "peftcore_dequantize_int8", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     scalar_t* dst = out.data_ptr<scalar_t>();
-    // As bitsandbytes (and reference.dequantize_int8): (CB·SCB)·(1/127), two roundings.
-    const scalar_t inv127 = static_cast<scalar_t>(7.874015718698502e-3f);
+    // As bitsandbytes (and reference.dequantize_int8): (CB·SCB)·(1/127) in float32 (float64),
+    // two roundings, then one to the result's dtype.
+    const acc_t inv127 = static_cast<acc_t>(7.874015718698502e-3f);
     at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
-        const scalar_t s = static_cast<scalar_t>(sp[n]);
+        const acc_t s = static_cast<acc_t>(sp[n]);
         for (int64_t k = 0; k < K; ++k) {
-          const scalar_t t = static_cast<scalar_t>(src[n * K + k]) * s;
-          dst[n * K + k] = t * inv127;
+          const acc_t t = static_cast<acc_t>(src[n * K + k]) * s;
+          dst[n * K + k] = static_cast<scalar_t>(t * inv127);
         }
       }
     });
   });
-  return out.to(dtype);
+  return out;
 }
 
 }  // namespace peftcore
