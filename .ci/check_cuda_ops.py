@@ -39,26 +39,22 @@ def main() -> int:
     if no_cpu:
         print(f"{len(no_cpu)} op(s) without a CPU kernel: {', '.join(no_cpu)}", file=sys.stderr)
         return 1
-    cpu_ops = names
     missing, allowed = [], []
     print(f"peftcore from {peftcore.__file__}; torch {torch.__version__} (CUDA {torch.version.cuda})")
-    for n in cpu_ops:
+    for n in names:
         has = torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")
         short = n.split("::", 1)[1]
         ok = has or any(fnmatch.fnmatchcase(short, p) for p in args.allow_missing)
         print(f"  {n:40s} CPU yes  CUDA {'yes' if has else 'NO' + ('' if not ok else ' (allowed)')}")
         if not has:
             (allowed if ok else missing).append(n)
-    if not cpu_ops:
-        print("no peftcore:: op has a CPU kernel: is peftcore._C loaded?", file=sys.stderr)
-        return 1
-    if len(missing) + len(allowed) == len(cpu_ops):
+    if len(missing) + len(allowed) == len(names):
         print("no peftcore:: op has a CUDA kernel: this peftcore was built without CUDA", file=sys.stderr)
         return 1
     if missing:
         print(f"{len(missing)} op(s) with a CPU kernel but no CUDA kernel: {', '.join(missing)}", file=sys.stderr)
         return 1
-    print(f"{len(cpu_ops) - len(allowed)} ops with CPU and CUDA kernels"
+    print(f"{len(names) - len(allowed)} ops with CPU and CUDA kernels"
           + (f"; {len(allowed)} allowed without: {', '.join(allowed)}" if allowed else ""))
     return 0
 

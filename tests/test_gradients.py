@@ -53,7 +53,7 @@ CASES = {
 FP32_RTOL = 1e-5
 
 
-def _grads(model, labels=True):
+def _grads(model):
     """{canonical name: gradient} of the mean token loss on INPUT_IDS (eval mode: no dropout)."""
     model.eval()
     model.zero_grad(set_to_none=True)
