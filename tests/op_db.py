@@ -97,6 +97,11 @@ LINEAR_CASES = {
     "lora_x": ((2, 3), 16, 24, (4, 2), {"lora_x": True}),
     "all_scales_zero": ((5,), 16, 24, (4, 4), {"zero": (0, 1)}),
     "blocked_37x257x300": ((37,), 257, 300, (16, 8), {}),
+    # One row with a costly shrink (rows·R·in >= 32768): on 2+ threads T is computed by all
+    # threads first (lowrank_parallel.h), split by ranks on 8-rank boundaries (here inside
+    # the middle adapter), or, with a single 8-rank block, by in_features.
+    "decode_split_ranks_1x1400x50": ((1,), 1400, 50, (6, 13, 9), {}),
+    "decode_split_in_1x4200x70": ((1,), 4200, 70, (8,), {"bias": False}),
 }
 
 

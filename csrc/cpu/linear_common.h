@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <type_traits>
 #include <string>
@@ -117,34 +118,37 @@ void add_lowrank_impl(const at::Tensor& x, at::TensorList lora_A, at::TensorList
     if (!lora_E.empty()) Es.push_back(lora_E[ad.index].reshape({-1}).to(acc).contiguous());
   }
 
-  // Shrink, on whichever thread needs the rows: t[i - i0, offset_a + q] = x_a[i]·A_a[q].
-  const auto fill_T = [&](int64_t i0, int64_t i1, acc_t* t, int64_t ldt) {
+  // Shrink, on whichever thread needs the rows: t[i - i0, q] = x_a[i, p0:p1]·A_a[q - offset_a, p0:p1]
+  // for the ranks q of the part that fall in adapter a.
+  const auto fill_T = [&](int64_t i0, int64_t i1, const TPart& part, acc_t* t, int64_t ldt) {
     for (size_t k = 0; k < active.size(); ++k) {
-      const wt* A = As[k].template const_data_ptr<wt>();
-      acc_t* tk = t + active[k].offset;
+      const int64_t q0 = std::max(part.q0, active[k].offset), q1 = std::min(part.q1, active[k].offset + active[k].rank);
+      if (q0 >= q1) continue;
+      const int64_t p0 = part.p0, width = part.p1 - part.p0, nq = q1 - q0;
+      const wt* A = As[k].template const_data_ptr<wt>() + (q0 - active[k].offset) * in + p0;
+      acc_t* tk = t + q0;
       bool widened = false;  // an odd-dtype lora_x, widened to acc_t (only with acc_t adapters)
       if constexpr (std::is_same_v<wt, acc_t>) {
         if (xs[k].scalar_type() != x.scalar_type()) {
-          shrink(xs[k].template const_data_ptr<acc_t>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
+          shrink(xs[k].template const_data_ptr<acc_t>() + i0 * in + p0, in, A, in, tk, ldt, i1 - i0, nq, width);
           widened = true;
         }
       }
       if (!widened)
-        shrink(xs[k].template const_data_ptr<xt>() + i0 * in, in, A, in, tk, ldt, i1 - i0, active[k].rank, in);
+        shrink(xs[k].template const_data_ptr<xt>() + i0 * in + p0, in, A, in, tk, ldt, i1 - i0, nq, width);
       if (!Es.empty()) {  // AdaLoRA: t[:, q] *= e[q], as reference.lora_linear rounds it
-        const acc_t* e = Es[k].template const_data_ptr<acc_t>();
-        const int64_t r = active[k].rank;
+        const acc_t* e = Es[k].template const_data_ptr<acc_t>() + (q0 - active[k].offset);
         for (int64_t i = 0; i < i1 - i0; ++i) {
           acc_t* ti = tk + i * ldt;
 #pragma omp simd
-          for (int64_t q = 0; q < r; ++q) ti[q] *= e[q];
+          for (int64_t q = 0; q < nq; ++q) ti[q] *= e[q];
         }
       }
     }
   };
   // Expand: one pass over y, adding the low-rank product to the base output in place.
   xt* yp = y.data_ptr<xt>();
-  lowrank_update<acc_t, xt>(d.n, d.out, R, R * in, fill_T, active, Bv, yp, d.out, nullptr, yp);
+  lowrank_update<acc_t, xt>(d.n, d.out, R, in, fill_T, active, Bv, yp, d.out, nullptr, yp);
 }
 
 template <typename xt, typename acc_t>

@@ -64,18 +64,21 @@ void lowrank_embedding(const at::Tensor& idx, const at::Tensor& weight, at::Tens
     Bs.push_back(lora_B[ad.index].to(acc));
     Bv.push_back({Bs.back().template const_data_ptr<acc_t>(), Bs.back().stride(0), Bs.back().stride(1)});
   }
-  // T[t, offset + k] = A_a[k, idx_t]: the "shrink" of a one-hot input is a gather.
-  const auto fill_T = [&](int64_t t0, int64_t t1, acc_t* T, int64_t ldt) {
+  // T[t, offset + k] = A_a[k, idx_t]: the "shrink" of a one-hot input is a gather (its
+  // one reduction index is p = 0; a part without it adds nothing).
+  const auto fill_T = [&](int64_t t0, int64_t t1, const cpu::TPart& part, acc_t* T, int64_t ldt) {
     for (size_t a = 0; a < active.size(); ++a) {
       const acc_t* Ap = As[a].template const_data_ptr<acc_t>();
-      const int64_t s0 = As[a].stride(0), s1 = As[a].stride(1);
+      const int64_t s0 = As[a].stride(0), s1 = As[a].stride(1), off = active[a].offset;
+      const int64_t q0 = std::max(part.q0, off), q1 = std::min(part.q1, off + active[a].rank);
       for (int64_t t = t0; t < t1; ++t)
-        for (int64_t k = 0; k < active[a].rank; ++k) T[(t - t0) * ldt + active[a].offset + k] = Ap[k * s0 + ip[t] * s1];
+        for (int64_t q = q0; q < q1; ++q)
+          T[(t - t0) * ldt + q] = part.p0 == 0 ? Ap[(q - off) * s0 + ip[t] * s1] : acc_t(0);
     }
   };
   // W's rows are read straight from the table (no gathered copy): base_rows = idx.
   const at::Tensor W = weight.contiguous();
-  cpu::lowrank_update<acc_t, wt>(n, D, R, R, fill_T, active, Bv, W.const_data_ptr<wt>(), D, ip, y.data_ptr<wt>());
+  cpu::lowrank_update<acc_t, wt>(n, D, R, 1, fill_T, active, Bv, W.const_data_ptr<wt>(), D, ip, y.data_ptr<wt>());
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // Host-side plumbing shared by the CPU LoRA forwards: which adapters are active,
 // and the threading of the shrink / pack_bt / expand kernels of lowrank.h
-// (lowrank_update: one parallel region per call, per-thread scratch).
+// (lowrank_update: one parallel region per call, two at decode; per-thread scratch).
 // Used by lora_linear.cpp and lora_embedding.cpp.
 #pragma once
 
@@ -80,24 +80,61 @@ acc_t* thread_scratch(int64_t n) {
   return buf.p;
 }
 
-// The whole low-rank update, in one parallel region:
+// The part of T one call of a fill_T callback writes: rank columns [q0, q1) of the
+// concatenated R, summed over the reduction indices [p0, p1) only (a shrink's slice of
+// in_features; a gather has one index, p = 0).
+struct TPart {
+  int64_t q0, q1, p0, p1;
+};
+
+// At decode (fewer rows than threads) T is first computed by all threads together when
+// it costs at least this many multiply-adds (A of ~128 KB in fp32 and up); otherwise every
+// thread reads all of A. Measured (2 threads, bf16 base streamed from memory, fp32 r=16
+// adapter): the low-rank part of a 2048 -> 5632 layer 31 µs against 37-43 µs; equal for
+// the others. Below it, the extra parallel region costs more than it saves.
+constexpr int64_t kSplitShrinkWork = 32768;
+
+// The whole low-rank update:
 //   y[i, :] = cast(base[row(i), :] + Σ_a T[i, a's ranks] · s_a·B_aᵀ)   for i < rows,
-// where fill_T(i0, i1, t, ldt) writes rows [i0, i1) of T (rows × R, acc_t) to t and
-// costs about fill_cost multiply-adds per row. Each thread computes the T rows it
-// needs and packs s_a·B_aᵀ, block by block, into its own scratch, so nothing is
-// shared but the inputs and y, and no thread waits for another.
-//   - rows >= threads (prefill): each thread takes a band of rows and all columns
-//     (the Bt packing, ~R·out values, is repeated per thread: cheap next to the FMAs);
-//   - fewer rows (decode): each thread takes a band of columns and computes all of T
-//     (a few dot products, repeated per thread, instead of a second parallel region).
+// where fill_T(i0, i1, part, t, ldt) writes part of rows [i0, i1) of T (rows × R, acc_t;
+// t points at the tile's column 0) and a row of T costs R·reduce multiply-adds. Each
+// thread packs s_a·B_aᵀ, block by block, into its own scratch, so nothing is shared but
+// the inputs, T and y, and no thread waits for another inside a region.
+//   - rows >= threads (prefill): one region; each thread takes a band of rows and all
+//     columns, and computes its own rows of T (the Bt packing, ~R·out values, is repeated
+//     per thread: cheap next to the FMAs);
+//   - fewer rows (decode): each thread takes a band of columns. T (a few dot products) is
+//     computed beforehand by all threads, each one its share of ranks and of in_features
+//     (so of A's bytes), when that is worth a second region; else by every thread.
 template <typename acc_t, typename ot, typename FillT, typename bt>
-void lowrank_update(int64_t rows, int64_t cols, int64_t R, int64_t fill_cost, const FillT& fill_T,
+void lowrank_update(int64_t rows, int64_t cols, int64_t R, int64_t reduce, const FillT& fill_T,
                     const std::vector<ActiveAdapter>& active, const std::vector<BView<bt>>& Bs, const ot* base,
                     int64_t ld_base, const int64_t* base_rows, ot* y) {
   if (rows == 0 || cols == 0 || R == 0) return;
-  const int64_t work = rows * (fill_cost + cols * R);
+  const int64_t work = rows * R * (reduce + cols);
   const int64_t nt = std::clamp<int64_t>(work / kMinParallelWork, 1, at::get_num_threads());
   const bool by_rows = rows >= nt;
+  const TPart whole{0, R, 0, reduce};
+
+  std::vector<acc_t> shared_T;  // decode: T computed once for every column band
+  if (!by_rows && rows * R * reduce >= kSplitShrinkWork) {
+    // Rank splits on 8-rank boundaries (the shrink kernel's tile), in_features splits on
+    // 16; each (rank, in) piece sums into its own partial T, added up below.
+    const int64_t nq = std::min<int64_t>(nt, (R + 7) / 8), nk = std::min<int64_t>(nt / nq, (reduce + 15) / 16);
+    shared_T.assign(static_cast<size_t>(nk * rows * R), acc_t(0));
+    at::parallel_for(0, nq * nk, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t qc = t / nk, kc = t % nk;
+        const TPart part{std::min(R, round_up(R * qc / nq, 8)), qc + 1 == nq ? R : std::min(R, round_up(R * (qc + 1) / nq, 8)),
+                         std::min(reduce, round_up(reduce * kc / nk, 16)),
+                         kc + 1 == nk ? reduce : std::min(reduce, round_up(reduce * (kc + 1) / nk, 16))};
+        if (part.q0 < part.q1 && part.p0 < part.p1) fill_T(0, rows, part, shared_T.data() + kc * rows * R, R);
+      }
+    });
+    for (int64_t kc = 1; kc < nk; ++kc)
+      for (int64_t e = 0; e < rows * R; ++e) shared_T[e] += shared_T[kc * rows * R + e];
+  }
+
   const int64_t block = std::min(cols, round_up(std::max<int64_t>(64, kBtBlockElems / R), 64));
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -111,10 +148,14 @@ void lowrank_update(int64_t rows, int64_t cols, int64_t R, int64_t fill_cost, co
       }
       if (i0 >= i1 || j0 >= j1) continue;
       const int64_t ldbt = round_up(std::min(block, j1 - j0), 16);
-      const int64_t t_size = round_up((i1 - i0) * R, 16);
-      acc_t* Tl = thread_scratch<acc_t>(t_size + R * ldbt);
-      acc_t* Bt = Tl + t_size;
-      fill_T(i0, i1, Tl, R);
+      const int64_t t_size = shared_T.empty() ? round_up((i1 - i0) * R, 16) : 0;
+      acc_t* scratch = thread_scratch<acc_t>(t_size + R * ldbt);
+      acc_t* Bt = scratch + t_size;
+      const acc_t* Tl = scratch;
+      if (shared_T.empty())
+        fill_T(i0, i1, whole, scratch, R);
+      else
+        Tl = shared_T.data();
       for (int64_t jb = j0; jb < j1; jb += block) {
         const int64_t w = std::min(block, j1 - jb);
         for (size_t k = 0; k < active.size(); ++k)
