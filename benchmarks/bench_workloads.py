@@ -4,7 +4,9 @@
   ``zero_grad``) of a Llama-shaped model (hidden 1024, intermediate 2816, 6 layers, vocab
   4096), batch 2 x 128 tokens, LoRA r=16 on all 7 projections, dropout 0, in train mode.
   Bases: bf16, fp32, nf4 (bitsandbytes, double quantization, bf16 compute: QLoRA) and
-  int8 (LLM.int8, bf16 activations). Reported: peftcore / PEFT per step.
+  int8 (LLM.int8, bf16 activations). Reported: peftcore / PEFT per step, and the floor
+  (the bare model's forward + backward to its input embeddings) with each library's
+  time above it: the adapter's whole cost, the only part an adapter library controls.
 * ``generate``: greedy ``model.generate`` with the KV cache (it runs under ``no_grad``, not
   ``inference_mode``), Llama-shaped (hidden 2048, intermediate 5632, 6 layers, vocab 8192),
   a 32-token prompt and 24 new tokens, LoRA r=16 on all 7 projections, float32 adapters
@@ -98,8 +100,10 @@ def ratio(samples, name, base):
 
 def train(kinds, repeats):
     print("\n## Training step: forward + backward + AdamW.step + zero_grad, batch 2 x 128, LoRA r=16 on 7 projections\n")
-    print("| base | PEFT ms/step | peftcore ms/step | peftcore / PEFT |")
-    print("|---|---:|---:|---:|")
+    print("floor: the bare model's forward + backward to its input embeddings (every layer's input gradient,")
+    print("no adapter, no optimizer): what any adapter library pays before its adapter's own cost.\n")
+    print("| base | floor ms | PEFT ms/step | peftcore ms/step | PEFT - floor | peftcore - floor | peftcore / PEFT |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     ids = torch.randint(0, 4096, (2, 128), generator=torch.Generator().manual_seed(1))
     for kind in kinds:
         dense = llama(1024, 2816, 4096, torch.float32 if kind == "fp32" else torch.bfloat16)
@@ -116,9 +120,21 @@ def train(kinds, repeats):
                 opt.zero_grad(set_to_none=True)
 
             steps[name] = step
+        base.requires_grad_(False)
+        emb = base.get_input_embeddings()
+
+        def floor(base=base, emb=emb):
+            base.train()
+            with torch.no_grad():
+                e = emb(ids)
+            base(inputs_embeds=e.requires_grad_(True), labels=ids, use_cache=False).loss.backward()
+
+        steps["floor"] = floor
         s = interleaved_samples(steps, repeats, warmup=2)
         med = {k: statistics.median(v) * 1e3 for k, v in s.items()}
-        print(f"| {kind} | {med['peft']:.0f} | {med['peftcore']:.0f} | {ratio(s, 'peftcore', 'peft'):.2f} |", flush=True)
+        print(f"| {kind} | {med['floor']:.0f} | {med['peft']:.0f} | {med['peftcore']:.0f} | "
+              f"{med['peft'] - med['floor']:.0f} | {med['peftcore'] - med['floor']:.0f} | "
+              f"{ratio(s, 'peftcore', 'peft'):.2f} |", flush=True)
         del pm, ours, base, dense
 
 

@@ -437,6 +437,10 @@ QUANT4_CASES = {
     "fast_3d_512x32_bs128_fp4": ((3, 11), 512, 32, 128, "fp4", False, (8,), {"numerics_only": True}),
     # 150 token rows of 4096: several row blocks (the kernel blocks x by ~512 KB)
     "row_blocks_150tok_4096x13": ((150,), 4096, 13, 64, "nf4", True, (4,), {"numerics_only": True}),
+    # 130 token rows: the tiled decode + GEMM path for bf16 (>= 12 rows) and float32 x
+    # (>= 128), over several ~2 MB tiles of W (256 rows in bf16, 128 in float32) with a tail
+    "gemm_tiles_130tok_4096x600": ((130,), 4096, 600, 64, "nf4", True, (4,),
+                                   {"numerics_only": True, "forward_only": True}),
     "storage_bf16_64x24": ((2,), 64, 24, 64, "nf4", True, (4,), {"storage": torch.bfloat16}),
     "x_1d": ((), 31, 13, 64, "nf4", False, (2,), {}),
     "empty_batch": ((0,), 64, 16, 64, "nf4", False, (4,), {}),
@@ -503,7 +507,7 @@ def _lora_linear_4bit_plain(dtype, adapter_dtype=None, requires_grad=False) -> I
             all_scales_zero=bool(ranks) and len(o.get("zero", ())) == len(ranks),
             n_elements=n_el,
             meta=dict(weight=w, state=q["state"], quant_type=qt, in_features=fin,
-                      opcheck=not o.get("numerics_only", False)),
+                      opcheck=not o.get("numerics_only", False), forward_only=o.get("forward_only", False)),
         )
 
 

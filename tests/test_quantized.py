@@ -557,12 +557,14 @@ def test_qlora_trainer(root, tmp_path):
 # ---------------------------------------------------------------------- the README's claims
 @pytest.mark.parametrize("bits", [4, 8])
 def test_cpu_forward_builds_no_dense_weight(bits):
-    """README: on the CPU the quantized forward reads the packed bytes and builds no
-    full-precision copy of W (at any token count, fp32 or bf16 x). A dense copy would be
-    one allocation of >= 2·N·K bytes (bf16); the probe sees one in dequantize itself."""
+    """README: on the CPU the quantized forward builds no full-precision copy of W (at
+    any token count, fp32 or bf16 x): it reads the packed bytes, or (4-bit, from 12 bf16 /
+    128 fp32 token rows) decodes W in tiles of ~2 MB into a GEMM. A dense copy would be
+    one allocation of >= 2·N·K bytes (bf16, 8 MB here); the probe sees one in dequantize
+    itself."""
     from tests.op_db import quantize_4bit, quantize_int8
 
-    N = K = 1024
+    N = K = 2048
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(0)) / K**0.5
     A, B, s = [torch.randn(16, K) * 0.01], [torch.randn(N, 16) * 0.01], torch.ones(1)
     if bits == 4:
