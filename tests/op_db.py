@@ -542,6 +542,8 @@ INT8_CASES = {
     "fast_16x256x64": ((16,), 256, 64, (16, 8), {"numerics_only": True}),
     "fast_3d_512x32": ((3, 11), 512, 32, (8,), {"numerics_only": True}),
     "row_blocks_150tok_4096x13": ((150,), 4096, 13, (4,), {"numerics_only": True}),
+    # the tiled decode + GEMM path over several tiles (bf16 >= 48 rows, float32 >= 128)
+    "gemm_tiles_130tok_4096x600": ((130,), 4096, 600, (4,), {"numerics_only": True, "forward_only": True}),
     "zero_row_64x16": ((5,), 64, 16, (2,), {"zero_row": True, "numerics_only": True}),
     "x_1d": ((), 31, 13, (2,), {}),
     "empty_batch": ((0,), 64, 16, (4,), {}),
@@ -587,7 +589,7 @@ def _lora_linear_int8_plain(dtype, adapter_dtype=None, requires_grad=False) -> I
             (x, CB, SCB, bias, lora_A, lora_B, None, scales, lora_x),
             all_scales_zero=bool(ranks) and len(o.get("zero", ())) == len(ranks),
             n_elements=n_el,
-            meta=dict(weight=w, opcheck=not o.get("numerics_only", False)),
+            meta=dict(weight=w, opcheck=not o.get("numerics_only", False), forward_only=o.get("forward_only", False)),
         )
 
 
@@ -625,6 +627,9 @@ IA3_QUANT4_CASES = {
     "ff_fast_3d_512x32_bs128_fp4": ((3, 11), 512, 32, 128, "fp4", False, 2, {"ff": True, "numerics_only": True}),
     "ff_straddle_100x33_bs256_zeros": ((16,), 100, 33, 256, "nf4", False, 1,
                                        {"ff": True, "zeros": True, "numerics_only": True}),
+    # 130 rows: the tiled GEMM path (bf16 >= 12 rows, float32 >= 128) with IA3's scales
+    "gemm_130tok_256x300_bs64": ((130,), 256, 300, 64, "nf4", True, 2, {"numerics_only": True}),
+    "ff_gemm_130tok_256x300_bs64": ((130,), 256, 300, 64, "nf4", True, 1, {"ff": True, "numerics_only": True}),
 }
 
 IA3_INT8_CASES = {
@@ -644,6 +649,9 @@ IA3_INT8_CASES = {
     "ff_all_inactive_nan": ((3,), 64, 24, 2, {"ff": True, "inactive": (0, 1), "nan": (1,)}),
     "fast_16x256x64": ((16,), 256, 64, 2, {"numerics_only": True}),
     "ff_33tok_256x100_zeros": ((33,), 256, 100, 1, {"ff": True, "zeros": True, "numerics_only": True}),
+    # 130 rows: the tiled GEMM path (bf16 >= 48 rows, float32 >= 128) with IA3's scales
+    "gemm_130tok_256x300": ((130,), 256, 300, 2, {"numerics_only": True}),
+    "ff_gemm_130tok_256x300": ((130,), 256, 300, 1, {"ff": True, "numerics_only": True}),
 }
 
 

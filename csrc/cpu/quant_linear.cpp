@@ -5,8 +5,8 @@
 //   int8: CB [out, in] int8 + SCB [out] (W = CB·SCB/127).
 // The base is one pass over the stored bytes (quant.h: panels of 4 output rows
 // decoded into a per-thread buffer, multiplied by every token row), threaded over
-// panels; from kDequantGemmRows* token rows on (prefill, training), W decoded once into
-// x's dtype and an ATen GEMM. The adapters are then added by the same low-rank update as lora_linear.
+// panels; from kGemmRows* token rows on (prefill, training), W decoded tile by tile into
+// x's dtype and ATen GEMMs (tiled_gemm_linear), 4-bit and int8 alike. The adapters are then added by the same low-rank update as lora_linear.
 // (IA)³ (ia3.h) rides on the same pass: feedforward, x is scaled once where it is
 // copied for the kernels (before prepare_x / quantize_x_int16); otherwise each output
 // is scaled where the panel loop writes it (after the bias), no extra pass over y.
@@ -328,41 +328,91 @@ void decode_flat(const Weight4& w, int64_t n0, int64_t n1, at::Tensor& out) {
   });
 }
 
-// From this many token rows on, the 4-bit base is W decoded once into x's dtype and one
-// ATen GEMM (oneDNN: AMX / AVX512-BF16 tiles, which the fused panel kernel's dot products
-// do not reach; MKL sgemm), as bitsandbytes computes it. The numerics are the panel
-// kernel's: bf16 x meets W rounded to bf16 once (float32 accumulation inside the GEMM);
-// float32 x meets the exact W in float32. Measured for a 2816 x 1024 nf4 layer, 2 threads
-// (Xeon with AMX, 2026-12-02): bf16 x fused / GEMM 0.36 / 0.48 ms at 8 rows, 0.61 / 0.47
-// at 16, 9.6 / 1.03 at 256; float32 x 1.9 / 2.3 ms at 64 rows, 7.8 / 5.8 at 256.
-constexpr int64_t kDequantGemmRowsBf16 = 12;
-constexpr int64_t kDequantGemmRowsF32 = 128;
+// Rows [n0, n1) of W = CB·SCB/127 into out ([n1 - n0, K], contiguous, any float dtype), as
+// bitsandbytes (and reference.dequantize_int8) computes it: (CB·SCB)·(1/127) in float32
+// (float64), two roundings, then one to out's dtype. cb / scb: the contiguous CB and the
+// float32 SCB.
+void dequant_int8_rows(const int8_t* cb, const float* scb, int64_t n0, int64_t n1, at::Tensor& out) {
+  const int64_t K = out.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "peftcore_dequantize_int8", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    scalar_t* dst = out.data_ptr<scalar_t>() - n0 * K;
+    const acc_t inv127 = static_cast<acc_t>(7.874015718698502e-3f);
+    at::parallel_for(n0, n1, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t n = r0; n < r1; ++n) {
+        const acc_t sc = static_cast<acc_t>(scb[n]);
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t t = static_cast<acc_t>(cb[n * K + k]) * sc;
+          dst[n * K + k] = static_cast<scalar_t>(t * inv127);
+        }
+      }
+    });
+  });
+}
+
+// y = x·Wᵀ + b with W's rows decoded by decode(n0, n1, tile) into tiles of ~2 MB in x's
+// dtype (L2-resident while the GEMM reads them; never a dense copy of W), each tile
+// multiplied into its columns of y in place (row-major, leading dimension N: the GEMM
+// writes them directly). The prefill / training path of the quantized bases. IA3 as in
+// quantized_linear: in_scale scales x's features first (x' rounded to x's dtype), out_scale
+// the outputs after the GEMM (one more rounding than the panel loop's fused scale).
+template <typename Decode>
+void tiled_gemm_linear(at::Tensor& y, const at::Tensor& x_in, int64_t N, const std::optional<at::Tensor>& bias,
+                       const Decode& decode, const at::Tensor& in_scale, const at::Tensor& out_scale) {
+  const at::Tensor x = in_scale.defined() ? cpu::ia3_scaled_rows(x_in, in_scale) : x_in;
+  const int64_t M = cpu::leading_rows(x), K = x.size(-1);
+  const int64_t nb =
+      std::min(N, cpu::round_up(std::max<int64_t>(64, (int64_t(1) << 21) / (std::max<int64_t>(K, 1) * x.element_size())), 64));
+  const at::Tensor x2 = x.reshape({M, K});
+  at::Tensor y2 = y.view({M, N}), buf = at::empty({nb, K}, x.options());
+  for (int64_t j0 = 0; j0 < N; j0 += nb) {
+    const int64_t n = std::min(nb, N - j0);
+    at::Tensor wt = buf.narrow(0, 0, n), yt = y2.narrow(1, j0, n);
+    decode(j0, j0 + n, wt);
+    if (bias.has_value() && bias->defined())
+      at::addmm_out(yt, bias->narrow(0, j0, n), x2, wt.t());
+    else
+      at::mm_out(yt, x2, wt.t());
+  }
+  if (out_scale.defined()) y2.mul_(out_scale);
+}
+
+// From how many token rows on a quantized base is tiled_gemm_linear (oneDNN: AMX /
+// AVX512-BF16 tiles, which the fused panel kernels' dot products do not reach; MKL sgemm),
+// as bitsandbytes computes it (dequantize, then a GEMM), for bf16 and float32 x. Numerics:
+// bf16 x meets W rounded to bf16 once (float32 accumulation inside the GEMM), float32 x W
+// in float32, as the panel kernels' contract states. Measured on 2816 x 1024 layers, 2
+// threads (Xeon with AMX, 2026-12-02), fused / GEMM ms:
+//   nf4  bf16 x: 0.36 / 0.48 at 8 rows, 0.61 / 0.47 at 16, 9.6 / 1.1 at 256;
+//        fp32 x: 1.9 / 2.3 at 64 rows, 7.8 / 5.6 at 256;
+//   int8 bf16 x: 1.1 / 1.2 at 32 rows, 2.1 / 1.3 at 64, 8.7 / 1.8 at 256 (its decode is a
+//        plain loop, ~1 ms here: the crossover comes later than nf4's);
+//        fp32 x: 1.9 / 2.1 at 64 rows, 3.7 / 3.3 at 128, 7.3 / 5.6 at 256.
+struct GemmRows {
+  int64_t bf16, f32;
+};
+constexpr GemmRows kGemmRows4bit{12, 128};
+constexpr GemmRows kGemmRowsInt8{48, 128};
+
+// Whether the base takes tiled_gemm_linear: enough rows, a compute type equal to x's
+// (bf16 with bf16 dot products, or float32) and a bias in x's dtype or none (the GEMM adds
+// it). The IA3 ops take it too (the single and the mixed ones alike, so that a mixed
+// batch's rows equal the single op's).
+bool gemm_path(const at::Tensor& x, at::ScalarType ct, GemmRows min_rows, const std::optional<at::Tensor>& bias) {
+  const bool plain_bias = !(bias.has_value() && bias->defined()) || bias->scalar_type() == x.scalar_type();
+  return cpu::leading_rows(x) >= (ct == at::kBFloat16 ? min_rows.bf16 : min_rows.f32) && ct == x.scalar_type() &&
+         (ct == at::kBFloat16 || ct == at::kFloat) && plain_bias;
+}
 
 // The 4-bit base y = x·Wᵀ + b (checked arguments), with IA3's scales where given.
 void linear_4bit(at::Tensor& y, const at::Tensor& x, const Weight4& w, const std::optional<at::Tensor>& bias,
                  const at::Tensor& in_scale, const at::Tensor& out_scale) {
   const int64_t K = x.size(-1), bs = w.packed.blocksize;
   const at::ScalarType ct = compute_type(x);
-  const bool plain_bias = !(bias.has_value() && bias->defined()) || bias->scalar_type() == x.scalar_type();
-  const int64_t gemm_rows = ct == at::kBFloat16 ? kDequantGemmRowsBf16 : kDequantGemmRowsF32;
-  if (cpu::leading_rows(x) >= gemm_rows && ct == x.scalar_type() && plain_bias && !in_scale.defined() &&
-      !out_scale.defined() && flat_4bit(w, ct)) {
-    // Tiles of ~2 MB of decoded rows (L2-resident while the GEMM reads them; never a
-    // dense copy of W), each multiplied into its columns of y in place (row-major with
-    // leading dimension N, which the GEMM writes directly).
-    const int64_t M = cpu::leading_rows(x), N = w.packed.N;
-    const int64_t nb = std::min(N, cpu::round_up(std::max<int64_t>(64, (int64_t(1) << 21) / (K * x.element_size())), 64));
-    const at::Tensor x2 = x.reshape({M, K});
-    at::Tensor y2 = y.view({M, N}), buf = at::empty({nb, K}, x.options());
-    for (int64_t j0 = 0; j0 < N; j0 += nb) {
-      const int64_t n = std::min(nb, N - j0);
-      at::Tensor wt = buf.narrow(0, 0, n), yt = y2.narrow(1, j0, n);
-      decode_flat(w, j0, j0 + n, wt);
-      if (bias.has_value() && bias->defined())
-        at::addmm_out(yt, bias->narrow(0, j0, n), x2, wt.t());
-      else
-        at::mm_out(yt, x2, wt.t());
-    }
+  if (gemm_path(x, ct, kGemmRows4bit, bias) && flat_4bit(w, ct)) {
+    tiled_gemm_linear(
+        y, x, w.packed.N, bias, [&](int64_t n0, int64_t n1, at::Tensor& t) { decode_flat(w, n0, n1, t); }, in_scale,
+        out_scale);
     return;
   }
   const int64_t chunk = cpu::quant::chunk_4bit(K, bs, ct == at::kBFloat16);
@@ -389,6 +439,12 @@ void linear_int8(at::Tensor& y, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
   const int64_t M = cpu::leading_rows(x);
   const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   at::ScalarType ct = compute_type(x);
+  if (gemm_path(x, ct, kGemmRowsInt8, bias)) {
+    tiled_gemm_linear(
+        y, x, cb.size(0), bias, [&](int64_t n0, int64_t n1, at::Tensor& t) { dequant_int8_rows(cbp, sp, n0, n1, t); },
+        in_scale, out_scale);
+    return;
+  }
   if (M <= cpu::quant::kGemvRows && x.scalar_type() != at::kDouble && cpu::quant::simd_available())
     ct = half && cpu::quant::int16_dot_available() ? at::kShort : at::kFloat;
   quantized_linear(
@@ -577,24 +633,7 @@ at::Tensor dequantize_int8_cpu(PEFTCORE_WEIGHT_INT8_ARGS, at::ScalarType dtype) 
   const int64_t N = cb.size(0), K = cb.size(1);
   // Straight into the result's dtype (the QLoRA-style backward's bf16 W: no float32 copy).
   at::Tensor out = at::empty({N, K}, weight.options().dtype(dtype));
-  const int8_t* src = cb.const_data_ptr<int8_t>();
-  const float* sp = scb.const_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "peftcore_dequantize_int8", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    // As bitsandbytes (and reference.dequantize_int8): (CB·SCB)·(1/127) in float32 (float64),
-    // two roundings, then one to the result's dtype.
-    const acc_t inv127 = static_cast<acc_t>(7.874015718698502e-3f);
-    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const acc_t s = static_cast<acc_t>(sp[n]);
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t t = static_cast<acc_t>(src[n * K + k]) * s;
-          dst[n * K + k] = static_cast<scalar_t>(t * inv127);
-        }
-      }
-    });
-  });
+  dequant_int8_rows(cb.const_data_ptr<int8_t>(), scb.const_data_ptr<float>(), 0, N, out);
   return out;
 }
 

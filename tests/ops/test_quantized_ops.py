@@ -134,12 +134,13 @@ def test_lora_linear_int8_matches_reference(dtype, adapter_dtype, s):
 
 
 # ------------------------------------------------------------------------- autograd
-# The forward-path samples ("forward_only": the tiled GEMM path's 130 x 4096 x 600) are
+# The forward-path samples ("forward_only": the tiled GEMM paths' 130 x 4096 x 600) are
 # left out: the backward takes no row-count path, and gradients summed over thousands of
 # terms differ from the reference's by more than grad_tol's fixed 1e-4 in float32.
 GRAD4 = [p for p in samples("lora_linear_4bit", combos=[(torch.float32, torch.float32)], requires_grad=True)
          if not p[-1].meta.get("forward_only")]
-GRAD8 = list(samples("lora_linear_int8", combos=[(torch.float32, torch.float32)], requires_grad=True))
+GRAD8 = [p for p in samples("lora_linear_int8", combos=[(torch.float32, torch.float32)], requires_grad=True)
+         if not p[-1].meta.get("forward_only")]
 
 
 def _leaves(op_name, args):
