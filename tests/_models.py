@@ -148,6 +148,18 @@ def peft_model(base_model: nn.Module, adapter_dirs: dict, *, is_trainable: bool 
     return pm.eval()
 
 
+#: One PEFT config per method for tiny_llama-shaped models (q / v / down projections; IA3
+#: scales down_proj's input), as factories: PEFT objects are mutable.
+LLAMA_METHOD_CONFIGS = {
+    "lora": lambda: __import__("peft").LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  lora_dropout=0.0),
+    "adalora": lambda: __import__("peft").AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, total_step=10,
+                                                        target_modules=["q_proj", "v_proj", "down_proj"]),
+    "ia3": lambda: __import__("peft").IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                feedforward_modules=["down_proj"], init_ia3_weights=False),
+}
+
+
 # ---------------------------------------------------------------------- outputs
 def canon_name(name: str) -> str:
     """A parameter name in a form shared by PEFT and peftcore: no PeftModel prefix, no

@@ -15,21 +15,13 @@ from __future__ import annotations
 
 import copy
 
-import peft
 import pytest
 import torch
 
 import peftcore
-from tests._models import INPUT_IDS, QUANT_SIZES, peft_adapter_dir, quantized_model, saved_tiny, tiny_llama
+from tests._models import INPUT_IDS, LLAMA_METHOD_CONFIGS, QUANT_SIZES, peft_adapter_dir, quantized_model, saved_tiny, tiny_llama
 
-CONFIGS = {
-    "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                    lora_dropout=0.0),
-    "adalora": lambda: peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, total_step=10,
-                                          target_modules=["q_proj", "v_proj", "down_proj"]),
-    "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                                  init_ia3_weights=False),
-}
+CONFIGS = LLAMA_METHOD_CONFIGS
 # (method, base): every method on a float32 base; LoRA also on bf16 with bf16 factors
 # (autocast_adapter_dtype=False: the kernels read them without widening copies), and on
 # bitsandbytes nf4 and int8 bases.

@@ -26,6 +26,7 @@ import peftcore
 from tests.helpers import largest_allocation
 from tests._models import (
     INPUT_IDS,
+    LLAMA_METHOD_CONFIGS,
     canon_name,
     dequantized_copy,
     perturb_trainable,
@@ -119,14 +120,7 @@ def test_gradients_match_peft(tmp_path, case, dtype):
         _compare(ours, theirs, truth)
 
 
-QUANT_CONFIGS = {
-    "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                    lora_dropout=0.0),
-    "adalora": lambda: peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, total_step=10,
-                                          target_modules=["q_proj", "v_proj", "down_proj"]),
-    "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                                  init_ia3_weights=False),
-}
+QUANT_CONFIGS = LLAMA_METHOD_CONFIGS
 
 
 @pytest.mark.parametrize("method", list(QUANT_CONFIGS))
