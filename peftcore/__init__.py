@@ -37,6 +37,7 @@ from .api import (  # noqa: E402
 from .adalora import adalora_orthogonal_loss, update_and_allocate  # noqa: E402
 from .combine import add_weighted_adapter  # noqa: E402
 from .hotswap import hotswap_adapter  # noqa: E402
+from .transformers_patch import patch_transformers, unpatch_transformers  # noqa: E402
 from .mixed import mixed_batch  # noqa: E402
 from .config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig  # noqa: E402
 from .merge import merge_adapter, merge_and_unload, unload, unmerge_adapter  # noqa: E402
@@ -76,6 +77,8 @@ __all__ = [
     "update_and_allocate",
     "add_weighted_adapter",
     "hotswap_adapter",
+    "patch_transformers",
+    "unpatch_transformers",
     "mixed_batch",
     "adalora_orthogonal_loss",
     "merge_adapter",

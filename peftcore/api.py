@@ -378,6 +378,25 @@ def load_adapter(
         model.eval()  # loaded for inference (PEFT and transformers do the same): no dropout
 
 
+def load_adapter_state_dict(model: nn.Module, config: AdapterConfig, state_dict: dict, adapter_name: str = "default",
+                            *, is_trainable: bool = False, autocast_adapter_dtype: bool = True) -> None:
+    """``load_adapter`` from tensors in memory: ``config`` and a state dict under PEFT's keys
+    (with or without the ``base_model.model.`` prefix), e.g. transformers'
+    ``load_adapter(peft_config=..., adapter_state_dict=...)``. The same checks, errors and
+    all-or-nothing commit as a load from files."""
+    check_name(model, adapter_name)
+    check_not_merged(model, "load_adapter")
+    config.check_supported()
+    _check_method(model, config, "load_adapter", is_trainable)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise AdapterWeightsError("adapter_state_dict must be a dict of tensors")
+    sd = peft_format.strip_prefix(dict(state_dict))
+    plan = plan_load(model, adapter_name, config, sd, "adapter_state_dict", autocast_adapter_dtype)
+    commit(model, plan, trainable=is_trainable)
+    if not is_trainable:
+        model.eval()
+
+
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter; modules left with no adapter get their original module back.
 
@@ -424,12 +443,13 @@ def get_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> d
 
 
 def save_pretrained(
-    model: nn.Module, save_directory: Union[str, os.PathLike], adapter_names: Optional[list[str]] = None
+    model: nn.Module, save_directory: Union[str, os.PathLike], adapter_names: Optional[list[str]] = None, *,
+    root: str = "default",
 ) -> None:
-    """Save adapters in PEFT's layout: "default" in ``save_directory``, every other adapter
-    in ``save_directory/<name>/``, each as adapter_config.json + adapter_model.safetensors.
-    Files are written to temporary names and renamed, so an interrupted save leaves no
-    half-written adapter."""
+    """Save adapters in PEFT's layout: ``root`` ("default") in ``save_directory``, every other
+    adapter in ``save_directory/<name>/``, each as adapter_config.json +
+    adapter_model.safetensors. Files are written to temporary names and renamed, so an
+    interrupted save leaves no half-written adapter."""
     st = get_state(model)
     if st is None or not st.configs:
         raise PeftcoreError(f"{type(model).__name__} has no peftcore adapters to save")
@@ -440,7 +460,7 @@ def save_pretrained(
     save_directory = os.fspath(save_directory)
     for n in names:
         sd = get_adapter_state_dict(model, n)
-        d = save_directory if n == "default" else os.path.join(save_directory, n)
+        d = save_directory if n == root else os.path.join(save_directory, n)
         peft_format.write_adapter(d, st.configs[n], sd)
 
 
