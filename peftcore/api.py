@@ -213,7 +213,9 @@ def commit(model: nn.Module, plan: Plan, *, trainable: bool) -> None:
         changed = _mark_trainable(model, plan.name, plan.config, trainable)
         undo.append(lambda: [p.requires_grad_(not p.requires_grad) for p in changed])
         prev = (dict(st.configs), dict(st.targets), list(st.active))
-        undo.append(lambda: (setattr(st, "configs", prev[0]), setattr(st, "targets", prev[1]), setattr(st, "active", prev[2])))
+        # configs restored in place: it is also the model's peft_config (state.get_state)
+        undo.append(lambda: (st.configs.clear(), st.configs.update(prev[0]), setattr(st, "targets", prev[1]),
+                             setattr(st, "active", prev[2])))
         plan.config.inference_mode = not trainable
         st.configs[plan.name] = plan.config
         st.targets[plan.name] = plan.targets

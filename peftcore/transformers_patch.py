@@ -13,16 +13,17 @@ What is patched, and nothing else (``PATCHES`` lists it; the README repeats it):
   ``disable_adapters``, ``active_adapters``, ``get_adapter_state_dict``, ``delete_adapter``,
   ``enable_peft_hotswap``; added: ``active_adapter`` (transformers 4's method, the first
   active adapter). As in transformers, a model with adapters has the instance attributes
-  ``_hf_peft_config_loaded`` and ``peft_config`` ({name: config}, peftcore's configs), kept
-  in step by these methods.
+  ``_hf_peft_config_loaded`` and ``peft_config`` ({name: config}, peftcore's configs; set by
+  peftcore's state, ``state.get_state``, for the functional API too).
 * ``PreTrainedModel.save_pretrained``: with peftcore adapters loaded it writes them in PEFT's
   layout (atomically, as ``peftcore.save_pretrained``); without, transformers' own runs.
 * ``PreTrainedModel.from_pretrained``: the bare ``load_in_8bit`` / ``load_in_4bit`` flags
   (the guide's "Load in 8bit or 4bit", which transformers 5 refuses) become a
   ``BitsAndBytesConfig``; everything else goes to transformers' own.
-* ``transformers.Trainer._load_from_checkpoint``: ``resume_from_checkpoint`` on a model with
-  peftcore adapters copies the checkpoint's adapters into them (transformers' own resume
-  handles PEFT's ``PeftModel`` only); without peftcore adapters, transformers' own runs.
+* ``transformers.Trainer._load_from_checkpoint`` / ``_load_best_model``:
+  ``resume_from_checkpoint`` and ``load_best_model_at_end`` on a model with peftcore
+  adapters copy the checkpoint's adapters into them (transformers' own handle PEFT's
+  ``PeftModel`` only); without peftcore adapters, transformers' own run.
 * ``transformers.modeling_utils.maybe_load_adapters`` and the ``is_peft_available`` names
   read by ``transformers.models.auto.auto_factory`` and ``transformers.pipelines``: an
   adapter folder or repo given to ``from_pretrained`` / ``pipeline`` is recognised (base from
@@ -113,19 +114,6 @@ def _require(model) -> None:
         raise PeftcoreError("No adapter loaded. Please load an adapter first.")
 
 
-def _sync_flag(model) -> None:
-    # transformers (the Trainer, save paths) reads the flag and the configs to know adapters
-    # are there; as in transformers, both are instance attributes (a class-level peft_config
-    # would make PEFT itself, used on other models of the same process, think it has one).
-    configs = _loaded(model)
-    if configs:
-        model.__dict__["_hf_peft_config_loaded"] = True
-        model.__dict__["peft_config"] = configs
-    else:
-        model.__dict__.pop("_hf_peft_config_loaded", None)
-        model.__dict__.pop("peft_config", None)
-
-
 def _loading_info():
     try:
         from transformers.utils.loading_report import LoadStateDictInfo
@@ -180,7 +168,6 @@ def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, 
         raise PeftcoreError(
             "You should either pass a `peft_model_id` or a `peft_config` and `adapter_state_dict` to load an adapter."
         )
-    _sync_flag(self)
     return _loading_info()
 
 
@@ -206,7 +193,6 @@ def add_adapter(self, adapter_config, adapter_name: Optional[str] = None) -> Non
     config = dataclasses.replace(as_config(adapter_config), base_model_name_or_path=self.__dict__.get("name_or_path"))
     api.add_adapter(self, config, name)
     switching.set_adapter(self, name)
-    _sync_flag(self)
 
 
 def set_adapter(self, adapter_name) -> None:
@@ -253,7 +239,6 @@ def delete_adapter(self, adapter_names) -> None:
         raise AdapterNameError(f"The following adapter(s) are not present and cannot be deleted: {', '.join(missing)}")
     for n in names:
         api.delete_adapter(self, n)
-    _sync_flag(self)
 
 
 # ------------------------------------------------------------------ save / from_pretrained
@@ -332,31 +317,47 @@ def _maybe_load_adapters(original):
     return maybe_load_adapters
 
 
+def _copy_checkpoint_adapters(model, folder: str) -> None:
+    """A Trainer checkpoint's adapters copied into the model's in place (``hotswap_adapter``:
+    the parameters the optimizer holds stay the same objects): the one at the folder's
+    root is the active adapter (as save_pretrained wrote it), sub-folders carry names."""
+    from .config import CONFIG_NAME
+
+    found = []
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        found.append((switching.active_adapters(model)[0], folder))
+    for d in sorted(os.listdir(folder)):
+        if d in _loaded(model) and os.path.isfile(os.path.join(folder, d, CONFIG_NAME)):
+            found.append((d, os.path.join(folder, d)))
+    if not found:
+        raise PeftcoreError(f"{folder}: no adapter checkpoint (adapter_config.json) of the model's adapters "
+                            f"{sorted(_loaded(model))}")
+    for name, path in found:
+        hotswap_adapter(model, path, name)
+
+
 def _trainer_load_from_checkpoint(original):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """With peftcore adapters: the checkpoint's adapters (the one at its root: the
-        active adapter, as save_pretrained wrote it; sub-folders: those names) copied into
-        the loaded ones in place (``hotswap_adapter``: the parameters the optimizer holds
-        stay the same objects). transformers' own resume only knows PEFT's PeftModel."""
+        """``resume_from_checkpoint`` with peftcore adapters: the checkpoint's adapters
+        copied into them. transformers' own resume only knows PEFT's PeftModel."""
         m = self.model if model is None else model
         if not _loaded(m) or not os.path.isdir(resume_from_checkpoint):
             return original(self, resume_from_checkpoint, model)
-        from .config import CONFIG_NAME
-
-        found = []
-        if os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
-            found.append((switching.active_adapters(m)[0], resume_from_checkpoint))
-        for d in sorted(os.listdir(resume_from_checkpoint)):
-            if d in _loaded(m) and os.path.isfile(os.path.join(resume_from_checkpoint, d, CONFIG_NAME)):
-                found.append((d, os.path.join(resume_from_checkpoint, d)))
-        if not found:
-            raise PeftcoreError(f"{resume_from_checkpoint}: no adapter checkpoint (adapter_config.json) of the "
-                                f"model's adapters {sorted(_loaded(m))}")
-        for name, folder in found:
-            hotswap_adapter(m, folder, name)
+        _copy_checkpoint_adapters(m, resume_from_checkpoint)
 
     _load_from_checkpoint.__wrapped__ = original
     return _load_from_checkpoint
+
+
+def _trainer_load_best_model(original):
+    def _load_best_model(self):
+        """``load_best_model_at_end`` with peftcore adapters: the best checkpoint's adapters."""
+        if not _loaded(self.model):
+            return original(self)
+        _copy_checkpoint_adapters(self.model, self.state.best_model_checkpoint)
+
+    _load_best_model.__wrapped__ = original
+    return _load_best_model
 
 
 # ------------------------------------------------------------------ patch / unpatch
@@ -376,6 +377,7 @@ def _targets():
     out.append((PreTrainedModel, "from_pretrained", _from_pretrained(vars(PreTrainedModel)["from_pretrained"])))
     out.append((modeling_utils, "maybe_load_adapters", _maybe_load_adapters(vars(modeling_utils)["maybe_load_adapters"])))
     out.append((Trainer, "_load_from_checkpoint", _trainer_load_from_checkpoint(vars(Trainer)["_load_from_checkpoint"])))
+    out.append((Trainer, "_load_best_model", _trainer_load_best_model(vars(Trainer)["_load_best_model"])))
     out.append((auto_factory, "is_peft_available", lambda: True))
     out.append((pipelines, "is_peft_available", lambda: True))
     return out
@@ -387,7 +389,7 @@ PATCHES = (
     "enable_adapters, disable_adapters, active_adapters, active_adapter (added), get_adapter_state_dict, "
     "delete_adapter",
     "transformers.PreTrainedModel: save_pretrained, from_pretrained",
-    "transformers.Trainer._load_from_checkpoint",
+    "transformers.Trainer._load_from_checkpoint, _load_best_model",
     "transformers.modeling_utils.maybe_load_adapters",
     "transformers.models.auto.auto_factory.is_peft_available, transformers.pipelines.is_peft_available",
 )

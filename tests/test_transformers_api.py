@@ -342,3 +342,67 @@ def test_the_guide_runs_without_peft_installed(folders, tmp_path):
     r = subprocess.run([sys.executable, str(script), model_id, ids["lora"], str(tmp_path / "out"), str(want)],
                        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_pipeline_with_an_adapter_folder(patched, folders):
+    """pipeline("text-generation", model=adapter_folder): the base from the adapter's
+    config (with its tokenizer: a tiny word-level one saved here), then the adapter."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
+
+    model_id, ids = folders
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(100)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w1", eos_token="w2").save_pretrained(model_id)
+    pipe = pipeline("text-generation", model=ids["lora"])
+    assert peftcore.active_adapters(pipe.model) == ["default"]
+    assert rel_err(logits(pipe.model), _peft_logits(model_id, ids["lora"])) <= 1e-4
+    out = pipe("w5 w6 w7", max_new_tokens=3, do_sample=False)
+    assert out[0]["generated_text"].startswith("w5 w6 w7")
+
+
+def test_trainer_load_best_model_at_end(patched, folders, tmp_path):
+    """load_best_model_at_end: the model ends with the best checkpoint's adapter."""
+    from transformers import Trainer, TrainingArguments
+
+    model_id, _ = folders
+    model = AutoModelForCausalLM.from_pretrained(model_id)
+    model.add_adapter(peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                      lora_dropout=0.0))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=5e-2, report_to=[], use_cpu=True, save_strategy="steps", save_steps=1,
+                             eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                             metric_for_best_model="loss", greater_is_better=False, seed=0,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_Rows(), eval_dataset=_Rows(n=4))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    want = logits(AutoModelForCausalLM.from_pretrained(best))
+    assert torch.equal(logits(model), want)
+    # The best checkpoint may be the last one: move the adapter away and load it again.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.add_(0.5)
+    assert not torch.equal(logits(model), want)
+    trainer._load_best_model()
+    assert torch.equal(logits(model), want)
+
+
+def test_functional_api_sets_what_transformers_reads(folders):
+    """Without the patch too: a model with peftcore adapters carries transformers' markers,
+    peft_config is the live {name: config}, and a failed load leaves neither behind."""
+    model_id, ids = folders
+    model = AutoModelForCausalLM.from_pretrained(model_id)
+    snap = model_snapshot(model)
+    with pytest.raises(peftcore.PeftcoreError):
+        peftcore.load_adapter(model, ids["lora"], adapter_name="bad name")
+    assert_unchanged(model, snap)
+    assert "peft_config" not in vars(model) and not model._hf_peft_config_loaded
+    peftcore.load_adapter(model, ids["lora"])
+    peftcore.load_adapter(model, ids["lora"], adapter_name="second")
+    assert model._hf_peft_config_loaded and list(model.peft_config) == ["default", "second"]
+    peftcore.delete_adapter(model, "second")
+    peftcore.delete_adapter(model, "default")
+    assert "peft_config" not in vars(model) and not model._hf_peft_config_loaded
