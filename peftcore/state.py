@@ -99,17 +99,10 @@ class StateTable:
             w.set_active(active, enabled)
 
 
-# What transformers reads to know a model carries adapters (its Trainer, its save and
-# load paths): the instance attributes its adapter mixin sets. peft_config is the state's
-# own configs dict ({name: peftcore config}), so it is always current.
-_HF_ATTRS = ("_hf_peft_config_loaded", "peft_config")
-
-
 def drop_state(model: nn.Module) -> None:
     """Forget the model's adapter bookkeeping (its last adapter is gone)."""
     if model.__dict__.pop(_STATE_ATTR, None) is not None:
-        for a in _HF_ATTRS:
-            model.__dict__.pop(a, None)
+        model.__dict__.pop("peft_config", None)
 
 
 def get_state(model: nn.Module, create: bool = False) -> AdapterState | None:
@@ -117,7 +110,11 @@ def get_state(model: nn.Module, create: bool = False) -> AdapterState | None:
     if st is None and create:
         st = AdapterState()
         model.__dict__[_STATE_ATTR] = st
-        model.__dict__.update(_hf_peft_config_loaded=True, peft_config=st.configs)
+        # transformers' adapter mixin keeps {name: config} in model.peft_config: so does
+        # peftcore, the state's own dict (always current). Its other marker,
+        # _hf_peft_config_loaded, is answered only while peftcore.patch_transformers() is in
+        # force (transformers' unpatched save_pretrained would hand the model to PEFT).
+        model.__dict__["peft_config"] = st.configs
     return st
 
 

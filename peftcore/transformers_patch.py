@@ -12,9 +12,9 @@ What is patched, and nothing else (``PATCHES`` lists it; the README repeats it):
   ``load_adapter``, ``add_adapter``, ``set_adapter``, ``enable_adapters``,
   ``disable_adapters``, ``active_adapters``, ``get_adapter_state_dict``, ``delete_adapter``,
   ``enable_peft_hotswap``; added: ``active_adapter`` (transformers 4's method, the first
-  active adapter). As in transformers, a model with adapters has the instance attributes
-  ``_hf_peft_config_loaded`` and ``peft_config`` ({name: config}, peftcore's configs; set by
-  peftcore's state, ``state.get_state``, for the functional API too).
+  active adapter), and ``_hf_peft_config_loaded`` as a property answered from peftcore's
+  state (transformers' Trainer and save paths read it). ``model.peft_config`` ({name:
+  peftcore config}) is kept by peftcore's state for both APIs, patched or not.
 * ``PreTrainedModel.save_pretrained``: with peftcore adapters loaded it writes them in PEFT's
   layout (atomically, as ``peftcore.save_pretrained``); without, transformers' own runs.
 * ``PreTrainedModel.from_pretrained``: the bare ``load_in_8bit`` / ``load_in_4bit`` flags
@@ -112,6 +112,13 @@ def _loaded(model) -> dict:
 def _require(model) -> None:
     if not _loaded(model):
         raise PeftcoreError("No adapter loaded. Please load an adapter first.")
+
+
+def _hf_peft_config_loaded(self) -> bool:
+    """transformers' marker of a model with adapters (its Trainer accepts a quantized model
+    with one; gradient checkpointing then enables input gradients), answered from peftcore's
+    state while patched, for models given adapters by either API."""
+    return bool(_loaded(self))
 
 
 def _loading_info():
@@ -371,6 +378,7 @@ def _targets():
         "set_adapter": set_adapter, "enable_adapters": enable_adapters, "disable_adapters": disable_adapters,
         "active_adapters": active_adapters, "active_adapter": active_adapter,
         "get_adapter_state_dict": get_adapter_state_dict, "delete_adapter": delete_adapter,
+        "_hf_peft_config_loaded": property(_hf_peft_config_loaded),
     }
     out = [(PeftAdapterMixin, k, v) for k, v in mixin.items()]
     out.append((PreTrainedModel, "save_pretrained", _save_pretrained(vars(PreTrainedModel)["save_pretrained"])))
@@ -387,7 +395,7 @@ def _targets():
 PATCHES = (
     "transformers.integrations.peft.PeftAdapterMixin: load_adapter, enable_peft_hotswap, add_adapter, set_adapter, "
     "enable_adapters, disable_adapters, active_adapters, active_adapter (added), get_adapter_state_dict, "
-    "delete_adapter",
+    "delete_adapter, _hf_peft_config_loaded (a property while patched)",
     "transformers.PreTrainedModel: save_pretrained, from_pretrained",
     "transformers.Trainer._load_from_checkpoint, _load_best_model",
     "transformers.modeling_utils.maybe_load_adapters",

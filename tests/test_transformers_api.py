@@ -391,18 +391,23 @@ def test_trainer_load_best_model_at_end(patched, folders, tmp_path):
 
 
 def test_functional_api_sets_what_transformers_reads(folders):
-    """Without the patch too: a model with peftcore adapters carries transformers' markers,
-    peft_config is the live {name: config}, and a failed load leaves neither behind."""
+    """A model given adapters by the functional API carries peft_config (the live {name:
+    config}); transformers' _hf_peft_config_loaded answers True only while patched (unpatched
+    transformers would hand such a model to PEFT); a failed load leaves nothing behind."""
     model_id, ids = folders
     model = AutoModelForCausalLM.from_pretrained(model_id)
     snap = model_snapshot(model)
     with pytest.raises(peftcore.PeftcoreError):
         peftcore.load_adapter(model, ids["lora"], adapter_name="bad name")
     assert_unchanged(model, snap)
-    assert "peft_config" not in vars(model) and not model._hf_peft_config_loaded
+    assert "peft_config" not in vars(model)
     peftcore.load_adapter(model, ids["lora"])
     peftcore.load_adapter(model, ids["lora"], adapter_name="second")
-    assert model._hf_peft_config_loaded and list(model.peft_config) == ["default", "second"]
-    peftcore.delete_adapter(model, "second")
-    peftcore.delete_adapter(model, "default")
-    assert "peft_config" not in vars(model) and not model._hf_peft_config_loaded
+    assert list(model.peft_config) == ["default", "second"] and not model._hf_peft_config_loaded
+    peftcore.patch_transformers()
+    try:
+        assert model._hf_peft_config_loaded and model.active_adapters() == ["second"]
+        model.delete_adapter(["second", "default"])
+        assert "peft_config" not in vars(model) and not model._hf_peft_config_loaded
+    finally:
+        peftcore.unpatch_transformers()
