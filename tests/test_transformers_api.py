@@ -6,6 +6,7 @@ Also: unpatch restores transformers exactly; refused parameters raise naming the
 change nothing."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import peft
@@ -83,11 +84,12 @@ def test_load_adapter_method(patched, folders, method):
     assert model._hf_peft_config_loaded and set(model.peft_config) == {"default"}
 
 
+@pytest.mark.parametrize("method", list(CONFIGS))
 @pytest.mark.parametrize("flag", ["load_in_8bit", "load_in_4bit"])
-def test_load_in_8bit_or_4bit(patched, folders, flag):
+def test_load_in_8bit_or_4bit(patched, folders, flag, method):
     pytest.importorskip("bitsandbytes")
     model_id, ids = folders
-    peft_model_id = ids["lora"]
+    peft_model_id = ids[method]
     model = AutoModelForCausalLM.from_pretrained(peft_model_id, device_map="auto", **{flag: True})
     assert any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
     from transformers import BitsAndBytesConfig
@@ -300,7 +302,7 @@ from transformers import AutoModelForCausalLM
 
 import peftcore
 
-model_id, adapter, out, want = sys.argv[1:5]
+model_id, cases, out = sys.argv[1:4]
 peftcore.patch_transformers()
 ids = torch.arange(24).reshape(2, 12) * 7 % 99 + 1
 
@@ -311,12 +313,15 @@ def logits(m):
         return m(ids).logits
 
 
-want = torch.load(want)
-model = AutoModelForCausalLM.from_pretrained(adapter)  # the base from the adapter's config
-assert torch.allclose(logits(model), want, rtol=0, atol=1e-5)
+for case in json.load(open(cases)):
+    adapter, want, kw = case["adapter"], torch.load(case["want"]), case["kwargs"]
+    model = AutoModelForCausalLM.from_pretrained(adapter, **kw)  # the base from the adapter's config
+    assert torch.allclose(logits(model), want, rtol=0, atol=1e-5), case
+    if not kw:
+        model = AutoModelForCausalLM.from_pretrained(model_id)
+        model.load_adapter(adapter)
+        assert torch.allclose(logits(model), want, rtol=0, atol=1e-5), case
 model = AutoModelForCausalLM.from_pretrained(model_id)
-model.load_adapter(adapter)
-assert torch.allclose(logits(model), want, rtol=0, atol=1e-5)
 model.add_adapter(peftcore.LoraConfig(target_modules=["q_proj", "k_proj"], init_lora_weights=False),
                   adapter_name="adapter_1")
 model.set_adapter("adapter_1")
@@ -330,16 +335,32 @@ print("ok")
 
 
 def test_the_guide_runs_without_peft_installed(folders, tmp_path):
-    """The same blocks in a process where PEFT cannot be imported, with peftcore's configs."""
+    """The same blocks in a process where PEFT cannot be imported, with peftcore's configs:
+    every method from its folder (expected: PEFT's outputs, computed here), and LoRA / IA3
+    on 8-bit and 4-bit bases (expected: this process's patched peftcore, bit for bit)."""
+    import json
     import subprocess
     import sys
 
     model_id, ids = folders
-    want = tmp_path / "want.pt"
-    torch.save(_peft_logits(model_id, ids["lora"]), want)
+    cases = []
+    for m, d in ids.items():
+        cases.append({"adapter": d, "want": str(tmp_path / f"want_{m}.pt"), "kwargs": {}})
+        torch.save(_peft_logits(model_id, d), cases[-1]["want"])
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        peftcore.patch_transformers()
+        try:
+            for m in ("lora", "ia3"):
+                for flag in ("load_in_8bit", "load_in_4bit"):
+                    kw = {"device_map": "auto", flag: True}
+                    cases.append({"adapter": ids[m], "want": str(tmp_path / f"want_{m}_{flag}.pt"), "kwargs": kw})
+                    torch.save(logits(AutoModelForCausalLM.from_pretrained(ids[m], **kw)), cases[-1]["want"])
+        finally:
+            peftcore.unpatch_transformers()
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
     script = tmp_path / "hidden.py"
     script.write_text(HIDDEN_PEFT)
-    r = subprocess.run([sys.executable, str(script), model_id, ids["lora"], str(tmp_path / "out"), str(want)],
+    r = subprocess.run([sys.executable, str(script), model_id, str(tmp_path / "cases.json"), str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
@@ -411,3 +432,25 @@ def test_functional_api_sets_what_transformers_reads(folders):
         assert "peft_config" not in vars(model) and not model._hf_peft_config_loaded
     finally:
         peftcore.unpatch_transformers()
+
+
+def test_hotswap_through_load_adapter(patched, folders, tmp_path):
+    """enable_peft_hotswap, then load_adapter onto a loaded name swaps the weights in place
+    (hotswap="auto"), as does hotswap=True; enable_peft_hotswap after a load is refused."""
+    model_id, ids = folders
+    base = AutoModelForCausalLM.from_pretrained(model_id)
+    other = peft_adapter_dir(tmp_path, base, CONFIGS["lora"](), name="other", seed=7)
+    model = AutoModelForCausalLM.from_pretrained(model_id)
+    model.enable_peft_hotswap(target_rank=8)
+    model.load_adapter(ids["lora"])
+    params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    model.load_adapter(other, adapter_name="default")  # "auto": a swap, not a second adapter
+    assert model.active_adapters() == ["default"] and list(model.peft_config) == ["default"]
+    assert all(p is params[n] for n, p in model.named_parameters() if ".lora_" in n)  # in place
+    assert rel_err(logits(model), _peft_logits(model_id, other)) <= 1e-4
+    model.load_adapter(ids["lora"], adapter_name="default", hotswap=True)
+    assert rel_err(logits(model), _peft_logits(model_id, ids["lora"])) <= 1e-4
+    with pytest.raises(ValueError, match="before loading"):
+        model.enable_peft_hotswap()
+    with pytest.raises(ValueError, match="existing adapter"):
+        model.load_adapter(other, adapter_name="nope", hotswap=True)
