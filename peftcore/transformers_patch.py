@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import warnings
 from typing import Any, Optional
 
 from . import api, switching
@@ -92,7 +93,7 @@ def _hub_kwargs(method: str, *sources: Optional[dict]) -> dict:
             if k in _HUB_KEYS:
                 if v not in (None, ""):
                     out[k] = v
-            elif k in ("autocast_adapter_dtype",):
+            elif k == "autocast_adapter_dtype":
                 out[k] = v
             elif k in _DEFAULTS:
                 if _DEFAULTS[k] is not _ABSENT and v != _DEFAULTS[k]:
@@ -179,14 +180,18 @@ def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, 
 
 
 def enable_peft_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
-    """transformers' ``enable_peft_hotswap``. peftcore hot-swaps any adapter whose ranks are
-    no larger than the loaded one's without preparation (the scales are tensors, so a
-    compiled model never recompiles); ``target_rank`` is kept for the message of a swap that
-    needs more."""
+    """transformers' ``enable_peft_hotswap``: later ``load_adapter`` calls onto a loaded name
+    swap its weights in place. peftcore needs no preparation for adapters whose ranks are no
+    larger than the loaded one's (its scales are tensors, so a compiled model never
+    recompiles) and pads nothing: ``target_rank`` is recorded as transformers records it,
+    and a swap to a larger rank fails with a named error."""
     if check_compiled not in ("error", "warn", "ignore"):
         raise PeftcoreError(f"check_compiled should be one of 'error', 'warn', or 'ignore', got {check_compiled!r}")
     if _loaded(self) and check_compiled == "error":
         raise PeftcoreError("Call `enable_peft_hotswap` before loading the first adapter.")
+    if _loaded(self) and check_compiled == "warn":
+        warnings.warn("It is recommended to call `enable_peft_hotswap` before loading the first adapter to avoid "
+                      "recompilation.", stacklevel=2)
     self.__dict__["_hotswap_enabled"] = True
     self.__dict__["_prepare_peft_hotswap_kwargs"] = {"target_rank": target_rank, "check_compiled": check_compiled}
 
