@@ -237,7 +237,7 @@ class _Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-@pytest.mark.parametrize("base", ["fp32", "nf4"])
+@pytest.mark.parametrize("base", ["fp32", "nf4", "int8"])
 def test_train_with_the_trainer_and_resume(patched, folders, tmp_path, base):
     """The guide's "Train a PEFT adapter": add_adapter, then Trainer(model=model) with no
     callback; checkpoints are PEFT-format adapters; resume_from_checkpoint continues with
@@ -245,9 +245,10 @@ def test_train_with_the_trainer_and_resume(patched, folders, tmp_path, base):
     from transformers import BitsAndBytesConfig, Trainer, TrainingArguments
 
     model_id, _ = folders
-    if base == "nf4":
+    if base != "fp32":
         pytest.importorskip("bitsandbytes")
-    qc = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True), "device_map": "cpu"} if base == "nf4" else {}
+    flag = {"nf4": {"load_in_4bit": True}, "int8": {"load_in_8bit": True}}.get(base)
+    qc = {"quantization_config": BitsAndBytesConfig(**flag), "device_map": "cpu"} if flag else {}
 
     def run(out, max_steps, resume=None):
         torch.manual_seed(0)
