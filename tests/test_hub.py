@@ -211,3 +211,17 @@ def test_from_pretrained_without_base_name(tmp_path, adapters):
     with pytest.raises(peftcore.PeftcoreError) as err:
         peftcore.from_pretrained(str(d))
     assert "base_model_name_or_path" in str(err.value)
+
+
+@pytest.mark.parametrize("adapter_kwargs, which", [({"revision": "dev"}, "dev"), ({"subfolder": "sub"}, "sub"),
+                                                   ({}, "main")], ids=["branch", "subfolder", "default"])
+def test_transformers_load_adapter_from_hub_cache(hub_cache, peft_logits, adapter_kwargs, which):
+    """patch_transformers: transformers' model.load_adapter(repo_id, adapter_kwargs=...) reads
+    the same offline cache (revision, subfolder, cache_dir as transformers passes them)."""
+    peftcore.patch_transformers()
+    try:
+        model = tiny_opt()
+        model.load_adapter(REPO, adapter_kwargs={"cache_dir": hub_cache, **adapter_kwargs})
+        torch.testing.assert_close(logits(model), peft_logits[which], rtol=1e-5, atol=1e-5)
+    finally:
+        peftcore.unpatch_transformers()

@@ -455,3 +455,44 @@ def test_hotswap_through_load_adapter(patched, folders, tmp_path):
         model.enable_peft_hotswap()
     with pytest.raises(ValueError, match="existing adapter"):
         model.load_adapter(other, adapter_name="nope", hotswap=True)
+    bigger = peft_adapter_dir(tmp_path, base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj", "fc1"]),
+                              name="bigger")
+    snap = model_snapshot(model)
+    with pytest.raises(ValueError, match="rank 8 .* rank 4"):
+        model.load_adapter(bigger, adapter_name="default")
+    assert_unchanged(model, snap)
+
+
+def test_a_folder_holding_a_full_model_and_an_adapter(patched, folders, tmp_path):
+    """transformers' rule: a folder with both config.json and adapter_config.json loads the
+    model in that folder (not the adapter config's base_model_name_or_path), then the adapter."""
+    import shutil
+
+    model_id, ids = folders
+    both = tmp_path / "both"
+    shutil.copytree(model_id, both)
+    for f in os.listdir(ids["lora"]):
+        shutil.copy(os.path.join(ids["lora"], f), both)
+    cfg = os.path.join(both, "adapter_config.json")
+    with open(cfg) as f:
+        text = f.read().replace(model_id, "/nonexistent/base")  # must not be used
+    with open(cfg, "w") as f:
+        f.write(text)
+    model = AutoModelForCausalLM.from_pretrained(str(both))
+    assert model.active_adapters() == ["default"]
+    assert rel_err(logits(model), _peft_logits(model_id, ids["lora"])) <= 1e-4
+
+
+def test_from_pretrained_adapter_with_dtype(patched, folders):
+    """from_pretrained(adapter, dtype=bf16): a bf16 base with float32 adapter factors (PEFT's
+    autocast_adapter_dtype), outputs as PEFT's on the same bf16 base within bf16 rounding."""
+    model_id, ids = folders
+    model = AutoModelForCausalLM.from_pretrained(ids["lora"], dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    factors = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert factors and all(p.dtype == torch.float32 for p in factors)
+    theirs = logits(peft_model(AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.bfloat16),
+                               {"default": ids["lora"]}))
+    # Both round the base in bf16 and add float32 adapter terms; they round in different
+    # places (PEFT rounds the base and the LoRA output separately), a few bf16 ulps apart.
+    assert rel_err(logits(model), theirs) <= 2**-6
