@@ -454,8 +454,8 @@ class LoraLinear(LoraLayer):
         kind, base = self.kind, self._modules["base_layer"]
         lora_A, lora_B = self._lists()
         xc, lora_x = kind.lora_input(base, x, None, 1)
-        out = kind.lora_mixed(xc, *kind.weight(self), tensor_attr(base, "bias"), lora_A, lora_B, *self._extras(), scales, rows,
-                              *kind.mixed_lora_x(lora_x))
+        out = kind.lora_mixed(xc, *kind.weight(self), tensor_attr(base, "bias"), lora_A, lora_B, *self._extras(), scales,
+                              rows, *kind.mixed_lora_x(lora_x))
         return kind.output(out, x)
 
 
@@ -603,7 +603,8 @@ class Ia3Linear(Ia3Layer):
     def _forward_mixed(self, x, rows, scales):
         kind, base = self.kind, self._modules["base_layer"]
         xc = kind.ia3_input(base, x, self.is_feedforward)
-        out = kind.ia3_mixed(xc, *kind.weight(self), tensor_attr(base, "bias"), self._params("ia3_l"), rows, self.is_feedforward)
+        out = kind.ia3_mixed(xc, *kind.weight(self), tensor_attr(base, "bias"), self._params("ia3_l"), rows,
+                             self.is_feedforward)
         return kind.output(out, x)
 
 

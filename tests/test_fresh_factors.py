@@ -19,7 +19,15 @@ import pytest
 import torch
 
 import peftcore
-from tests._models import INPUT_IDS, LLAMA_METHOD_CONFIGS, QUANT_SIZES, peft_adapter_dir, quantized_model, saved_tiny, tiny_llama
+from tests._models import (
+    INPUT_IDS,
+    LLAMA_METHOD_CONFIGS,
+    QUANT_SIZES,
+    peft_adapter_dir,
+    quantized_model,
+    saved_tiny,
+    tiny_llama,
+)
 
 CONFIGS = LLAMA_METHOD_CONFIGS
 # (method, base): every method on a float32 base; LoRA also on bf16 with bf16 factors

@@ -125,9 +125,11 @@ void lowrank_update(int64_t rows, int64_t cols, int64_t R, int64_t reduce, const
     at::parallel_for(0, nq * nk, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t qc = t / nk, kc = t % nk;
-        const TPart part{std::min(R, round_up(R * qc / nq, 8)), qc + 1 == nq ? R : std::min(R, round_up(R * (qc + 1) / nq, 8)),
-                         std::min(reduce, round_up(reduce * kc / nk, 16)),
-                         kc + 1 == nk ? reduce : std::min(reduce, round_up(reduce * (kc + 1) / nk, 16))};
+        // piece c of n over [0, len) on multiples of `step`, the last one to the end
+        const auto cut = [](int64_t len, int64_t c, int64_t n, int64_t step) {
+          return c == n ? len : std::min(len, round_up(len * c / n, step));
+        };
+        const TPart part{cut(R, qc, nq, 8), cut(R, qc + 1, nq, 8), cut(reduce, kc, nk, 16), cut(reduce, kc + 1, nk, 16)};
         if (part.q0 < part.q1 && part.p0 < part.p1) fill_T(0, rows, part, shared_T.data() + kc * rows * R, R);
       }
     });

@@ -6,7 +6,8 @@
 // The base is one pass over the stored bytes (quant.h: panels of 4 output rows
 // decoded into a per-thread buffer, multiplied by every token row), threaded over
 // panels; from kGemmRows* token rows on (prefill, training), W decoded tile by tile into
-// x's dtype and ATen GEMMs (tiled_gemm_linear), 4-bit and int8 alike. The adapters are then added by the same low-rank update as lora_linear.
+// x's dtype and ATen GEMMs (tiled_gemm_linear), 4-bit and int8 alike. The adapters are then
+// added by the same low-rank update as lora_linear.
 // (IA)³ (ia3.h) rides on the same pass: feedforward, x is scaled once where it is
 // copied for the kernels (before prepare_x / quantize_x_int16); otherwise each output
 // is scaled where the panel loop writes it (after the bias), no extra pass over y.
@@ -361,8 +362,8 @@ void tiled_gemm_linear(at::Tensor& y, const at::Tensor& x_in, int64_t N, const s
                        const Decode& decode, const at::Tensor& in_scale, const at::Tensor& out_scale) {
   const at::Tensor x = in_scale.defined() ? cpu::ia3_scaled_rows(x_in, in_scale) : x_in;
   const int64_t M = cpu::leading_rows(x), K = x.size(-1);
-  const int64_t nb =
-      std::min(N, cpu::round_up(std::max<int64_t>(64, (int64_t(1) << 21) / (std::max<int64_t>(K, 1) * x.element_size())), 64));
+  const int64_t tile_rows = (int64_t(1) << 21) / (std::max<int64_t>(K, 1) * x.element_size());  // ~2 MB
+  const int64_t nb = std::min(N, cpu::round_up(std::max<int64_t>(64, tile_rows), 64));
   const at::Tensor x2 = x.reshape({M, K});
   at::Tensor y2 = y.view({M, N}), buf = at::empty({nb, K}, x.options());
   for (int64_t j0 = 0; j0 < N; j0 += nb) {
