@@ -42,6 +42,7 @@ bench: build $(VENV)/.test-deps
 	$(PY) benchmarks/bench_mixed.py
 	$(PY) benchmarks/bench_quant.py --fp32
 	$(PY) benchmarks/bench_quant.py --isa avx2
+	$(PY) benchmarks/bench_quant_gemm.py
 
 # ---- CUDA compile check (CI; no GPU needed). A second environment, .venv-cuda, with the
 # CUDA 13 build of torch; peftcore built into it (not in place: the tree's _C stays the CPU

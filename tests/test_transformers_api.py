@@ -80,8 +80,13 @@ def test_load_adapter_method(patched, folders, method):
     model.load_adapter(peft_model_id)
 
     assert not model.training  # loaded for inference, as transformers does
-    assert rel_err(logits(model), _peft_logits(model_id, peft_model_id)) <= 1e-4
+    want = _peft_logits(model_id, peft_model_id)
+    assert rel_err(logits(model), want) <= 1e-4
     assert model._hf_peft_config_loaded and set(model.peft_config) == {"default"}
+    # low_cpu_mem_usage asks for what a peftcore load always does: the same adapter
+    model = AutoModelForCausalLM.from_pretrained(model_id)
+    model.load_adapter(peft_model_id, low_cpu_mem_usage=True)
+    assert rel_err(logits(model), want) <= 1e-4
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

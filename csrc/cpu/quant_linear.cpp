@@ -25,6 +25,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -382,13 +384,11 @@ void tiled_gemm_linear(at::Tensor& y, const at::Tensor& x_in, int64_t N, const s
 // AVX512-BF16 tiles, which the fused panel kernels' dot products do not reach; MKL sgemm),
 // as bitsandbytes computes it (dequantize, then a GEMM), for bf16 and float32 x. Numerics:
 // bf16 x meets W rounded to bf16 once (float32 accumulation inside the GEMM), float32 x W
-// in float32, as the panel kernels' contract states. Measured on 2816 x 1024 layers, 2
-// threads (Xeon with AMX, 2026-12-02), fused / GEMM ms:
-//   nf4  bf16 x: 0.36 / 0.48 at 8 rows, 0.61 / 0.47 at 16, 9.6 / 1.1 at 256;
-//        fp32 x: 1.9 / 2.3 at 64 rows, 7.8 / 5.6 at 256;
-//   int8 bf16 x: 1.1 / 1.2 at 32 rows, 2.1 / 1.3 at 64, 8.7 / 1.8 at 256 (its decode is a
-//        plain loop, ~1 ms here: the crossover comes later than nf4's);
-//        fp32 x: 1.9 / 2.1 at 64 rows, 3.7 / 3.3 at 128, 7.3 / 5.6 at 256.
+// in float32, as the panel kernels' contract states. The thresholds are the crossovers
+// measured by benchmarks/bench_quant_gemm.py (2816 x 1024 layer, 2 threads, Xeon with AMX,
+// table in benchmarks/README.md §0), panel / GEMM ms: nf4 bf16 x 0.62 / 0.52 at 16 rows,
+// 9.46 / 1.16 at 256; int8 bf16 x 1.24 / 1.23 at 32, 1.77 / 1.48 at 48 (its decode is a
+// plain loop: the crossover comes later than nf4's); float32 x 3.8-3.9 / 3.3-3.4 at 128.
 struct GemmRows {
   int64_t bf16, f32;
 };
@@ -399,7 +399,14 @@ constexpr GemmRows kGemmRowsInt8{48, 128};
 // (bf16 with bf16 dot products, or float32) and a bias in x's dtype or none (the GEMM adds
 // it). The IA3 ops take it too (the single and the mixed ones alike, so that a mixed
 // batch's rows equal the single op's).
+// PEFTCORE_QUANT_GEMM=0 (read once) keeps every row count on the panel kernels: how
+// benchmarks/bench_quant_gemm.py measures the crossover above.
 bool gemm_path(const at::Tensor& x, at::ScalarType ct, GemmRows min_rows, const std::optional<at::Tensor>& bias) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("PEFTCORE_QUANT_GEMM");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  if (!enabled) return false;
   const bool plain_bias = !(bias.has_value() && bias->defined()) || bias->scalar_type() == x.scalar_type();
   return cpu::leading_rows(x) >= (ct == at::kBFloat16 ? min_rows.bf16 : min_rows.f32) && ct == x.scalar_type() &&
          (ct == at::kBFloat16 || ct == at::kFloat) && plain_bias;
