@@ -24,10 +24,11 @@ What is patched, and nothing else (``PATCHES`` lists it; the README repeats it):
   ``resume_from_checkpoint`` and ``load_best_model_at_end`` on a model with peftcore
   adapters copy the checkpoint's adapters into them (transformers' own handle PEFT's
   ``PeftModel`` only); without peftcore adapters, transformers' own run.
-* ``transformers.modeling_utils.maybe_load_adapters`` and the ``is_peft_available`` names
-  read by ``transformers.models.auto.auto_factory`` and ``transformers.pipelines``: an
-  adapter folder or repo given to ``from_pretrained`` / ``pipeline`` is recognised (base from
-  its ``base_model_name_or_path``, then ``model.load_adapter``) even without PEFT installed.
+* the ``is_peft_available`` names read by ``transformers.integrations.peft``
+  (``maybe_load_adapters``), ``transformers.models.auto.auto_factory`` and
+  ``transformers.pipelines``: an adapter folder or repo given to ``from_pretrained`` /
+  ``pipeline`` is recognised (base from its ``base_model_name_or_path``, then
+  ``model.load_adapter``) even without PEFT installed.
 
 Semantics are transformers 5.24's (its mixin with PEFT), with these choices: configs may be
 peftcore's or PEFT's (converted through their dict form); a parameter peftcore cannot
@@ -288,7 +289,6 @@ def _save_pretrained(original):
             names = active
         else:
             names = [selected] if isinstance(selected, str) else list(selected)
-        os.makedirs(save_directory, exist_ok=True)
         if selected is None:  # transformers' layout: the active adapter at the root, whatever its name
             api.save_pretrained(self, save_directory, names, root=names[0])
         else:
@@ -310,23 +310,6 @@ def _from_pretrained(original):
 
     from_pretrained.__wrapped__ = func
     return classmethod(from_pretrained)
-
-
-def _maybe_load_adapters(original):
-    def maybe_load_adapters(pretrained_model_name_or_path, download_kwargs, **adapter_kwargs):
-        """transformers' own, with PEFT's availability check taken out (it only finds the
-        adapter's config and the base model's name)."""
-        from transformers.integrations import peft as hf_peft
-
-        saved = hf_peft.is_peft_available
-        hf_peft.is_peft_available = lambda: True
-        try:
-            return original(pretrained_model_name_or_path, download_kwargs, **adapter_kwargs)
-        finally:
-            hf_peft.is_peft_available = saved
-
-    maybe_load_adapters.__wrapped__ = original
-    return maybe_load_adapters
 
 
 def _copy_checkpoint_adapters(model, folder: str) -> None:
@@ -374,7 +357,8 @@ def _trainer_load_best_model(original):
 
 # ------------------------------------------------------------------ patch / unpatch
 def _targets():
-    from transformers import PreTrainedModel, Trainer, modeling_utils, pipelines
+    from transformers import PreTrainedModel, Trainer, pipelines
+    from transformers.integrations import peft as hf_peft
     from transformers.integrations.peft import PeftAdapterMixin
     from transformers.models.auto import auto_factory
 
@@ -388,11 +372,12 @@ def _targets():
     out = [(PeftAdapterMixin, k, v) for k, v in mixin.items()]
     out.append((PreTrainedModel, "save_pretrained", _save_pretrained(vars(PreTrainedModel)["save_pretrained"])))
     out.append((PreTrainedModel, "from_pretrained", _from_pretrained(vars(PreTrainedModel)["from_pretrained"])))
-    out.append((modeling_utils, "maybe_load_adapters", _maybe_load_adapters(vars(modeling_utils)["maybe_load_adapters"])))
     out.append((Trainer, "_load_from_checkpoint", _trainer_load_from_checkpoint(vars(Trainer)["_load_from_checkpoint"])))
     out.append((Trainer, "_load_best_model", _trainer_load_best_model(vars(Trainer)["_load_best_model"])))
-    out.append((auto_factory, "is_peft_available", lambda: True))
-    out.append((pipelines, "is_peft_available", lambda: True))
+    # transformers asks whether PEFT is installed before it looks for an adapter's config
+    # (maybe_load_adapters, the Auto classes, pipeline); peftcore reads that config itself.
+    for module in (hf_peft, auto_factory, pipelines):
+        out.append((module, "is_peft_available", lambda: True))
     return out
 
 
@@ -403,8 +388,8 @@ PATCHES = (
     "delete_adapter, _hf_peft_config_loaded (a property while patched)",
     "transformers.PreTrainedModel: save_pretrained, from_pretrained",
     "transformers.Trainer._load_from_checkpoint, _load_best_model",
-    "transformers.modeling_utils.maybe_load_adapters",
-    "transformers.models.auto.auto_factory.is_peft_available, transformers.pipelines.is_peft_available",
+    "is_peft_available of transformers.integrations.peft (maybe_load_adapters), transformers.models.auto."
+    "auto_factory and transformers.pipelines",
 )
 
 

@@ -181,13 +181,14 @@ def test_load_adapter_from_a_state_dict(patched, folders):
 
 
 def test_unpatch_restores_transformers_exactly():
-    from transformers import modeling_utils, pipelines
+    from transformers import pipelines
+    from transformers.integrations import peft as hf_peft
     from transformers.integrations.peft import PeftAdapterMixin
     from transformers.models.auto import auto_factory
 
     from transformers import Trainer
 
-    owners = (PeftAdapterMixin, PreTrainedModel, Trainer, modeling_utils, auto_factory, pipelines)
+    owners = (PeftAdapterMixin, PreTrainedModel, Trainer, hf_peft, auto_factory, pipelines)
     before = [dict(vars(o)) for o in owners]
     try:
         peftcore.patch_transformers()
