@@ -40,7 +40,7 @@ bench: build $(VENV)/.test-deps
 	$(PY) benchmarks/bench_model.py --method adalora
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_mixed.py
-	$(PY) benchmarks/bench_quant.py --fp32
+	$(PY) benchmarks/bench_quant.py
 	$(PY) benchmarks/bench_quant.py --isa avx2
 	$(PY) benchmarks/bench_quant_gemm.py
 

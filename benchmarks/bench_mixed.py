@@ -1,7 +1,8 @@
 """Mixed batches: every row with its own adapter, peftcore vs PEFT's ``adapter_names``.
 
 A stack of 12 layers of 4096x4096 (fp32: 768 MiB of weights; nf4: bitsandbytes Linear4bit,
-double quantization, blocksize 64, compute dtype bf16, bf16 activations), far beyond the
+double quantization, blocksize 64, compute dtype bf16, bf16 activations; ``nf4-fp32``: the
+same with float32 activations), far beyond the
 32 MiB LLC, so every layer streams its weight from memory. LoRA r=16 on every layer, fp32
 adapter weights (as PEFT keeps them). One timed call = one forward of the whole stack on
 a batch of R rows of T tokens. Candidates, interleaved round by round:
@@ -15,7 +16,7 @@ Ratios are medians over rounds of the per-round ratio (``timing.paired_overhead`
 cancels this shared host's drift. Goals (issue 5): peftcore mixed <= 1.05x peftcore single;
 PEFT mixed / peftcore mixed >= 1.08 (fp32) and >= 2 (nf4) at 1 token per row.
 
-    python benchmarks/bench_mixed.py [--repeats N] [--bases fp32,nf4] [--tokens 1,64] [--rows 8,32]
+    python benchmarks/bench_mixed.py [--repeats N] [--bases fp32,nf4,nf4-fp32] [--tokens 1,64] [--rows 8,32]
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def save_adapters(base_model: Stack, n: int, root: str) -> list[str]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=25)
-    ap.add_argument("--bases", default="fp32,nf4")
+    ap.add_argument("--bases", default="fp32,nf4,nf4-fp32", help="nf4-fp32: the nf4 stack with float32 activations")
     ap.add_argument("--tokens", default="1,64")
     ap.add_argument("--rows", default="8,32", help="rows = distinct adapters; 32 rows are run at 1 token only")
     args = ap.parse_args()
@@ -111,7 +112,7 @@ def main():
     table = []
     for base_kind in args.bases.split(","):
         base = build(base_kind)
-        xdtype = torch.float32 if base_kind == "fp32" else torch.bfloat16
+        xdtype = torch.bfloat16 if base_kind == "nf4" else torch.float32
         for R in [int(r) for r in args.rows.split(",")]:
             with tempfile.TemporaryDirectory() as root:
                 dirs = save_adapters(base, R, root)

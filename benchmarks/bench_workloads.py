@@ -11,8 +11,10 @@
   ``inference_mode``), Llama-shaped (hidden 2048, intermediate 5632, 6 layers, vocab 8192),
   a 32-token prompt and 24 new tokens, LoRA r=16 on all 7 projections, float32 adapters
   (PEFT's default) and, as ``bf16-noautocast``, bf16 adapters on the bf16 base (PEFT's
-  ``autocast_adapter_dtype=False`` in both libraries). Reported: peftcore / bare and PEFT / bare, the bare
-  model frozen as the adapted ones are.
+  ``autocast_adapter_dtype=False`` in both libraries); ``nf4`` / ``int8``: the same model
+  quantized by bitsandbytes as ``train``'s (bf16 compute and activations), bitsandbytes
+  alone as the bare model. Reported: peftcore / bare and PEFT / bare, the bare model
+  frozen as the adapted ones are.
 * ``layer``: the cost of one adapted linear under ``no_grad`` minus its ``nn.Linear``'s
   (a 64 x 64 layer at one token, so the time is all Python and dispatch).
 
@@ -21,7 +23,8 @@ pages and move the results by more than the effects measured); rounds are interl
 with alternating order, and each ratio is the median over rounds of the ratio within a
 round. Machine, threads, versions and the read bandwidth (the ceiling) are printed.
 
-    python benchmarks/bench_workloads.py [--train bf16,fp32,nf4,int8] [--generate bf16,fp32,bf16-noautocast]
+    python benchmarks/bench_workloads.py [--train bf16,fp32,nf4,int8]
+                                         [--generate bf16,fp32,bf16-noautocast,nf4,nf4-noautocast,int8]
                                          [--layer] [--repeats N]
 """
 from __future__ import annotations
@@ -145,7 +148,10 @@ def generate(kinds, repeats):
     print("|---|---:|---:|---:|---:|---:|")
     ids = torch.randint(0, 8192, (1, 32), generator=torch.Generator().manual_seed(2))
     for kind in kinds:
-        base = llama(2048, 5632, 8192, DTYPES[kind.split("-")[0]]).eval()
+        b = kind.split("-")[0]
+        base = llama(2048, 5632, 8192, DTYPES.get(b, torch.bfloat16)).eval()
+        if b in ("nf4", "int8"):  # bitsandbytes alone is the bare model here
+            base = quantized(base, b).eval()
         pm, ours = lora_pair(base, trainable=False, autocast=not kind.endswith("-noautocast"))
         # The bare model frozen too, as both adapter libraries freeze the base: a frozen
         # lm_head changes torch.matmul's path for generate's strided last-token slice (no
@@ -202,7 +208,8 @@ def layer(repeats, calls=2000):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", default="bf16,fp32,nf4,int8", help="bases of the training step ('' for none)")
-    ap.add_argument("--generate", default="bf16,fp32,bf16-noautocast", help="bases of generate ('' for none)")
+    ap.add_argument("--generate", default="bf16,fp32,bf16-noautocast,nf4,nf4-noautocast,int8",
+                    help="bases of generate ('' for none)")
     ap.add_argument("--layer", action="store_true", help="also the per-layer cost under no_grad")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()

@@ -68,9 +68,14 @@ def assert_no_worse_than_reference(native: torch.Tensor, ref: torch.Tensor, exac
 # ------------------------------------------------ quantized bases (lora_linear_4bit / _int8)
 # Native kernel vs reference.py. The reference multiplies x by the exact float32 W
 # (dequantized) with float32 accumulation; the native kernel
-#   * for float32 x: float32 products and accumulation, in another order (panels of
-#     decoded rows, SIMD lanes): sums of K <= 512 terms differ by ~sqrt(K)·2^-24 ~ 1e-6
-#     relative to the magnitudes summed; 1e-5 leaves margin;
+#   * for float32 x with PEFTCORE_QUANT_FP32=exact, or on a CPU without AVX512_BF16:
+#     float32 products and accumulation, in another order (panels of decoded rows, SIMD
+#     lanes): sums of K <= 512 terms differ by ~sqrt(K)·2^-24 ~ 1e-6 relative to the
+#     magnitudes summed; 1e-5 leaves margin;
+#   * for float32 x by default on a CPU with AVX512_BF16 (quant_linear.cpp, compute_type):
+#     as float16 x below, x and W each rounded to bfloat16 once;
+#   * int8 weights from INT8_X_ROWS token rows with bf16 products: x quantized to int8
+#     (int8_x_bound below, added on top);
 #   * for bfloat16 / float16 x: x and the dequantized W each rounded to bfloat16 once
 #     (8 significant bits, unit roundoff u = 2^-8), products exact in float32, float32
 #     accumulation. Each product x_k·w_k then errs by at most 2^-8·|x_k·w_k| when x is
@@ -99,13 +104,56 @@ QUANT_ACC_ERROR: dict[torch.dtype, float] = {
 }
 
 
+def bf16_products(dtype: torch.dtype) -> bool:
+    """Whether the native quantized CPU kernels multiply x of this dtype in bfloat16 here
+    (quant_linear.cpp, compute_type): bf16 x, and float32 x unless PEFTCORE_QUANT_FP32=exact,
+    on a CPU with AVX512_BF16 whose ISA is not capped below AVX-512."""
+    import os
+
+    from peftcore import native
+
+    if native._C_ERROR is not None or os.environ.get("PEFTCORE_CPU_ISA") in ("generic", "avx2"):
+        return False
+    if dtype != torch.bfloat16 and not (dtype == torch.float32 and os.environ.get("PEFTCORE_QUANT_FP32") != "exact"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def fp32_x_as_bf16() -> bool:
+    """Whether the native quantized CPU kernels round float32 x to bfloat16 here."""
+    return bf16_products(torch.float32)
+
+
+# From this many token rows, an int8 base with bf16 products takes LLM.int8's own scheme
+# (quant_linear.cpp, int8_x_linear): x quantized to int8 per row (absmax / 127), features
+# with |x| >= 6 in float32. Each x_k then errs by at most amax_m / 254 (amax_m: the row's
+# largest |x| outside those features), so the base by at most amax_m / 254 · Σ_k |W_nk|.
+INT8_X_ROWS = 128
+
+
+def int8_x_bound(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """The int8 x quantization's bound (above) for x [..., K] against W [N, K] (float64),
+    zero where the scheme does not apply."""
+    x2 = x.detach().reshape(-1, x.shape[-1]).double()
+    if x2.shape[0] < INT8_X_ROWS or not bf16_products(x.dtype):
+        return torch.zeros((*x.shape[:-1], W.shape[0]), dtype=torch.float64)
+    outlier = x2.abs().amax(0) >= 6.0
+    amax = x2.masked_fill(outlier, 0).abs().amax(1, keepdim=True)
+    return (amax / 254 * W.abs().sum(1)).reshape(*x.shape[:-1], W.shape[0])
+
+
 def quant_tolerance(dtype: torch.dtype, s_base: torch.Tensor, s_all: torch.Tensor, base: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor:
     """Per-element bound (float64) on |native - reference| for the quantized ops (see above).
     float32 / float64 outputs are rounded the same way on both sides to within their
     accumulation error, so the rounding term only applies to bfloat16 / float16."""
     rounding = eps(dtype) * (base.double().abs() + y.double().abs()) if dtype in (torch.bfloat16, torch.float16) else 0.0
-    return 1.1 * (QUANT_PRODUCT_ERROR[dtype] * s_base + rounding + QUANT_ACC_ERROR[dtype] * s_all)
+    product = QUANT_PRODUCT_ERROR[torch.float16 if dtype == torch.float32 and fp32_x_as_bf16() else dtype]
+    return 1.1 * (product * s_base + rounding + QUANT_ACC_ERROR[dtype] * s_all)
 
 
 def split_quantized(op_name, args):
@@ -183,7 +231,8 @@ def quantized_bound(op_name, dtype, args, r):
     if op_name.startswith("lora_"):
         x, W, bias, lora_A, lora_B, lora_E, scales, lora_x, base_args = split_quantized(op_name, args)
         s_base, s_all = _magnitudes(x, W, bias, lora_A, lora_B, lora_E, scales, lora_x)
-        return quant_tolerance(dtype, s_base, s_all, ref(*base_args()), r)
+        int8_x = 1.1 * int8_x_bound(x, W) if op_name == "lora_linear_int8" else 0.0
+        return quant_tolerance(dtype, s_base, s_all, ref(*base_args()), r) + int8_x
     x, W, bias, ia3_l, active, ff, base, base_name = split_ia3_quantized(op_name, args)
     ref_base = getattr(reference, base_name)
     f = torch.float64 if dtype == torch.float64 else torch.float32
@@ -192,9 +241,10 @@ def quantized_bound(op_name, dtype, args, r):
         x = (x.to(f) * l).to(x.dtype)
     s_base = x.detach().double().abs() @ W.abs().t() + (bias.detach().double().abs() if bias is not None else 0)
     b = base(ref_base, x)
+    int8_x = 1.1 * int8_x_bound(x, W) if op_name == "ia3_linear_int8" else 0.0
     if l is None or ff:
-        return quant_tolerance(dtype, s_base, s_base, b, r)
-    bound = l.double().abs() * quant_tolerance(dtype, s_base, s_base, b, b)
+        return quant_tolerance(dtype, s_base, s_base, b, r) + int8_x
+    bound = l.double().abs() * (quant_tolerance(dtype, s_base, s_base, b, b) + int8_x)
     if dtype in (torch.bfloat16, torch.float16):  # the second rounding, after the scale
         bound = bound + torch.finfo(dtype).eps * r.double().abs()
     return bound

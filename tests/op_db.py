@@ -437,10 +437,21 @@ QUANT4_CASES = {
     "fast_3d_512x32_bs128_fp4": ((3, 11), 512, 32, 128, "fp4", False, (8,), {"numerics_only": True}),
     # 150 token rows of 4096: several row blocks (the kernel blocks x by ~512 KB)
     "row_blocks_150tok_4096x13": ((150,), 4096, 13, 64, "nf4", True, (4,), {"numerics_only": True}),
-    # 130 token rows: the tiled decode + GEMM path for bf16 (>= 12 rows) and float32 x
-    # (>= 128), over several ~2 MB tiles of W (256 rows in bf16, 128 in float32) with a tail
+    # 130 token rows: the tiled decode + GEMM path for bf16 products (bf16 x, and float32 x by
+    # default; from 12 rows with AMX, 96 without) and exact float32 ones (from 128 rows with
+    # AMX), over several ~2 MB tiles of W (256 rows in bf16, 128 in float32) with a tail
     "gemm_tiles_130tok_4096x600": ((130,), 4096, 600, 64, "nf4", True, (4,),
                                    {"numerics_only": True, "forward_only": True}),
+    # bf16 products from 3 token rows on (x bf16, and float32 by default): the fused register
+    # kernel in groups of <= 4 token rows (7 = 4 + 3, 9 = 3 + 3 + 3), one block per row
+    # (bs = K) or several (nested), a tail panel (out % 4) on decode + panel_dot
+    "fused_7tok_256x36_bs256": ((7,), 256, 36, 256, "nf4", False, (4,), {"numerics_only": True}),
+    "fused_9tok_192x22_bs64_nested_fp4": ((9,), 192, 22, 64, "fp4", True, (2,), {"numerics_only": True}),
+    # either side of the tiled GEMM path's first row count without AMX (96) and with it (12)
+    "gemm_edge_95tok_128x24": ((95,), 128, 24, 64, "nf4", True, (4,), {"numerics_only": True, "forward_only": True}),
+    "gemm_edge_96tok_128x24": ((96,), 128, 24, 64, "nf4", True, (4,), {"numerics_only": True, "forward_only": True}),
+    "gemm_edge_11tok_128x24": ((11,), 128, 24, 64, "nf4", False, (4,), {"numerics_only": True}),
+    "gemm_edge_12tok_128x24": ((12,), 128, 24, 64, "nf4", False, (4,), {"numerics_only": True}),
     "storage_bf16_64x24": ((2,), 64, 24, 64, "nf4", True, (4,), {"storage": torch.bfloat16}),
     "x_1d": ((), 31, 13, 64, "nf4", False, (2,), {}),
     "empty_batch": ((0,), 64, 16, 64, "nf4", False, (4,), {}),
@@ -542,8 +553,14 @@ INT8_CASES = {
     "fast_16x256x64": ((16,), 256, 64, (16, 8), {"numerics_only": True}),
     "fast_3d_512x32": ((3, 11), 512, 32, (8,), {"numerics_only": True}),
     "row_blocks_150tok_4096x13": ((150,), 4096, 13, (4,), {"numerics_only": True}),
-    # the tiled decode + GEMM path over several tiles (bf16 >= 48 rows, float32 >= 128)
+    # the tiled decode + GEMM path over several tiles (bf16 products from 48 rows with AMX,
+    # 128 without; exact float32 from 128 with AMX)
     "gemm_tiles_130tok_4096x600": ((130,), 4096, 600, (4,), {"numerics_only": True, "forward_only": True}),
+    # either side of the tiled GEMM path's first row count without AMX (128) and with it (48);
+    # K = 100: the SIMD tile decoder's masked tail
+    "gemm_edge_127tok_100x20": ((127,), 100, 20, (4,), {"numerics_only": True, "forward_only": True}),
+    "gemm_edge_128tok_100x20": ((128,), 100, 20, (4,), {"numerics_only": True, "forward_only": True}),
+    "gemm_edge_48tok_100x20": ((48,), 100, 20, (4,), {"numerics_only": True, "forward_only": True}),
     "zero_row_64x16": ((5,), 64, 16, (2,), {"zero_row": True, "numerics_only": True}),
     "x_1d": ((), 31, 13, (2,), {}),
     "empty_batch": ((0,), 64, 16, (4,), {}),

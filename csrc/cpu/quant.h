@@ -33,9 +33,18 @@ struct Packed4 {
   int64_t N, K;
 };
 
+// Double quantization's 256-entry code: its float32 values, and the same split into their
+// 4 bytes (planes[p * 256 + i] = byte p of value i) for the AVX512_VBMI byte-shuffle
+// lookup of nested_scales. Made once per call.
+struct NestedCode {
+  const float* values;  // [256]
+  alignas(64) uint8_t planes[1024];
+  explicit NestedCode(const float* v);
+};
+
 // Double quantization: out[b - b0] = ncode[qabsmax[b]] · nabsmax[b / nbs] + offset for
 // b in [b0, b1), rounded after the product and after the sum (no FMA), as bitsandbytes.
-void nested_scales(const uint8_t* qabsmax, const float* ncode, const float* nabsmax, float offset, int64_t nbs,
+void nested_scales(const uint8_t* qabsmax, const NestedCode& ncode, const float* nabsmax, float offset, int64_t nbs,
                    int64_t b0, int64_t b1, float* out);
 
 // Which decoder layout a panel gets: chunk 64 or 32 (AVX-512) or 16 (AVX2), all
@@ -70,6 +79,10 @@ void decode_4bit_flat(const Packed4& w, int64_t e0, int64_t e1, const float* bsc
 void decode_4bit_flat(const Packed4& w, int64_t e0, int64_t e1, const float* bscale, int64_t b0,
                       c10::BFloat16* out);
 void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, int16_t* buf, int64_t Kp);
+// Rows [n0, n1) of W = CB·SCB/127 (bitsandbytes' roundings: (CB·SCB)·(1/127) in float32,
+// then one rounding to out's type) into out ([n1 - n0, K], contiguous); the tiled GEMM
+// path's decoder. Returns false where no SIMD kernel applies (the caller loops).
+bool dequant_int8_rows(const int8_t* cb, const float* scb, int64_t K, int64_t n0, int64_t n1, c10::BFloat16* out);
 
 // out[m * kPanelRows + j] = Σ_k buf[j, k] · xp[m, k] for m < M, j < kPanelRows, with
 // float32 accumulation (float64 for double). xp: M rows of Kp values.
@@ -83,7 +96,8 @@ void panel_dot(const int16_t* buf, const int16_t* xp, int64_t M, int64_t Kp, flo
 
 // Up to this many token rows, a full panel skips the buffer: gemv_* decode in
 // registers (AVX-512 only). They return false where they do not apply (then the
-// caller decodes and runs panel_dot).
+// caller decodes and runs panel_dot). 4-bit with bf16 products: any number of token
+// rows (above kGemvRows, the per-block scaled tables of decode_4bit, in groups of 4).
 constexpr int64_t kGemvRows = 2;
 bool gemv_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t chunk, const float* xp,
                int64_t M, int64_t Kp, float* out);
@@ -106,5 +120,8 @@ bool simd_available();
 bool bf16_dot_available();
 // int8 × int16 dot products (vpdpwssd) need AVX512_VNNI.
 bool int16_dot_available();
+// Whether the CPU has AMX-BF16 (oneDNN's bf16 GEMM then runs on AMX tiles): moves the
+// crossover to the tiled GEMM path (quant_linear.cpp, gemm_rows_*).
+bool amx_available();
 
 }  // namespace peftcore::cpu::quant

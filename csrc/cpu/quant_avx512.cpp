@@ -22,6 +22,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 #define PEFTCORE_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -150,6 +151,42 @@ PEFTCORE_AVX512BF16_FN void decode_4bit_flat(const Packed4& w, int64_t e0, int64
   }
 }
 
+// Rows of W = CB·SCB/127 as bitsandbytes computes them: (CB·SCB)·(1/127) in float32, two
+// roundings (two products: nothing to contract into an FMA), then for bf16 one rounding to
+// nearest even (as the float32 result's .to(bf16)). 32 values per step, masked tail.
+namespace {
+template <bool kBf16>
+PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void dequant_int8_loop(const int8_t* cb,
+                                                                                   const float* scb, int64_t K,
+                                                                                   int64_t n0, int64_t n1,
+                                                                                   void* out) {
+  const __m512 inv127 = _mm512_set1_ps(7.874015718698502e-3f);
+  for (int64_t n = n0; n < n1; ++n) {
+    const __m512 sc = _mm512_set1_ps(scb[n]);
+    const int8_t* src = cb + n * K;
+    for (int64_t k = 0; k < K; k += 32) {
+      const int64_t c = std::min<int64_t>(32, K - k);
+      const __mmask32 m = c == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << c) - 1);
+      const __m256i b = _mm256_maskz_loadu_epi8(m, src + k);
+      const __m512 lo = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))), sc), inv127);
+      const __m512 hi = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))), sc), inv127);
+      const int64_t at = (n - n0) * K + k;
+      if constexpr (kBf16) {
+        _mm512_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, m, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      } else {
+        _mm512_mask_storeu_ps(static_cast<float*>(out) + at, __mmask16(m), lo);
+        _mm512_mask_storeu_ps(static_cast<float*>(out) + at + 16, __mmask16(m >> 16), hi);
+      }
+    }
+  }
+}
+}  // namespace
+
+PEFTCORE_AVX512BF16_FN void dequant_int8_rows(const int8_t* cb, const float* scb, int64_t K, int64_t n0, int64_t n1,
+                                              c10::BFloat16* out) {
+  dequant_int8_loop<true>(cb, scb, K, n0, n1, out);
+}
+
 PEFTCORE_AVX512_FN void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, float* buf, int64_t Kp) {
   for (int64_t j = 0; j < nr; ++j) {
     const int8_t* src = cb + (n0 + j) * K;
@@ -263,7 +300,8 @@ PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void dot_bf16(const
 // A panel's 4 rows are 4 interleaved streams over one contiguous range (4·K/2 bytes
 // for 4-bit); the hardware prefetchers alone leave a single thread at a fraction of
 // the memory bandwidth. Per 64 codes of each row (2 cache lines of the panel), fetch
-// the matching 2 lines of the next panel: always one panel ahead.
+// the matching 2 lines three panels ahead (1-12 panels and the T0 / T2 hints measured no
+// better on Zen 5).
 PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void prefetch_next_panel(const uint8_t* panel, int64_t K,
                                                                                   int64_t k) {
   const char* next = reinterpret_cast<const char*>(panel) + 6 * K + 2 * k;
@@ -325,6 +363,64 @@ PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void gemv_4bit_bf16
 #pragma GCC unroll 16
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < 4; ++r) out[m * 4 + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+// 4 rows × MR (<= 4) token rows, bf16 products, for 3+ token rows: per row and block,
+// the 16 scaled code values rounded once, bf16(code · absmax), as decode_4bit writes them
+// (so the sums equal the panel buffer's up to their order), twice over in one zmm
+// (vcvtne2ps2bf16) for vpermw; each 64-code step of a row decoded in registers and
+// multiplied by every token row of the group. The decode (shuffles) and the dot products
+// (vdpbf16ps) overlap, where decode + panel_dot runs them one after the other; the caller
+// re-decodes the panel for each group of MR token rows, which costs little next to the
+// MR·8 dot products per step. Blocks [blk0, blk1) of the panel's rows, accumulating into
+// acc_io (MR × 4 vectors).
+template <int MR>
+PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void fused_4bit_bf16(
+    const Packed4& w, int64_t n0, const float* bs_row0, int64_t blk0, int64_t blk1, const uint16_t* xp, int64_t Kp,
+    bool prefetch, __m512* acc_io) {
+  const int64_t K = w.K, bs = w.blocksize, blocks = K / bs;
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const uint8_t* q[4];
+  const float* sc[4];
+  for (int r = 0; r < 4; ++r) {
+    q[r] = w.q + (n0 + r) * K / 2;
+    sc[r] = bs_row0 + r * blocks;
+  }
+  __m512 acc[MR][4];
+#pragma GCC unroll 32
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 4; ++r) acc[m][r] = acc_io[m * 4 + r];
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    __m512i t[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m512 s = _mm512_mul_ps(code, _mm512_set1_ps(sc[r][blk]));
+      t[r] = (__m512i)_mm512_cvtne2ps_pbh(s, s);
+    }
+    for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 64) {
+      if (prefetch) prefetch_next_panel(q[0], K, k);
+      __m512bh xe[MR], xo[MR];
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        xe[m] = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k);
+        xo[m] = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k + 32);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + k / 2)));
+        const __m512bh we = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t[r]);
+        const __m512bh wo = (__m512bh)_mm512_permutexvar_epi16(v, t[r]);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+          acc[m][r] = _mm512_dpbf16_ps(acc[m][r], we, xe[m]);
+          acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wo, xo[m]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 4; ++r) acc_io[m * 4 + r] = acc[m][r];
 }
 
 // 4 rows × M token rows, float32 products of exact values: each block's 16 scaled
@@ -425,6 +521,31 @@ PEFTCORE_AVX512BF16_FN void gemv_4bit(const Packed4& w, int64_t n0, const float*
   if (M == 1) return gemv_4bit_bf16<1>(w, n0, bs_row0, x, Kp, out);
   gemv_4bit_bf16<2>(w, n0, bs_row0, x, Kp, out);
 }
+PEFTCORE_AVX512BF16_FN void fused_4bit(const Packed4& w, int64_t n0, const float* bs_row0, const c10::BFloat16* xp,
+                                       int64_t M, int64_t Kp, float* out) {
+  const auto* x = reinterpret_cast<const uint16_t*>(xp);
+  // Groups of at most 4 token rows, as even as possible (7 = 4 + 3): 16 accumulators,
+  // 8 x vectors and the 4 tables fit the 32 registers (5-6 rows spilled: measured slower).
+  // Each group runs over the whole of K (walking K in L1-sized chunks for all groups, or
+  // making the tables once per panel for all groups, measured slower on Zen 5). Only the
+  // first group prefetches the next panel.
+  const int64_t groups = (M + 3) / 4, blocks = w.K / w.blocksize;
+  for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+    const int64_t mr = (M - m0) / (groups - g);
+    const uint16_t* xg = x + m0 * Kp;
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    switch (mr) {
+      case 4: fused_4bit_bf16<4>(w, n0, bs_row0, 0, blocks, xg, Kp, g == 0, acc); break;
+      case 3: fused_4bit_bf16<3>(w, n0, bs_row0, 0, blocks, xg, Kp, g == 0, acc); break;
+      case 2: fused_4bit_bf16<2>(w, n0, bs_row0, 0, blocks, xg, Kp, g == 0, acc); break;
+      default: fused_4bit_bf16<1>(w, n0, bs_row0, 0, blocks, xg, Kp, g == 0, acc); break;
+    }
+    for (int64_t m = 0; m < mr; ++m)
+      for (int r = 0; r < 4; ++r) out[(m0 + m) * 4 + r] = _mm512_reduce_add_ps(acc[m * 4 + r]);
+    m0 += mr;
+  }
+}
 PEFTCORE_AVX512_FN void gemv_4bit(const Packed4& w, int64_t n0, const float* bs_row0, const float* xp, int64_t M,
                                   int64_t Kp, float* out) {
   if (M == 1) return gemv_4bit_f32<1>(w, n0, bs_row0, xp, Kp, out);
@@ -436,13 +557,40 @@ PEFTCORE_AVX512_FN void gemv_int8(const int8_t* cb, int64_t K, int64_t n0, const
   gemv_int8_f32<2>(cb, K, n0, xp, Kp, out);
 }
 
-// ---- double-quantized block scales, 16 at a time (a gather from the 256-entry code).
+// ---- double-quantized block scales: out[b - b0] = ncode[qabsmax[b]] · nabsmax[g] + offset.
+// The 256-entry code is looked up in registers, never by a gather (a 16-lane gather cost
+// ~16 cycles on AMD Zen 5: as much as the 4-bit GEMV's own work per block at one token).
+//   AVX512_VBMI: 64 blocks per step, each byte of the float32 values from its own 256-byte
+//     plane (NestedCode): two vpermi2b (128 entries each, index bits 0-6) and a blend on
+//     bit 7 per plane, then the 4 planes interleaved back into floats by 8 unpacks; the
+//     unpacks work within 128-bit lanes, so the indices are first permuted (one vpermb)
+//     into the order that makes the unpacked floats come out in sequence.
+//   else: 16 per step, vpermi2ps on 32 entries at a time and 7 blends on index bits 5-7.
 // The _round_ intrinsics are builtins the compiler never fuses into an FMA: the product
 // and the sum are rounded separately, exactly as bitsandbytes computes them.
-PEFTCORE_AVX512_FN void nested_scales(const uint8_t* qabsmax, const float* ncode, const float* nabsmax, float offset,
-                                      int64_t nbs, int64_t b0, int64_t b1, float* out) {
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+#define PEFTCORE_AVX512VBMI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,fma")))
+namespace {
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+PEFTCORE_AVX512_FN inline __attribute__((always_inline)) __m512 lookup256(const __m512 (&t)[16], __m512i idx) {
+  __m512 r[8];
+#pragma GCC unroll 8
+  for (int g = 0; g < 8; ++g) r[g] = _mm512_permutex2var_ps(t[2 * g], idx, t[2 * g + 1]);
+  const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+  const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+  const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) r[g] = _mm512_mask_blend_ps(b5, r[2 * g], r[2 * g + 1]);
+  r[0] = _mm512_mask_blend_ps(b6, r[0], r[1]);
+  r[1] = _mm512_mask_blend_ps(b6, r[2], r[3]);
+  return _mm512_mask_blend_ps(b7, r[0], r[1]);
+}
+
+PEFTCORE_AVX512_FN void nested_scales_f32(const uint8_t* qabsmax, const float* ncode, const float* nabsmax,
+                                          float offset, int64_t nbs, int64_t b0, int64_t b1, float* out) {
   const __m512 off = _mm512_set1_ps(offset);
+  __m512 t[16];
+  for (int i = 0; i < 16; ++i) t[i] = _mm512_loadu_ps(ncode + 16 * i);
   int64_t b = b0;
   while (b < b1) {
     const int64_t g = b / nbs, e = std::min(b1, (g + 1) * nbs);  // one nested group: one nested absmax
@@ -451,12 +599,68 @@ PEFTCORE_AVX512_FN void nested_scales(const uint8_t* qabsmax, const float* ncode
     for (int64_t n; b < e; b += n) {
       n = std::min<int64_t>(16, e - b);
       const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-      const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, qabsmax + b));
-      const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, ncode, 4);
+      const __m512 c = lookup256(t, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, qabsmax + b)));
       const __m512 v = _mm512_add_round_ps(_mm512_mul_round_ps(c, a2, kRound), off, kRound);
       _mm512_mask_storeu_ps(out + (b - b0), m, v);
     }
   }
+}
+
+// Unpacked output k (16 floats), lane L, slot j (0-3) takes input byte 16L + 4k + j; it
+// must hold block 16k + 4L + j, so the indices go in through this byte permutation.
+constexpr std::array<uint8_t, 64> unpack_order() {
+  std::array<uint8_t, 64> o{};
+  for (int k = 0; k < 4; ++k)
+    for (int L = 0; L < 4; ++L)
+      for (int j = 0; j < 4; ++j) o[16 * L + 4 * k + j] = static_cast<uint8_t>(16 * k + 4 * L + j);
+  return o;
+}
+alignas(64) constexpr std::array<uint8_t, 64> kUnpackOrder = unpack_order();
+
+PEFTCORE_AVX512VBMI_FN void nested_scales_vbmi(const uint8_t* qabsmax, const uint8_t* planes, const float* nabsmax,
+                                               float offset, int64_t nbs, int64_t b0, int64_t b1, float* out) {
+  const __m512 off = _mm512_set1_ps(offset);
+  __m512i t[4][4];  // plane p: entries 0-63, 64-127, 128-191, 192-255
+  for (int p = 0; p < 4; ++p)
+    for (int q = 0; q < 4; ++q) t[p][q] = _mm512_loadu_si512(planes + p * 256 + q * 64);
+  const __m512i perm = _mm512_load_si512(kUnpackOrder.data());
+  int64_t b = b0;
+  while (b < b1) {
+    const int64_t g = b / nbs, e = std::min(b1, (g + 1) * nbs);
+    const __m512 a2 = _mm512_set1_ps(nabsmax[g]);
+    for (int64_t n; b < e; b += n) {
+      n = std::min<int64_t>(64, e - b);
+      const __mmask64 m = n == 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
+      const __m512i idx = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi8(m, qabsmax + b));
+      const __mmask64 top = _mm512_movepi8_mask(idx);  // bit 7: entries 128-255
+      __m512i by[4];
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {
+        by[p] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(t[p][0], idx, t[p][1]),
+                                       _mm512_permutex2var_epi8(t[p][2], idx, t[p][3]));
+      }
+      const __m512i w01l = _mm512_unpacklo_epi8(by[0], by[1]), w01h = _mm512_unpackhi_epi8(by[0], by[1]);
+      const __m512i w23l = _mm512_unpacklo_epi8(by[2], by[3]), w23h = _mm512_unpackhi_epi8(by[2], by[3]);
+      const __m512i f[4] = {_mm512_unpacklo_epi16(w01l, w23l), _mm512_unpackhi_epi16(w01l, w23l),
+                            _mm512_unpacklo_epi16(w01h, w23h), _mm512_unpackhi_epi16(w01h, w23h)};
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const int64_t c = std::min<int64_t>(16, n - 16 * k);
+        if (c <= 0) break;
+        const __mmask16 mk = c == 16 ? __mmask16(0xFFFF) : __mmask16((1u << c) - 1);
+        const __m512 v = _mm512_add_round_ps(_mm512_mul_round_ps(_mm512_castsi512_ps(f[k]), a2, kRound), off, kRound);
+        _mm512_mask_storeu_ps(out + (b - b0) + 16 * k, mk, v);
+      }
+    }
+  }
+}
+}  // namespace
+
+PEFTCORE_AVX512_FN void nested_scales(const uint8_t* qabsmax, const NestedCode& ncode, const float* nabsmax,
+                                      float offset, int64_t nbs, int64_t b0, int64_t b1, float* out) {
+  static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
+  if (vbmi) return nested_scales_vbmi(qabsmax, ncode.planes, nabsmax, offset, nbs, b0, b1, out);
+  nested_scales_f32(qabsmax, ncode.values, nabsmax, offset, nbs, b0, b1, out);
 }
 
 // ---- int8 weights × int16 x (AVX512_VNNI vpdpwssd: 32 exact products per instruction).

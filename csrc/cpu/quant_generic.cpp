@@ -9,6 +9,10 @@
 
 #include <c10/util/Exception.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -174,6 +178,18 @@ bool bf16_dot_available() {
 #endif
 }
 
+bool amx_available() {
+  static const bool yes = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) != 0;  // CPUID.7.0:EDX[22] AMX-BF16
+#else
+    return false;
+#endif
+  }();
+  return yes;
+}
+
 bool int16_dot_available() {
 #if PEFTCORE_HAVE_AVX512
   static const bool yes = use_avx512() && __builtin_cpu_supports("avx512vnni");
@@ -183,12 +199,20 @@ bool int16_dot_available() {
 #endif
 }
 
-void nested_scales(const uint8_t* qabsmax, const float* ncode, const float* nabsmax, float offset, int64_t nbs,
+NestedCode::NestedCode(const float* v) : values(v) {
+  for (int i = 0; i < 256; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, v + i, 4);
+    for (int p = 0; p < 4; ++p) planes[p * 256 + i] = static_cast<uint8_t>(bits >> (8 * p));
+  }
+}
+
+void nested_scales(const uint8_t* qabsmax, const NestedCode& ncode, const float* nabsmax, float offset, int64_t nbs,
                    int64_t b0, int64_t b1, float* out) {
 #if PEFTCORE_HAVE_AVX512
   if (simd_available()) return avx512::nested_scales(qabsmax, ncode, nabsmax, offset, nbs, b0, b1, out);
 #endif
-  generic::nested_scales(qabsmax, ncode, nabsmax, offset, nbs, b0, b1, out);
+  generic::nested_scales(qabsmax, ncode.values, nabsmax, offset, nbs, b0, b1, out);
 }
 
 int64_t chunk_4bit(int64_t K, int64_t blocksize, bool bf16) {
@@ -270,6 +294,13 @@ void decode_int8(const int8_t* cb, int64_t K, int64_t n0, int64_t nr, double* bu
   generic::decode_int8(cb, K, n0, nr, buf, Kp);
 }
 
+bool dequant_int8_rows(const int8_t* cb, const float* scb, int64_t K, int64_t n0, int64_t n1, c10::BFloat16* out) {
+#if PEFTCORE_HAVE_AVX512
+  if (bf16_dot_available()) return avx512::dequant_int8_rows(cb, scb, K, n0, n1, out), true;
+#endif
+  return false;
+}
+
 namespace {
 bool gemv_4bit_applies(const Packed4& w, int64_t nr, int64_t chunk, int64_t M, int64_t want_chunk) {
   return simd_available() && nr == kPanelRows && M <= kGemvRows && chunk == want_chunk && w.K % w.blocksize == 0 &&
@@ -288,6 +319,7 @@ bool gemv_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, in
                const c10::BFloat16* xp, int64_t M, int64_t Kp, float* out) {
 #if PEFTCORE_HAVE_AVX512
   if (gemv_4bit_applies(w, nr, chunk, M, 64)) return avx512::gemv_4bit(w, n0, bscale, xp, M, Kp, out), true;
+  if (gemv_4bit_applies(w, nr, chunk, 1, 64)) return avx512::fused_4bit(w, n0, bscale, xp, M, Kp, out), true;
 #endif
   return false;
 }

@@ -51,7 +51,7 @@ struct Weight4 {
   int64_t n_blocks;
   const float* absmax = nullptr;  // plain absmax, or:
   const uint8_t* qabsmax = nullptr;
-  const float* ncode = nullptr;
+  std::optional<cpu::quant::NestedCode> ncode;
   const float* nabsmax = nullptr;
   float noffset = 0.f;
   int64_t nbs = 0;
@@ -62,7 +62,7 @@ struct Weight4 {
     if (absmax != nullptr)
       std::copy(absmax + b0, absmax + b1, out);
     else
-      cpu::quant::nested_scales(qabsmax, ncode, nabsmax, noffset, nbs, b0, b1, out);
+      cpu::quant::nested_scales(qabsmax, *ncode, nabsmax, noffset, nbs, b0, b1, out);
   }
 };
 
@@ -86,7 +86,7 @@ Weight4 check_weight4(const char* op, const at::Tensor& qweight, const at::Tenso
   }
   w.keep.push_back(absmax.contiguous());
   w.qabsmax = w.keep.back().const_data_ptr<uint8_t>();
-  w.ncode = as_float32(*nested_code, w.keep);
+  w.ncode.emplace(as_float32(*nested_code, w.keep));
   w.nabsmax = as_float32(*nested_absmax, w.keep);
   w.noffset = as_float32(*nested_offset, w.keep)[0];
   w.nbs = nested_blocksize;
@@ -181,10 +181,24 @@ std::pair<at::Tensor, at::Tensor> quantize_x_int16(const at::Tensor& x, int64_t 
   return {xq.contiguous(), s.reshape({M}).contiguous()};
 }
 
+// PEFTCORE_QUANT_FP32=exact (read per call, so a process or a test may switch it): float32
+// x keeps exact float32 products on the quantized bases instead of the default below.
+bool exact_fp32() {
+  const char* v = std::getenv("PEFTCORE_QUANT_FP32");
+  return v != nullptr && std::string(v) == "exact";
+}
+
+// The products' type. bfloat16 x: bf16 products where the CPU has AVX512_BF16. float32 x:
+// the same by default (x rounded to bf16 once, as bitsandbytes rounds it, with W rounded
+// as for bf16 x and float32 accumulation and output): vdpbf16ps does 32 multiply-adds
+// per instruction where float32 FMAs do 16, and at 16+ tokens the products are the limit
+// (benchmarks/bench_quant.py, x float32). Exact float32 products with exact_fp32(), and
+// for float16 x (11 significant bits, which bf16 would cut to 8). float64 for float64 x.
 at::ScalarType compute_type(const at::Tensor& x) {
-  if (x.scalar_type() == at::kDouble) return at::kDouble;
-  if (x.scalar_type() == at::kBFloat16 && cpu::quant::bf16_dot_available()) return at::kBFloat16;
-  return at::kFloat;
+  const auto dt = x.scalar_type();
+  if (dt == at::kDouble) return at::kDouble;
+  const bool bf16 = dt == at::kBFloat16 || (dt == at::kFloat && !exact_fp32());
+  return bf16 && cpu::quant::bf16_dot_available() ? at::kBFloat16 : at::kFloat;
 }
 
 // Runs base_product for compute type ct and x's dtype into y (contiguous [..., N], x's
@@ -299,7 +313,7 @@ auto gemv_panel_4bit(const Weight4& w, int64_t chunk) {
     if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, int16_t>) {
       return false;  // never chosen for 4-bit weights
     } else {
-      if (M > cpu::quant::kGemvRows || nr != kPanelRows) return false;
+      if (nr != kPanelRows) return false;
       panel_scales(w, n0, nr, bscale);
       return cpu::quant::gemv_4bit(w.packed, n0, nr, bscale, chunk, x, M, Kp, out);
     }
@@ -331,6 +345,15 @@ void decode_flat(const Weight4& w, int64_t n0, int64_t n1, at::Tensor& out) {
   });
 }
 
+// The SIMD decoder of the bf16 GEMM path's tiles, where it applies (else the loop below).
+bool dequant_int8_simd(const int8_t* cb, const float* scb, int64_t K, int64_t n0, int64_t n1, c10::BFloat16* out) {
+  return cpu::quant::dequant_int8_rows(cb, scb, K, n0, n1, out);
+}
+template <typename T>
+bool dequant_int8_simd(const int8_t*, const float*, int64_t, int64_t, int64_t, T*) {
+  return false;
+}
+
 // Rows [n0, n1) of W = CB·SCB/127 into out ([n1 - n0, K], contiguous, any float dtype), as
 // bitsandbytes (and reference.dequantize_int8) computes it: (CB·SCB)·(1/127) in float32
 // (float64), two roundings, then one to out's dtype. cb / scb: the contiguous CB and the
@@ -342,6 +365,7 @@ void dequant_int8_rows(const int8_t* cb, const float* scb, int64_t n0, int64_t n
     scalar_t* dst = out.data_ptr<scalar_t>() - n0 * K;
     const acc_t inv127 = static_cast<acc_t>(7.874015718698502e-3f);
     at::parallel_for(n0, n1, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+      if (dequant_int8_simd(cb, scb, K, r0, r1, dst + r0 * K)) return;
       for (int64_t n = r0; n < r1; ++n) {
         const acc_t sc = static_cast<acc_t>(scb[n]);
         for (int64_t k = 0; k < K; ++k) {
@@ -353,63 +377,94 @@ void dequant_int8_rows(const int8_t* cb, const float* scb, int64_t n0, int64_t n
   });
 }
 
-// y = x·Wᵀ + b with W's rows decoded by decode(n0, n1, tile) into tiles of ~2 MB in x's
-// dtype (L2-resident while the GEMM reads them; never a dense copy of W), each tile
-// multiplied into its columns of y in place (row-major, leading dimension N: the GEMM
-// writes them directly). The prefill / training path of the quantized bases. IA3 as in
-// quantized_linear: in_scale scales x's features first (x' rounded to x's dtype), out_scale
-// the outputs after the GEMM (one more rounding than the panel loop's fused scale).
+// y = x·Wᵀ + b with W's rows decoded by decode(n0, n1, tile) into tiles of ~2 MB in the
+// compute type ct (L2-resident while the GEMM reads them; never a dense copy of W), each
+// tile multiplied into its columns of y in place (row-major, leading dimension N: the GEMM
+// writes them directly). The prefill / training path of the quantized bases. float32 x
+// with bf16 products (compute_type): x rounded to bf16 once, the GEMM's bf16 result
+// (ATen has no bf16 GEMM with a float32 output on CPU) widened into y and the bias added
+// in float32 (bitsandbytes rounds its output to bf16 too). IA3 as in quantized_linear:
+// in_scale scales x's features first (x' rounded to x's dtype), out_scale the outputs
+// after the GEMM (one more rounding than the panel loop's fused scale).
 template <typename Decode>
 void tiled_gemm_linear(at::Tensor& y, const at::Tensor& x_in, int64_t N, const std::optional<at::Tensor>& bias,
-                       const Decode& decode, const at::Tensor& in_scale, const at::Tensor& out_scale) {
+                       at::ScalarType ct, const Decode& decode, const at::Tensor& in_scale,
+                       const at::Tensor& out_scale) {
   const at::Tensor x = in_scale.defined() ? cpu::ia3_scaled_rows(x_in, in_scale) : x_in;
   const int64_t M = cpu::leading_rows(x), K = x.size(-1);
-  const int64_t tile_rows = (int64_t(1) << 21) / (std::max<int64_t>(K, 1) * x.element_size());  // ~2 MB
+  const bool widen = ct != x.scalar_type();
+  const int64_t tile_rows = (int64_t(1) << 21) / (std::max<int64_t>(K, 1) * at::elementSize(ct));  // ~2 MB
   const int64_t nb = std::min(N, cpu::round_up(std::max<int64_t>(64, tile_rows), 64));
-  const at::Tensor x2 = x.reshape({M, K});
-  at::Tensor y2 = y.view({M, N}), buf = at::empty({nb, K}, x.options());
+  const at::Tensor x2 = x.reshape({M, K}).to(ct);
+  at::Tensor y2 = y.view({M, N}), buf = at::empty({nb, K}, x.options().dtype(ct));
+  at::Tensor yc = widen ? at::empty({M, std::min(nb, N)}, x.options().dtype(ct)) : at::Tensor();
+  const bool has_bias = bias.has_value() && bias->defined();
   for (int64_t j0 = 0; j0 < N; j0 += nb) {
     const int64_t n = std::min(nb, N - j0);
     at::Tensor wt = buf.narrow(0, 0, n), yt = y2.narrow(1, j0, n);
     decode(j0, j0 + n, wt);
-    if (bias.has_value() && bias->defined())
+    if (widen) {
+      at::Tensor c = yc.narrow(1, 0, n);
+      at::mm_out(c, x2, wt.t());
+      if (has_bias)
+        at::add_out(yt, c.to(y.scalar_type()), bias->narrow(0, j0, n));
+      else
+        yt.copy_(c);
+    } else if (has_bias) {
       at::addmm_out(yt, bias->narrow(0, j0, n), x2, wt.t());
-    else
+    } else {
       at::mm_out(yt, x2, wt.t());
+    }
   }
   if (out_scale.defined()) y2.mul_(out_scale);
 }
 
-// From how many token rows on a quantized base is tiled_gemm_linear (oneDNN: AMX /
-// AVX512-BF16 tiles, which the fused panel kernels' dot products do not reach; MKL sgemm),
-// as bitsandbytes computes it (dequantize, then a GEMM), for bf16 and float32 x. Numerics:
-// bf16 x meets W rounded to bf16 once (float32 accumulation inside the GEMM), float32 x W
-// in float32, as the panel kernels' contract states. The thresholds are the crossovers
-// measured by benchmarks/bench_quant_gemm.py (2816 x 1024 layer, 2 threads, Xeon with AMX,
-// table in benchmarks/README.md §0), panel / GEMM ms: nf4 bf16 x 0.62 / 0.52 at 16 rows,
-// 9.46 / 1.16 at 256; int8 bf16 x 1.24 / 1.23 at 32, 1.77 / 1.48 at 48 (its decode is a
-// plain loop: the crossover comes later than nf4's); float32 x 3.8-3.9 / 3.3-3.4 at 128.
+// From how many token rows on a quantized base is tiled_gemm_linear, for products in bf16
+// and in float32. The crossovers are measured by benchmarks/bench_quant_gemm.py (2 threads):
+// * with AMX (oneDNN's bf16 GEMM on AMX tiles far outruns any vdpbf16ps loop; Xeon,
+//   benchmarks/README.md §0, against the panel kernels of the time): nf4 0.62 / 0.52 ms
+//   (panel / GEMM) at 16 rows; int8 1.24 / 1.23 at 32, 1.77 / 1.48 at 48; float32
+//   3.8-3.9 / 3.3-3.4 at 128;
+// * without (AVX512-BF16 alone, AMD EPYC Zen 5, §4): the fused register kernels run
+//   vdpbf16ps as oneDNN's GEMM does, and the GEMM only wins from ~96 (4-bit) / 128 (int8)
+//   rows, the float32 sgemm never (2x slower than the float32 panel kernels at 256 rows).
 struct GemmRows {
   int64_t bf16, f32;
 };
-constexpr GemmRows kGemmRows4bit{12, 128};
-constexpr GemmRows kGemmRowsInt8{48, 128};
+const GemmRows& gemm_rows_4bit() {
+  static const GemmRows r = cpu::quant::amx_available() ? GemmRows{12, 128} : GemmRows{96, INT64_MAX};
+  return r;
+}
+const GemmRows& gemm_rows_int8() {
+  static const GemmRows r = cpu::quant::amx_available() ? GemmRows{48, 128} : GemmRows{128, INT64_MAX};
+  return r;
+}
 
-// Whether the base takes tiled_gemm_linear: enough rows, a compute type equal to x's
-// (bf16 with bf16 dot products, or float32) and a bias in x's dtype or none (the GEMM adds
-// it). The IA3 ops take it too (the single and the mixed ones alike, so that a mixed
-// batch's rows equal the single op's).
+// Whether the base takes tiled_gemm_linear: enough rows, a compute type of bf16 (with bf16
+// dot products; x bf16 or float32) or float32 (x float32) and a bias in x's dtype or none.
+// The IA3 ops take it too (the single and the mixed ones alike, so that a mixed batch's
+// rows equal the single op's).
 // PEFTCORE_QUANT_GEMM=0 (read once) keeps every row count on the panel kernels: how
 // benchmarks/bench_quant_gemm.py measures the crossover above.
-bool gemm_path(const at::Tensor& x, at::ScalarType ct, GemmRows min_rows, const std::optional<at::Tensor>& bias) {
+bool gemm_path(const at::Tensor& x, at::ScalarType ct, const GemmRows& min_rows,
+               const std::optional<at::Tensor>& bias) {
   static const bool enabled = [] {
     const char* v = std::getenv("PEFTCORE_QUANT_GEMM");
     return v == nullptr || std::string(v) != "0";
   }();
   if (!enabled) return false;
   const bool plain_bias = !(bias.has_value() && bias->defined()) || bias->scalar_type() == x.scalar_type();
-  return cpu::leading_rows(x) >= (ct == at::kBFloat16 ? min_rows.bf16 : min_rows.f32) && ct == x.scalar_type() &&
-         (ct == at::kBFloat16 || ct == at::kFloat) && plain_bias;
+  const bool types = (ct == at::kBFloat16 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat)) ||
+                     (ct == at::kFloat && x.scalar_type() == at::kFloat);
+  return types && plain_bias && cpu::leading_rows(x) >= (ct == at::kBFloat16 ? min_rows.bf16 : min_rows.f32);
+}
+
+// Whether the int8 base takes int8_x_linear: from kInt8xRows token rows, where the
+// products would be bf16 (bf16 x, float32 x by default) and the GEMM path is on.
+// Measured (benchmarks/bench_quant.py, 4096 x 4096, AMD EPYC Zen 5): TODO
+constexpr int64_t kInt8xRows = 128;
+bool int8_x_path(const at::Tensor& x, at::ScalarType ct, const std::optional<at::Tensor>& bias) {
+  return ct == at::kBFloat16 && gemm_path(x, ct, GemmRows{kInt8xRows, INT64_MAX}, bias);
 }
 
 // The 4-bit base y = x·Wᵀ + b (checked arguments), with IA3's scales where given.
@@ -417,15 +472,69 @@ void linear_4bit(at::Tensor& y, const at::Tensor& x, const Weight4& w, const std
                  const at::Tensor& in_scale, const at::Tensor& out_scale) {
   const int64_t K = x.size(-1), bs = w.packed.blocksize;
   const at::ScalarType ct = compute_type(x);
-  if (gemm_path(x, ct, kGemmRows4bit, bias) && flat_4bit(w, ct)) {
+  if (gemm_path(x, ct, gemm_rows_4bit(), bias) && flat_4bit(w, ct)) {
     tiled_gemm_linear(
-        y, x, w.packed.N, bias, [&](int64_t n0, int64_t n1, at::Tensor& t) { decode_flat(w, n0, n1, t); }, in_scale,
-        out_scale);
+        y, x, w.packed.N, bias, ct, [&](int64_t n0, int64_t n1, at::Tensor& t) { decode_flat(w, n0, n1, t); },
+        in_scale, out_scale);
     return;
   }
   const int64_t chunk = cpu::quant::chunk_4bit(K, bs, ct == at::kBFloat16);
   quantized_linear(y, x, bias, ct, chunk, scale_span_4bit(K, bs), gemv_panel_4bit(w, chunk), decoder_4bit(w, chunk),
                    [](int64_t) { return 1.0; }, in_scale, out_scale);
+}
+
+// LLM.int8's own scheme, for many token rows: x quantized to int8 per token row (absmax /
+// 127, round to nearest) and multiplied by CB with int8 dot products (at::_int_mm: oneDNN,
+// VNNI's 64 multiply-adds per instruction, twice vdpbf16ps' 32; CB read as stored, no
+// decode), the int32 sums scaled by sx_m·SCB_n/127 in float32. Feature columns where |x|
+// reaches kInt8Outlier in any row (bitsandbytes' default threshold, 6.0) are left out of
+// the int8 product and multiplied in float32 against their dequantized columns of W, as
+// bitsandbytes' outlier decomposition does. Its error is bitsandbytes' own (x's 8-bit
+// quantization dominates; tests/ops/test_quantized_ops.py,
+// test_int8_no_less_accurate_than_bitsandbytes, holds it to that), not the bf16 path's.
+constexpr double kInt8Outlier = 6.0;
+
+void int8_x_linear(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& cb, const float* scb,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& in_scale, const at::Tensor& out_scale) {
+  const at::Tensor x = in_scale.defined() ? cpu::ia3_scaled_rows(x_in, in_scale) : x_in;
+  const int64_t M = cpu::leading_rows(x), K = x.size(-1), N = cb.size(0);
+  at::Tensor xs = x.reshape({M, K}).to(at::kFloat);
+  const at::Tensor outlier = xs.abs().amax(0).ge(kInt8Outlier);  // [K]
+  const at::Tensor cols = outlier.nonzero().view({-1});
+  at::Tensor extra;  // float32 [M, N]: the outlier columns' products, or undefined
+  if (cols.numel() > 0) {
+    const at::Tensor w_cols = cb.index_select(1, cols).to(at::kFloat).mul_(at::from_blob(const_cast<float*>(scb), {N, 1},
+                                                                                         at::kFloat)).mul_(7.874015718698502e-3f);
+    extra = at::mm(xs.index_select(1, cols), w_cols.t());
+    xs = xs.index_fill(1, cols, 0.0);
+  }
+  const at::Tensor amax = xs.abs().amax(1);  // [M]
+  const at::Tensor sx = at::where(amax > 0, amax / 127.0, at::ones_like(amax)).contiguous();
+  const at::Tensor xq = xs.div(sx.unsqueeze(1)).round_().clamp_(-127, 127).to(at::kChar);
+  const at::Tensor acc = at::_int_mm(xq, cb.t());  // [M, N] int32
+  const at::Tensor b32 = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor l32 = out_scale.defined() ? out_scale.to(at::kFloat).contiguous() : at::Tensor();
+  const int32_t* ap = acc.const_data_ptr<int32_t>();
+  const float* sxp = sx.const_data_ptr<float>();
+  const float* ep = extra.defined() ? extra.const_data_ptr<float>() : nullptr;
+  const float* bp = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
+  const float* lp = l32.defined() ? l32.const_data_ptr<float>() : nullptr;
+  const float inv127 = 7.874015718698502e-3f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "peftcore_int8_x_linear", [&] {
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        for (int64_t n = 0; n < N; ++n) {
+          float v = static_cast<float>(ap[m * N + n]) * sxp[m] * (scb[n] * inv127);
+          if (ep != nullptr) v += ep[m * N + n];
+          if (bp != nullptr) v += bp[n];
+          // IA3's output scale as the panel loop applies it: the base rounded first.
+          yp[m * N + n] = lp != nullptr ? static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(v)) * lp[n])
+                                        : static_cast<scalar_t>(v);
+        }
+      }
+    });
+  });
 }
 
 // The LLM.int8 base y = x·Wᵀ + b (checked arguments), with IA3's scales where given.
@@ -439,18 +548,22 @@ void linear_int8(at::Tensor& y, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
   const int64_t Kp = cpu::round_up(std::max<int64_t>(K, 1), kChunk);
   // bitsandbytes' dequantization: CB·SCB, then ·(1/127) in float32.
   const float inv127 = 7.874015718698502e-3f;
-  // Compute. 1-2 tokens (the fused GEMV, bound by decode work): bf16 / fp16 x as int16
-  // against the int8 weights (exact integer products, AVX512_VNNI), else float32
-  // (exact products). More tokens (bound by dot-product throughput, where vdpbf16ps
-  // outruns vpdpwssd here): compute_type's choice (bf16 products for bf16 x). float64
-  // for float64 x.
+  // Compute. 1-2 tokens (the fused GEMV, bound by the weight's bytes, so exact products
+  // cost nothing): bf16 / fp16 x as int16 against the int8 weights (exact integer
+  // products, AVX512_VNNI), float32 x in float32. More tokens (bound by dot-product
+  // throughput, where vdpbf16ps outruns vpdpwssd here): compute_type's choice (bf16
+  // products for bf16 and, by default, float32 x). float64 for float64 x.
   const int64_t M = cpu::leading_rows(x);
   const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   at::ScalarType ct = compute_type(x);
-  if (gemm_path(x, ct, kGemmRowsInt8, bias)) {
+  if (int8_x_path(x, ct, bias)) {
+    int8_x_linear(y, x, cb, sp, bias, in_scale, out_scale);
+    return;
+  }
+  if (gemm_path(x, ct, gemm_rows_int8(), bias)) {
     tiled_gemm_linear(
-        y, x, cb.size(0), bias, [&](int64_t n0, int64_t n1, at::Tensor& t) { dequant_int8_rows(cbp, sp, n0, n1, t); },
-        in_scale, out_scale);
+        y, x, cb.size(0), bias, ct,
+        [&](int64_t n0, int64_t n1, at::Tensor& t) { dequant_int8_rows(cbp, sp, n0, n1, t); }, in_scale, out_scale);
     return;
   }
   if (M <= cpu::quant::kGemvRows && x.scalar_type() != at::kDouble && cpu::quant::simd_available())

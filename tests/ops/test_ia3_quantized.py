@@ -59,7 +59,10 @@ GRAD = [pytest.param(op, s, id=f"{op}-{s.name}") for op in ("ia3_linear_4bit", "
 
 
 @pytest.mark.parametrize("op_name,s", GRAD)
-def test_ia3_quantized_autograd_matches_reference(op_name, s):
+def test_ia3_quantized_autograd_matches_reference(op_name, s, monkeypatch):
+    # l's gradient sums grad_out times the base output: exact float32 products (the opt-in)
+    # keep the forward's bf16 rounding of float32 x out of a check of the backward's formula.
+    monkeypatch.setenv("PEFTCORE_QUANT_FP32", "exact")
     x, _, bias, ia3_l, _, _, _, _ = split_ia3_quantized(op_name, s.args)
     leaves = [t for t in (x, bias, *ia3_l) if t is not None]
     y = getattr(torch.ops.peftcore, op_name)(*s.args)

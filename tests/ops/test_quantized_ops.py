@@ -133,6 +133,18 @@ def test_lora_linear_int8_matches_reference(dtype, adapter_dtype, s):
     _check_forward("lora_linear_int8", dtype, s)
 
 
+# The opt-in exact float32 products (PEFTCORE_QUANT_FP32=exact): float32 x then matches the
+# reference to float32 accumulation (tests/helpers.py: fp32_x_as_bf16 reads the variable).
+FWD_F32 = [pytest.param(op, s, id=f"{op}-{s.name}") for op in ("lora_linear_4bit", "lora_linear_int8")
+           for _, _, _, s in samples(op, combos=[(torch.float32, torch.float32)])]
+
+
+@pytest.mark.parametrize("op_name,s", FWD_F32)
+def test_float32_exact_opt_in_matches_reference(op_name, s, monkeypatch):
+    monkeypatch.setenv("PEFTCORE_QUANT_FP32", "exact")
+    _check_forward(op_name, torch.float32, s)
+
+
 # ------------------------------------------------------------------------- autograd
 # The forward-path samples ("forward_only": the tiled GEMM paths' 130 x 4096 x 600) are
 # left out: the backward takes no row-count path, and gradients summed over thousands of
@@ -213,7 +225,7 @@ def test_gradcheck(op_name, s):
 # quantizes x to int8 per row (LLM.int8, outliers >= threshold in float16): its error is
 # ~5-50x ours, the same slack is generous.
 RMS_SLACK, MAX_SLACK = 1.10, 1.25
-CONTRACT_T = (1, 16, 64)
+CONTRACT_T = (1, 16, 64, 130)  # 130: the many-row paths (tiled GEMM; int8 x for LLM.int8)
 CONTRACT_DTYPES = (torch.bfloat16, torch.float32)
 
 
