@@ -4,8 +4,8 @@ from them (packed, transposed, scaled or cast factors) may outlive a change to t
 peftcore prepares nothing today (the kernels read A, B, E and the IA3 vectors as stored,
 and the decode path's packing is per call, into scratch), so these tests guard that
 property for any cache added later. Each change below is made to one model, whose
-outputs must then (a) differ from before and (b) equal, bit for bit, those of a deep
-copy made after the change: the copy's tensors are new objects with new storage and
+outputs must then (a) differ from before and (b) equal, to float32 rounding, those of a
+deep copy made after the change: the copy's tensors are new objects with new storage and
 fresh version counters, so no cache of any kind can serve it. The changes: an in-place
 edit (which bumps the tensor's version), an edit through ``.data`` (which does not),
 ``optimizer.step()``, ``load_state_dict`` and ``hotswap_adapter``; outputs are read
@@ -103,4 +103,10 @@ def test_forward_sees_every_change(tmp_path, method, base, change):
     fresh = _outputs(copy.deepcopy(model))
     for what, old, new, want in zip(("no_grad", "grad", "decode"), before, after, fresh):
         assert not torch.equal(old, new), f"{what}: the change ({change} of {name}) did not show in the outputs"
-        assert torch.equal(new, want), f"{what}: outputs after {change} differ from a fresh copy's (a stale factor)"
+        # Not bit for bit: torch's own float32 GEMV (the unadapted lm_head at one token)
+        # rounds differently with the weight copy's memory alignment (seen: 7e-8 on
+        # logits of ~1); a stale factor would move them by the change itself, which (a)
+        # shows is visible in the outputs.
+        err = (new - want).abs().max().item()
+        assert err <= 1e-6 * want.abs().max().item(), (
+            f"{what}: outputs after {change} differ from a fresh copy's by {err:.3g} (a stale factor)")
