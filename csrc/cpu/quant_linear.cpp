@@ -183,38 +183,20 @@ std::pair<at::Tensor, at::Tensor> quantize_x_int16(const at::Tensor& x, int64_t 
 
 // PEFTCORE_QUANT_FP32=exact (read per call, so a process or a test may switch it): float32
 // x keeps exact float32 products on the quantized bases instead of the default below.
-thread_local bool t_training = false;  // set for one op call by TrainingScope
-
 bool exact_fp32() {
-  if (t_training) return true;
   const char* v = std::getenv("PEFTCORE_QUANT_FP32");
   return v != nullptr && std::string(v) == "exact";
 }
 
-// For one op call: whether x or an adapter factor requires grad (training, or an adapter
-// loaded trainable). bitsandbytes computes exactly in float32 under autograd (dequantize +
-// F.linear; its bf16-rounding CPU kernel runs only without grad), so float32 x keeps exact
-// products in training, as PEFT's QLoRA does. (Grad mode itself cannot be read here: the
-// autograd wrapper runs the kernel with it off, so a trainable adapter under no_grad, e.g.
-// an evaluation during training, computes exactly too.)
-struct TrainingScope {
-  bool saved;
-  TrainingScope(const at::Tensor& x, at::TensorList a, at::TensorList b) : saved(t_training) {
-    bool any = x.requires_grad();
-    for (const auto& t : a) any = any || t.requires_grad();
-    for (const auto& t : b) any = any || t.requires_grad();
-    t_training = any;
-  }
-  ~TrainingScope() { t_training = saved; }
-};
-
 // The products' type. bfloat16 x: bf16 products where the CPU has AVX512_BF16. float32 x:
-// the same by default for inference (x rounded to bf16 once, as bitsandbytes' CPU kernel
-// rounds it, with W rounded as for bf16 x and float32 accumulation and output; training:
-// TrainingScope): vdpbf16ps does 32 multiply-adds
-// per instruction where float32 FMAs do 16, and at 16+ tokens the products are the limit
-// (benchmarks/bench_quant.py, x float32). Exact float32 products with exact_fp32(), and
-// for float16 x (11 significant bits, which bf16 would cut to 8). float64 for float64 x.
+// the same by default (x rounded to bf16 once, as bitsandbytes' CPU kernel rounds it in
+// inference, with W rounded as for bf16 x and float32 accumulation and output), in
+// training too (a rule on requires_grad, as bitsandbytes' exact autograd path, would make
+// eager and torch.compile'd calls differ: the traced kernel sees no requires_grad):
+// vdpbf16ps does 32 multiply-adds per instruction where float32 FMAs do 16, and at 16+
+// tokens the products are the limit (benchmarks/bench_quant.py, x float32). Exact float32
+// products with exact_fp32(), and for float16 x (11 significant bits, which bf16 would cut
+// to 8). float64 for float64 x.
 at::ScalarType compute_type(const at::Tensor& x) {
   const auto dt = x.scalar_type();
   if (dt == at::kDouble) return at::kDouble;
@@ -488,48 +470,9 @@ bool int8_x_path(const at::Tensor& x, at::ScalarType ct, const std::optional<at:
   return ct == at::kBFloat16 && gemm_path(x, ct, GemmRows{kInt8xRows, INT64_MAX}, bias);
 }
 
-// Memory the low-rank update will read right after the base pass (the active adapters' A
-// and B). At 1-2 tokens the base pass streams W below the read bandwidth, so each panel
-// also prefetches its share of these bytes: the update then finds them in cache instead of
-// paying its own trip to memory (benchmarks/bench_quant.py, T = 1).
-struct Warm {
-  std::vector<std::pair<const char*, int64_t>> ranges;
-  int64_t bytes = 0;
-};
-
-Warm adapter_bytes(const at::Tensor& scales, at::TensorList lora_A, at::TensorList lora_B) {
-  Warm w;
-  int64_t R = 0;
-  for (const auto& a : cpu::active_adapters(scales, lora_A, R))
-    for (const at::Tensor* t : {&lora_A[a.index], &lora_B[a.index]}) {
-      const int64_t n = t->numel() * t->element_size();
-      w.ranges.emplace_back(static_cast<const char*>(t->const_data_ptr()), n);
-      w.bytes += n;
-    }
-  return w;
-}
-
-// The panel function with panel p's share of warm's bytes prefetched first (panels of
-// kPanelRows rows; a hint: addresses are never read).
-template <typename Panel>
-auto warming(const Panel& panel, const Warm& warm, int64_t N) {
-  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
-  const int64_t share = cpu::round_up((warm.bytes + panels - 1) / std::max<int64_t>(panels, 1), 64);
-  return [&panel, &warm, share](int64_t n0, int64_t nr, float* bscale, const auto* x, int64_t M, int64_t Kp,
-                                auto* out) {
-    int64_t lo = (n0 / kPanelRows) * share, hi = lo + share;
-    for (const auto& [p, n] : warm.ranges) {
-      for (int64_t b = std::max<int64_t>(lo, 0); b < std::min(hi, n); b += 64) __builtin_prefetch(p + b, 0, 2);
-      lo -= n;
-      hi -= n;
-    }
-    return panel(n0, nr, bscale, x, M, Kp, out);
-  };
-}
-
-// The 4-bit base y = x·Wᵀ + b (checked arguments), with IA3's scales where given; warm: see Warm.
+// The 4-bit base y = x·Wᵀ + b (checked arguments), with IA3's scales where given.
 void linear_4bit(at::Tensor& y, const at::Tensor& x, const Weight4& w, const std::optional<at::Tensor>& bias,
-                 const at::Tensor& in_scale, const at::Tensor& out_scale, const Warm& warm = {}) {
+                 const at::Tensor& in_scale, const at::Tensor& out_scale) {
   const int64_t K = x.size(-1), bs = w.packed.blocksize;
   const at::ScalarType ct = compute_type(x);
   if (gemm_path(x, ct, gemm_rows_4bit(), bias) && flat_4bit(w, ct)) {
@@ -539,13 +482,7 @@ void linear_4bit(at::Tensor& y, const at::Tensor& x, const Weight4& w, const std
     return;
   }
   const int64_t chunk = cpu::quant::chunk_4bit(K, bs, ct == at::kBFloat16);
-  const auto panel = gemv_panel_4bit(w, chunk);
-  if (!warm.ranges.empty() && cpu::leading_rows(x) <= cpu::quant::kGemvRows) {
-    quantized_linear(y, x, bias, ct, chunk, scale_span_4bit(K, bs), warming(panel, warm, w.packed.N),
-                     decoder_4bit(w, chunk), [](int64_t) { return 1.0; }, in_scale, out_scale);
-    return;
-  }
-  quantized_linear(y, x, bias, ct, chunk, scale_span_4bit(K, bs), panel, decoder_4bit(w, chunk),
+  quantized_linear(y, x, bias, ct, chunk, scale_span_4bit(K, bs), gemv_panel_4bit(w, chunk), decoder_4bit(w, chunk),
                    [](int64_t) { return 1.0; }, in_scale, out_scale);
 }
 
@@ -647,7 +584,6 @@ void linear_int8(at::Tensor& y, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
 
 at::Tensor lora_linear_4bit_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS), PEFTCORE_LORA_ARGS,
                                 std::optional<at::TensorList> lora_x) {
-  const TrainingScope training(x, lora_A, lora_B);
   const char* op = "lora_linear_4bit";
   const int64_t K = x.size(-1), N = out_features;
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
@@ -657,14 +593,13 @@ at::Tensor lora_linear_4bit_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WE
   cpu::check_lora_x(op, lora_x, x, lora_A.size());
   const at::TensorList E = cpu::checked_lora_E(op, lora_E, lora_A, x.scalar_type());
   return write_output(op, out, rows_then(x, N), x, [&](at::Tensor& y) {
-    linear_4bit(y, x, w, bias, {}, {}, adapter_bytes(scales, lora_A, lora_B));
+    linear_4bit(y, x, w, bias, {}, {});
     add_adapters(x, y, lora_A, lora_B, E, scales, lora_x);
   });
 }
 
 at::Tensor ia3_linear_4bit_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS),
                                PEFTCORE_IA3_ARGS(const at::Tensor& active)) {
-  const TrainingScope training(x, ia3_l, {});
   const char* op = "ia3_linear_4bit";
   const int64_t K = x.size(-1), N = out_features;
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
@@ -682,7 +617,6 @@ at::Tensor ia3_linear_4bit_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEI
 
 at::Tensor lora_linear_int8_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS), PEFTCORE_LORA_ARGS,
                                 std::optional<at::TensorList> lora_x) {
-  const TrainingScope training(x, lora_A, lora_B);
   const char* op = "lora_linear_int8";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
@@ -697,7 +631,6 @@ at::Tensor lora_linear_int8_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WE
 
 at::Tensor ia3_linear_int8_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
                                PEFTCORE_IA3_ARGS(const at::Tensor& active)) {
-  const TrainingScope training(x, ia3_l, {});
   const char* op = "ia3_linear_int8";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   const at::Tensor l = cpu::ia3_vector(op, ia3_l, active, x.scalar_type(), feedforward ? K : N,
@@ -714,7 +647,6 @@ at::Tensor ia3_linear_int8_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEI
 // ---- mixed batches (mixed.h): the base pass once for every row, then per row group.
 at::Tensor lora_linear_4bit_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS), PEFTCORE_LORA_ARGS,
                                       const at::Tensor& rows, const std::optional<at::Tensor>& lora_x) {
-  const TrainingScope training(x, lora_A, lora_B);
   const char* op = "lora_linear_4bit_mixed";
   const int64_t K = x.size(-1), N = out_features;
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
@@ -733,7 +665,6 @@ at::Tensor lora_linear_4bit_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTC
 
 at::Tensor ia3_linear_4bit_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT4_ARGS),
                                      PEFTCORE_IA3_ARGS(const at::Tensor& rows)) {
-  const TrainingScope training(x, ia3_l, {});
   const char* op = "ia3_linear_4bit_mixed";
   const int64_t K = x.size(-1), N = out_features;
   const Weight4 w = check_linear_4bit(op, x, qweight, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
@@ -754,7 +685,6 @@ at::Tensor ia3_linear_4bit_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCO
 
 at::Tensor lora_linear_int8_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
                                       PEFTCORE_LORA_ARGS, const at::Tensor& rows) {
-  const TrainingScope training(x, lora_A, lora_B);
   const char* op = "lora_linear_int8_mixed";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   check_adapters(op, lora_A, lora_B, scales, at::kCPU, x.scalar_type(), K, "x.shape[-1] (in_features)", N,
@@ -769,7 +699,6 @@ at::Tensor lora_linear_int8_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTC
 
 at::Tensor ia3_linear_int8_mixed_cpu(const Out* out, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
                                      PEFTCORE_IA3_ARGS(const at::Tensor& rows)) {
-  const TrainingScope training(x, ia3_l, {});
   const char* op = "ia3_linear_int8_mixed";
   const int64_t N = check_linear_int8(op, x, weight, row_scale, bias), K = x.size(-1);
   const auto segs = cpu::row_segments(op, rows, cpu::leading_rows(x), int64_t(ia3_l.size()));

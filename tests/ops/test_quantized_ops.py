@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from peftcore import reference
-from tests.helpers import DEVICES, assert_within, fp32_x_as_bf16, grad_tol, quantized_bound, split_quantized
+from tests.helpers import DEVICES, assert_within, grad_tol, quantized_bound, split_quantized
 from tests.op_db import bnb_functional, native_loaded, quantize_4bit, samples
 
 bnbF = bnb_functional()
@@ -143,35 +143,6 @@ FWD_F32 = [pytest.param(op, s, id=f"{op}-{s.name}") for op in ("lora_linear_4bit
 def test_float32_exact_opt_in_matches_reference(op_name, s, monkeypatch):
     monkeypatch.setenv("PEFTCORE_QUANT_FP32", "exact")
     _check_forward(op_name, torch.float32, s)
-
-
-@pytest.mark.parametrize("op_name", ["lora_linear_4bit", "lora_linear_int8"])
-def test_float32_products_are_exact_when_differentiated(op_name, monkeypatch):
-    """Where x or an adapter factor requires grad (training) float32 x keeps exact products,
-    as bitsandbytes does under autograd, under no_grad too (the kernel cannot see grad
-    mode); otherwise the default bf16 products; the opt-in gives the exact ones always."""
-    s = next(s for _, _, _, s in samples(op_name, combos=[(torch.float32, torch.float32)])
-             if s.name in ("fast_16x256x64_bs64", "fast_16x256x64"))
-    op = getattr(torch.ops.peftcore, op_name)
-    x, _, _, lora_A, _, _, _, _, _ = split_quantized(op_name, s.args)
-    with torch.no_grad():
-        default = op(*s.args)
-    monkeypatch.setenv("PEFTCORE_QUANT_FP32", "exact")
-    with torch.no_grad():
-        exact = op(*s.args)
-    monkeypatch.delenv("PEFTCORE_QUANT_FP32")
-    lora_A[0].requires_grad_(True)
-    try:
-        trained = op(*s.args)
-        with torch.no_grad():
-            assert torch.equal(op(*s.args), exact)
-    finally:
-        lora_A[0].requires_grad_(False)
-    assert torch.equal(trained.detach(), exact)
-    with torch.no_grad():
-        assert torch.equal(op(*s.args), default)  # nothing requires grad: the default again
-    if fp32_x_as_bf16():
-        assert not torch.equal(default, exact)
 
 
 # ------------------------------------------------------------------------- autograd
