@@ -41,8 +41,10 @@ bench: build $(VENV)/.test-deps
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_mixed.py
 	$(PY) benchmarks/bench_quant.py
-	$(PY) benchmarks/bench_quant.py --isa avx2
+	$(PY) benchmarks/bench_quant.py --isa avx2 --bf16-only
 	$(PY) benchmarks/bench_quant_gemm.py
+	$(PY) benchmarks/bench_quant_kernel.py
+	$(PY) benchmarks/quant_accuracy.py
 
 # ---- CUDA compile check (CI; no GPU needed). A second environment, .venv-cuda, with the
 # CUDA 13 build of torch; peftcore built into it (not in place: the tree's _C stays the CPU
