@@ -309,6 +309,19 @@ PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void prefetch_next_pane
   _mm_prefetch(next + 64, _MM_HINT_T1);
 }
 
+// A full panel's 4 rows: their packed codes and their float32 block scales (bs_row0 holds
+// the panel's scales row after row, blocks each).
+struct PanelRows {
+  const uint8_t* q[4];
+  const float* sc[4];
+  PanelRows(const Packed4& w, int64_t n0, const float* bs_row0, int64_t blocks) {
+    for (int r = 0; r < 4; ++r) {
+      q[r] = w.q + (n0 + r) * w.K / 2;
+      sc[r] = bs_row0 + r * blocks;
+    }
+  }
+};
+
 // 4 rows × M token rows, bf16 products: the 16 code values rounded to bf16 once
 // (vpermw table), each block's partial dot products scaled by its float32 absmax.
 template <int M>
@@ -318,12 +331,9 @@ PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void gemv_4bit_bf16
                                                                                  float* out) {
   const int64_t K = w.K, bs = w.blocksize, blocks = K / bs;
   const __m512i table = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w.code)));
-  const uint8_t* q[4];
-  const float* sc[4];
-  for (int r = 0; r < 4; ++r) {
-    q[r] = w.q + (n0 + r) * K / 2;
-    sc[r] = bs_row0 + r * blocks;
-  }
+  const PanelRows rows(w, n0, bs_row0, blocks);
+  const uint8_t* const* q = rows.q;
+  const float* const* sc = rows.sc;
   __m512 acc[M][4];
 #pragma GCC unroll 16
   for (int m = 0; m < M; ++m)
@@ -372,25 +382,20 @@ PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void gemv_4bit_bf16
 // multiplied by every token row of the group. The decode (shuffles) and the dot products
 // (vdpbf16ps) overlap, where decode + panel_dot runs them one after the other; the caller
 // re-decodes the panel for each group of MR token rows, which costs little next to the
-// MR·8 dot products per step. Blocks [blk0, blk1) of the panel's rows, accumulating into
-// acc_io (MR × 4 vectors).
+// MR·8 dot products per step. out[m * 4 + r]: token row m, panel row r.
 template <int MR>
 PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void fused_4bit_bf16(
-    const Packed4& w, int64_t n0, const float* bs_row0, int64_t blk0, int64_t blk1, const uint16_t* xp, int64_t Kp,
-    bool prefetch, __m512* acc_io) {
+    const Packed4& w, int64_t n0, const float* bs_row0, const uint16_t* xp, int64_t Kp, bool prefetch, float* out) {
   const int64_t K = w.K, bs = w.blocksize, blocks = K / bs;
   const __m512 code = _mm512_loadu_ps(w.code);
-  const uint8_t* q[4];
-  const float* sc[4];
-  for (int r = 0; r < 4; ++r) {
-    q[r] = w.q + (n0 + r) * K / 2;
-    sc[r] = bs_row0 + r * blocks;
-  }
+  const PanelRows rows(w, n0, bs_row0, blocks);
+  const uint8_t* const* q = rows.q;
+  const float* const* sc = rows.sc;
   __m512 acc[MR][4];
 #pragma GCC unroll 32
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < 4; ++r) acc[m][r] = acc_io[m * 4 + r];
-  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
     __m512i t[4];
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
@@ -420,7 +425,7 @@ PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void fused_4bit_bf1
   }
 #pragma GCC unroll 32
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < 4; ++r) acc_io[m * 4 + r] = acc[m][r];
+    for (int r = 0; r < 4; ++r) out[m * 4 + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
 // 4 rows × M token rows, float32 products of exact values: each block's 16 scaled
@@ -431,12 +436,9 @@ PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void gemv_4bit_f32(cons
                                                                             int64_t Kp, float* out) {
   const int64_t K = w.K, bs = w.blocksize, blocks = K / bs;
   const __m512 code = _mm512_loadu_ps(w.code);
-  const uint8_t* q[4];
-  const float* sc[4];
-  for (int r = 0; r < 4; ++r) {
-    q[r] = w.q + (n0 + r) * K / 2;
-    sc[r] = bs_row0 + r * blocks;
-  }
+  const PanelRows rows(w, n0, bs_row0, blocks);
+  const uint8_t* const* q = rows.q;
+  const float* const* sc = rows.sc;
   __m512 acc[2][M][4];  // even / odd halves: twice the independent FMA chains
 #pragma GCC unroll 16
   for (int h = 0; h < 2; ++h)
@@ -529,20 +531,17 @@ PEFTCORE_AVX512BF16_FN void fused_4bit(const Packed4& w, int64_t n0, const float
   // Each group runs over the whole of K (walking K in L1-sized chunks for all groups, or
   // making the tables once per panel for all groups, measured slower on Zen 5). Only the
   // first group prefetches the next panel.
-  const int64_t groups = (M + 3) / 4, blocks = w.K / w.blocksize;
+  const int64_t groups = (M + 3) / 4;
   for (int64_t g = 0, m0 = 0; g < groups; ++g) {
     const int64_t mr = (M - m0) / (groups - g);
     const uint16_t* xg = x + m0 * Kp;
-    __m512 acc[16];
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    float* og = out + m0 * 4;
     switch (mr) {
-      case 4: fused_4bit_bf16<4>(w, n0, bs_row0, 0, blocks, xg, Kp, g == 0, acc); break;
-      case 3: fused_4bit_bf16<3>(w, n0, bs_row0, 0, blocks, xg, Kp, g == 0, acc); break;
-      case 2: fused_4bit_bf16<2>(w, n0, bs_row0, 0, blocks, xg, Kp, g == 0, acc); break;
-      default: fused_4bit_bf16<1>(w, n0, bs_row0, 0, blocks, xg, Kp, g == 0, acc); break;
+      case 4: fused_4bit_bf16<4>(w, n0, bs_row0, xg, Kp, g == 0, og); break;
+      case 3: fused_4bit_bf16<3>(w, n0, bs_row0, xg, Kp, g == 0, og); break;
+      case 2: fused_4bit_bf16<2>(w, n0, bs_row0, xg, Kp, g == 0, og); break;
+      default: fused_4bit_bf16<1>(w, n0, bs_row0, xg, Kp, g == 0, og); break;
     }
-    for (int64_t m = 0; m < mr; ++m)
-      for (int r = 0; r < 4; ++r) out[(m0 + m) * 4 + r] = _mm512_reduce_add_ps(acc[m * 4 + r]);
     m0 += mr;
   }
 }
