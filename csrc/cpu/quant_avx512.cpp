@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 
 #define PEFTCORE_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -657,7 +658,12 @@ PEFTCORE_AVX512VBMI_FN void nested_scales_vbmi(const uint8_t* qabsmax, const uin
 
 PEFTCORE_AVX512_FN void nested_scales(const uint8_t* qabsmax, const NestedCode& ncode, const float* nabsmax,
                                       float offset, int64_t nbs, int64_t b0, int64_t b1, float* out) {
-  static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
+  // PEFTCORE_CPU_ISA=avx512-novbmi takes the other lookup on a CPU with VBMI (how the tests
+  // cover both: tests/ops/test_quantized_ops.py, test_lower_isa_kernels_...).
+  static const bool vbmi = __builtin_cpu_supports("avx512vbmi") && [] {
+    const char* isa = std::getenv("PEFTCORE_CPU_ISA");
+    return isa == nullptr || std::strcmp(isa, "avx512-novbmi") != 0;
+  }();
   if (vbmi) return nested_scales_vbmi(qabsmax, ncode.planes, nabsmax, offset, nbs, b0, b1, out);
   nested_scales_f32(qabsmax, ncode.values, nabsmax, offset, nbs, b0, b1, out);
 }

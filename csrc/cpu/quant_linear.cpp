@@ -464,7 +464,11 @@ bool gemm_path(const at::Tensor& x, at::ScalarType ct, const GemmRows& min_rows,
 
 // Whether the int8 base takes int8_x_linear: from kInt8xRows token rows, where the
 // products would be bf16 (bf16 x, float32 x by default) and the GEMM path is on.
-// Measured (benchmarks/bench_quant.py, 4096 x 4096, AMD EPYC Zen 5): TODO
+// Measured at 128 rows only (benchmarks/bench_quant.py, 4096 x 4096, AMD EPYC Zen 5, no
+// AMX): 4.0-4.5 ms per layer against 6.7 ms for the bf16 tile GEMM and 4.8-4.9 ms for
+// bitsandbytes; at::_int_mm alone at 32-64 rows (1.4-2.2 ms) suggests the crossover with
+// the panel kernels lies lower, not measured. With AMX it is used from 128 rows too (the
+// bf16 tile GEMM from 48), not measured there.
 constexpr int64_t kInt8xRows = 128;
 bool int8_x_path(const at::Tensor& x, at::ScalarType ct, const std::optional<at::Tensor>& bias) {
   return ct == at::kBFloat16 && gemm_path(x, ct, GemmRows{kInt8xRows, INT64_MAX}, bias);
@@ -497,17 +501,18 @@ void linear_4bit(at::Tensor& y, const at::Tensor& x, const Weight4& w, const std
 // test_int8_no_less_accurate_than_bitsandbytes, holds it to that), not the bf16 path's.
 constexpr double kInt8Outlier = 6.0;
 
-void int8_x_linear(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& cb, const float* scb,
+// cb: CB [N, K] int8, contiguous; scb_t: SCB as float32 [N], contiguous.
+void int8_x_linear(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& cb, const at::Tensor& scb_t,
                    const std::optional<at::Tensor>& bias, const at::Tensor& in_scale, const at::Tensor& out_scale) {
   const at::Tensor x = in_scale.defined() ? cpu::ia3_scaled_rows(x_in, in_scale) : x_in;
   const int64_t M = cpu::leading_rows(x), K = x.size(-1), N = cb.size(0);
+  const float inv127 = 7.874015718698502e-3f;
   at::Tensor xs = x.reshape({M, K}).to(at::kFloat);
-  const at::Tensor outlier = xs.abs().amax(0).ge(kInt8Outlier);  // [K]
-  const at::Tensor cols = outlier.nonzero().view({-1});
+  const at::Tensor cols = xs.abs().amax(0).ge(kInt8Outlier).nonzero().view({-1});  // outlier features
   at::Tensor extra;  // float32 [M, N]: the outlier columns' products, or undefined
   if (cols.numel() > 0) {
-    const at::Tensor w_cols = cb.index_select(1, cols).to(at::kFloat).mul_(at::from_blob(const_cast<float*>(scb), {N, 1},
-                                                                                         at::kFloat)).mul_(7.874015718698502e-3f);
+    // W's columns as bitsandbytes dequantizes them: (CB·SCB)·(1/127) in float32
+    const at::Tensor w_cols = cb.index_select(1, cols).to(at::kFloat).mul_(scb_t.view({N, 1})).mul_(inv127);
     extra = at::mm(xs.index_select(1, cols), w_cols.t());
     xs = xs.index_fill(1, cols, 0.0);
   }
@@ -522,7 +527,7 @@ void int8_x_linear(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& cb, 
   const float* ep = extra.defined() ? extra.const_data_ptr<float>() : nullptr;
   const float* bp = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
   const float* lp = l32.defined() ? l32.const_data_ptr<float>() : nullptr;
-  const float inv127 = 7.874015718698502e-3f;
+  const float* scb = scb_t.const_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "peftcore_int8_x_linear", [&] {
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
@@ -560,7 +565,7 @@ void linear_int8(at::Tensor& y, PEFTCORE_LINEAR_ARGS(PEFTCORE_WEIGHT_INT8_ARGS),
   const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   at::ScalarType ct = compute_type(x);
   if (int8_x_path(x, ct, bias)) {
-    int8_x_linear(y, x, cb, sp, bias, in_scale, out_scale);
+    int8_x_linear(y, x, cb, scb, bias, in_scale, out_scale);
     return;
   }
   if (gemm_path(x, ct, gemm_rows_int8(), bias)) {

@@ -371,11 +371,12 @@ def test_compile_forward_and_backward(module):
 # ------------------------------------------------------------------ portable kernels
 @pytest.mark.skipif(not native_loaded(), reason="native kernels not built")
 @pytest.mark.skipif(bool(os.environ.get("PEFTCORE_CPU_ISA")), reason="already a forced ISA")
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512-novbmi"])
 def test_lower_isa_kernels_pass_quantized_op_tests(isa):
     """PEFTCORE_CPU_ISA=generic forces the portable kernels, =avx2 the AVX2 + FMA ones
-    (where the CPU has AVX2; else the portable ones again): the reference and
-    bitsandbytes comparisons above must hold there too."""
+    (where the CPU has AVX2; else the portable ones again), =avx512-novbmi the AVX-512
+    kernels with the double-quantized scales looked up without AVX512_VBMI: the reference
+    and bitsandbytes comparisons above must hold there too."""
     env = dict(os.environ, PEFTCORE_CPU_ISA=isa)
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__),
