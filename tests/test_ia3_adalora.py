@@ -451,8 +451,8 @@ def test_quantized_bases(tmp_path, method, qid, monkeypatch):
     peftcore.load_adapter(model, ad)
     kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (Ia3Layer, AdaLoraLayer))}
     assert kinds == {f"{'Ia3' if method == 'ia3' else 'AdaLora'}Linear{'4bit' if bits == 4 else '8bit'}"}
-    # The default (float32 x rounded to bf16 in inference, as bitsandbytes' CPU kernel
-    # rounds it) within bitsandbytes' tolerance; exact float32 products (the opt-in) against
+    # The default (float32 x rounded to bf16, as bitsandbytes' CPU kernel rounds it in
+    # inference) within bitsandbytes' tolerance; exact float32 products (the opt-in) against
     # the exact oracle. bf16 compute: an fp32 summation-order difference can flip x's bf16
     # rounding (2**-8).
     assert rel_err(logits(model), want_bnb) <= (BNB4_RTOL if bits == 4 else BNB8_RTOL)

@@ -71,7 +71,7 @@ def _quiet():
 def _exact_float32(monkeypatch):
     # Whole-model float32 logits against PEFT on the dequantized copy (an exact oracle):
     # exact float32 products on the quantized bases (PEFTCORE_QUANT_FP32=exact; the default
-    # rounds float32 x to bf16 in inference, as bitsandbytes' CPU kernel does, and is held
+    # rounds float32 x to bf16, as bitsandbytes' CPU kernel does in inference, and is held
     # to bitsandbytes' tolerance in tests/test_quantized.py and to its bounds op by op).
     monkeypatch.setenv("PEFTCORE_QUANT_FP32", "exact")
 
