@@ -2,6 +2,8 @@
 "no worse than the reference" check used for low-precision dtypes."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -104,10 +106,20 @@ QUANT_ACC_ERROR: dict[torch.dtype, float] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
 def bf16_products(dtype: torch.dtype) -> bool:
     """Whether the native quantized CPU kernels multiply x of this dtype in bfloat16 here
     (quant_linear.cpp, compute_type): bf16 x, and float32 x unless PEFTCORE_QUANT_FP32=exact,
-    on a CPU with AVX512_BF16 whose ISA is not capped below AVX-512."""
+    on a CPU with AVX512_BF16 whose ISA is not capped below AVX-512 (the variables are read
+    at every call, as the kernels read them)."""
     import os
 
     from peftcore import native
@@ -116,16 +128,7 @@ def bf16_products(dtype: torch.dtype) -> bool:
         return False
     if dtype != torch.bfloat16 and not (dtype == torch.float32 and os.environ.get("PEFTCORE_QUANT_FP32") != "exact"):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512_bf16" in f.read()
-    except OSError:
-        return False
-
-
-def fp32_x_as_bf16() -> bool:
-    """Whether the native quantized CPU kernels round float32 x to bfloat16 here."""
-    return bf16_products(torch.float32)
+    return _cpu_has_avx512_bf16()
 
 
 # From this many token rows, an int8 base with bf16 products takes LLM.int8's own scheme
@@ -152,7 +155,7 @@ def quant_tolerance(dtype: torch.dtype, s_base: torch.Tensor, s_all: torch.Tenso
     float32 / float64 outputs are rounded the same way on both sides to within their
     accumulation error, so the rounding term only applies to bfloat16 / float16."""
     rounding = eps(dtype) * (base.double().abs() + y.double().abs()) if dtype in (torch.bfloat16, torch.float16) else 0.0
-    product = QUANT_PRODUCT_ERROR[torch.float16 if dtype == torch.float32 and fp32_x_as_bf16() else dtype]
+    product = QUANT_PRODUCT_ERROR[torch.float16 if dtype == torch.float32 and bf16_products(dtype) else dtype]
     return 1.1 * (product * s_base + rounding + QUANT_ACC_ERROR[dtype] * s_all)
 
 

@@ -43,6 +43,27 @@ void zero_tail(T* row, int64_t K, int64_t Kp) {
   std::memset(static_cast<void*>(row + K), 0, sizeof(T) * (Kp - K));
 }
 
+// 64 codes (32 bytes at q) through a 32-entry bf16 table (the block's 16 values twice:
+// vpermw reads 5 index bits, so the low nibble needs no mask): the even positions (high
+// nibbles) into we, the odd ones into wo (quant.h, "Buffer layout").
+PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void decode64_bf16(const uint8_t* q, __m512i table,
+                                                                            __m512i& we, __m512i& wo) {
+  const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  we = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+  wo = _mm512_permutexvar_epi16(v, table);
+}
+
+// The even / odd halves of a 64-value chunk of M bf16 token rows (x prepared in that order).
+template <int M>
+PEFTCORE_AVX512_FN inline __attribute__((always_inline)) void load_x64(const uint16_t* xp, int64_t Kp, int64_t k,
+                                                                       __m512i (&xe)[M], __m512i (&xo)[M]) {
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    xe[m] = _mm512_loadu_si512(xp + m * Kp + k);
+    xo[m] = _mm512_loadu_si512(xp + m * Kp + k + 32);
+  }
+}
+
 }  // namespace
 
 PEFTCORE_AVX512_FN void decode_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t b0,
@@ -90,10 +111,10 @@ PEFTCORE_AVX512BF16_FN void decode_4bit(const Packed4& w, int64_t n0, int64_t nr
       }
       if (k % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(q) + k / 2 + 2 * w.K, _MM_HINT_T0);  // next panel
       if (chunk == 64) {
-        const __m512i table = _mm512_broadcast_i64x4(t16);
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2)));
-        _mm512_storeu_si512(row + k, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
-        _mm512_storeu_si512(row + k + 32, _mm512_permutexvar_epi16(v, table));
+        __m512i we, wo;
+        decode64_bf16(q + k / 2, _mm512_broadcast_i64x4(t16), we, wo);
+        _mm512_storeu_si512(row + k, we);
+        _mm512_storeu_si512(row + k + 32, wo);
       } else {
         const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k),
@@ -169,8 +190,9 @@ PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void dequant_int8_l
       const int64_t c = std::min<int64_t>(32, K - k);
       const __mmask32 m = c == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << c) - 1);
       const __m256i b = _mm256_maskz_loadu_epi8(m, src + k);
-      const __m512 lo = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))), sc), inv127);
-      const __m512 hi = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))), sc), inv127);
+      const __m512 lo0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+      const __m512 hi0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+      const __m512 lo = _mm512_mul_ps(_mm512_mul_ps(lo0, sc), inv127), hi = _mm512_mul_ps(_mm512_mul_ps(hi0, sc), inv127);
       const int64_t at = (n - n0) * K + k;
       if constexpr (kBf16) {
         _mm512_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, m, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
@@ -346,21 +368,15 @@ PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void gemv_4bit_bf16
       for (int r = 0; r < 4; ++r) p[m][r] = _mm512_setzero_ps();
     for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 64) {
       prefetch_next_panel(q[0], K, k);
-      __m512bh xe[M], xo[M];
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        xe[m] = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k);
-        xo[m] = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k + 32);
-      }
+      __m512i xe[M], xo[M], we, wo;
+      load_x64<M>(xp, Kp, k, xe, xo);
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + k / 2)));
-        const __m512bh we = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
-        const __m512bh wo = (__m512bh)_mm512_permutexvar_epi16(v, table);
+        decode64_bf16(q[r] + k / 2, table, we, wo);
 #pragma GCC unroll 4
         for (int m = 0; m < M; ++m) {
-          p[m][r] = _mm512_dpbf16_ps(p[m][r], we, xe[m]);
-          p[m][r] = _mm512_dpbf16_ps(p[m][r], wo, xo[m]);
+          p[m][r] = _mm512_dpbf16_ps(p[m][r], (__m512bh)we, (__m512bh)xe[m]);
+          p[m][r] = _mm512_dpbf16_ps(p[m][r], (__m512bh)wo, (__m512bh)xo[m]);
         }
       }
     }
@@ -405,21 +421,15 @@ PEFTCORE_AVX512BF16_FN inline __attribute__((always_inline)) void fused_4bit_bf1
     }
     for (int64_t k = blk * bs; k < (blk + 1) * bs; k += 64) {
       if (prefetch) prefetch_next_panel(q[0], K, k);
-      __m512bh xe[MR], xo[MR];
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        xe[m] = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k);
-        xo[m] = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k + 32);
-      }
+      __m512i xe[MR], xo[MR], we, wo;
+      load_x64<MR>(xp, Kp, k, xe, xo);
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + k / 2)));
-        const __m512bh we = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t[r]);
-        const __m512bh wo = (__m512bh)_mm512_permutexvar_epi16(v, t[r]);
+        decode64_bf16(q[r] + k / 2, t[r], we, wo);
 #pragma GCC unroll 8
         for (int m = 0; m < MR; ++m) {
-          acc[m][r] = _mm512_dpbf16_ps(acc[m][r], we, xe[m]);
-          acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wo, xo[m]);
+          acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)we, (__m512bh)xe[m]);
+          acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wo, (__m512bh)xo[m]);
         }
       }
     }
@@ -540,8 +550,7 @@ PEFTCORE_AVX512BF16_FN void fused_4bit(const Packed4& w, int64_t n0, const float
     switch (mr) {
       case 4: fused_4bit_bf16<4>(w, n0, bs_row0, xg, Kp, g == 0, og); break;
       case 3: fused_4bit_bf16<3>(w, n0, bs_row0, xg, Kp, g == 0, og); break;
-      case 2: fused_4bit_bf16<2>(w, n0, bs_row0, xg, Kp, g == 0, og); break;
-      default: fused_4bit_bf16<1>(w, n0, bs_row0, xg, Kp, g == 0, og); break;
+      default: fused_4bit_bf16<2>(w, n0, bs_row0, xg, Kp, g == 0, og); break;  // M >= 3: groups of >= 2
     }
     m0 += mr;
   }

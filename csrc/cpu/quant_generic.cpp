@@ -302,8 +302,9 @@ bool dequant_int8_rows(const int8_t* cb, const float* scb, int64_t K, int64_t n0
 }
 
 namespace {
-bool gemv_4bit_applies(const Packed4& w, int64_t nr, int64_t chunk, int64_t M, int64_t want_chunk) {
-  return simd_available() && nr == kPanelRows && M <= kGemvRows && chunk == want_chunk && w.K % w.blocksize == 0 &&
+// A full panel, K made of whole blocks, blocks of whole chunks of the wanted layout.
+bool gemv_4bit_applies(const Packed4& w, int64_t nr, int64_t chunk, int64_t want_chunk) {
+  return simd_available() && nr == kPanelRows && chunk == want_chunk && w.K % w.blocksize == 0 &&
          w.blocksize % chunk == 0;
 }
 }  // namespace
@@ -311,15 +312,17 @@ bool gemv_4bit_applies(const Packed4& w, int64_t nr, int64_t chunk, int64_t M, i
 bool gemv_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t chunk, const float* xp,
                int64_t M, int64_t Kp, float* out) {
 #if PEFTCORE_HAVE_AVX512
-  if (gemv_4bit_applies(w, nr, chunk, M, 32)) return avx512::gemv_4bit(w, n0, bscale, xp, M, Kp, out), true;
+  if (M <= kGemvRows && gemv_4bit_applies(w, nr, chunk, 32))
+    return avx512::gemv_4bit(w, n0, bscale, xp, M, Kp, out), true;
 #endif
   return false;
 }
 bool gemv_4bit(const Packed4& w, int64_t n0, int64_t nr, const float* bscale, int64_t chunk,
                const c10::BFloat16* xp, int64_t M, int64_t Kp, float* out) {
 #if PEFTCORE_HAVE_AVX512
-  if (gemv_4bit_applies(w, nr, chunk, M, 64)) return avx512::gemv_4bit(w, n0, bscale, xp, M, Kp, out), true;
-  if (gemv_4bit_applies(w, nr, chunk, 1, 64)) return avx512::fused_4bit(w, n0, bscale, xp, M, Kp, out), true;
+  if (!gemv_4bit_applies(w, nr, chunk, 64)) return false;
+  if (M <= kGemvRows) return avx512::gemv_4bit(w, n0, bscale, xp, M, Kp, out), true;
+  return avx512::fused_4bit(w, n0, bscale, xp, M, Kp, out), true;
 #endif
   return false;
 }

@@ -430,7 +430,8 @@ void tiled_gemm_linear(at::Tensor& y, const at::Tensor& x_in, int64_t N, const s
 //   3.8-3.9 / 3.3-3.4 at 128;
 // * without (AVX512-BF16 alone, AMD EPYC Zen 5, §4): the fused register kernels run
 //   vdpbf16ps as oneDNN's GEMM does, and the GEMM only wins from ~96 (4-bit) / 128 (int8)
-//   rows, the float32 sgemm never (2x slower than the float32 panel kernels at 256 rows).
+//   rows; the float32 sgemm did not win at 8-256 rows (a trial build forcing the GEMM from
+//   8 rows: 2x slower than the float32 panel kernels at 256), so it is not used.
 struct GemmRows {
   int64_t bf16, f32;
 };
@@ -465,10 +466,10 @@ bool gemm_path(const at::Tensor& x, at::ScalarType ct, const GemmRows& min_rows,
 // Whether the int8 base takes int8_x_linear: from kInt8xRows token rows, where the
 // products would be bf16 (bf16 x, float32 x by default) and the GEMM path is on.
 // Measured at 128 rows only (benchmarks/bench_quant.py, 4096 x 4096, AMD EPYC Zen 5, no
-// AMX): 4.0-4.5 ms per layer against 6.7 ms for the bf16 tile GEMM and 4.8-4.9 ms for
-// bitsandbytes; at::_int_mm alone at 32-64 rows (1.4-2.2 ms) suggests the crossover with
-// the panel kernels lies lower, not measured. With AMX it is used from 128 rows too (the
-// bf16 tile GEMM from 48), not measured there.
+// AMX: 4.0-4.5 ms per layer against 4.8-4.9 ms for bitsandbytes; the bf16 tile GEMM it
+// replaced ran 1.47x bitsandbytes there). Fewer rows were not measured (the crossover with
+// the panel kernels may lie lower); with AMX it is used from 128 rows too (the bf16 tile
+// GEMM from 48), not measured there.
 constexpr int64_t kInt8xRows = 128;
 bool int8_x_path(const at::Tensor& x, at::ScalarType ct, const std::optional<at::Tensor>& bias) {
   return ct == at::kBFloat16 && gemm_path(x, ct, GemmRows{kInt8xRows, INT64_MAX}, bias);

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from peftcore import reference
-from tests.helpers import DEVICES, assert_within, grad_tol, quantized_bound, split_quantized
+from tests.helpers import DEVICES, assert_within, bf16_products, grad_tol, quantized_bound, split_quantized
 from tests.op_db import bnb_functional, native_loaded, quantize_4bit, samples
 
 bnbF = bnb_functional()
@@ -134,7 +134,7 @@ def test_lora_linear_int8_matches_reference(dtype, adapter_dtype, s):
 
 
 # The opt-in exact float32 products (PEFTCORE_QUANT_FP32=exact): float32 x then matches the
-# reference to float32 accumulation (tests/helpers.py: fp32_x_as_bf16 reads the variable).
+# reference to float32 accumulation (tests/helpers.py: bf16_products reads the variable).
 FWD_F32 = [pytest.param(op, s, id=f"{op}-{s.name}") for op in ("lora_linear_4bit", "lora_linear_int8")
            for _, _, _, s in samples(op, combos=[(torch.float32, torch.float32)])]
 
@@ -143,6 +143,59 @@ FWD_F32 = [pytest.param(op, s, id=f"{op}-{s.name}") for op in ("lora_linear_4bit
 def test_float32_exact_opt_in_matches_reference(op_name, s, monkeypatch):
     monkeypatch.setenv("PEFTCORE_QUANT_FP32", "exact")
     _check_forward(op_name, torch.float32, s)
+
+
+def _base_only(op_name, name):
+    """(op, args without adapters) of the float32 sample `name`."""
+    s = next(s for _, _, _, s in samples(op_name, combos=[(torch.float32, torch.float32)]) if s.name == name)
+    return getattr(torch.ops.peftcore, op_name), split_quantized(op_name, s.args)[-1]()
+
+
+@pytest.mark.skipif(not bf16_products(torch.float32), reason="float32 x keeps float32 products on this CPU / build")
+@pytest.mark.parametrize("op_name,name", [("lora_linear_4bit", "fast_16x256x64_bs64"),
+                                          ("lora_linear_4bit", "gemm_tiles_130tok_4096x600"),
+                                          ("lora_linear_int8", "fast_16x256x64")])
+def test_float32_x_is_rounded_to_bf16_by_default(op_name, name, monkeypatch):
+    """The default: float32 x meets the kernels rounded to bf16 once, so its base equals the
+    base of x already rounded (bit for bit), and differs from the exact opt-in's."""
+    op, (x, *rest) = _base_only(op_name, name)
+    y = op(x, *rest)
+    assert torch.equal(y, op(x.bfloat16().float(), *rest))
+    monkeypatch.setenv("PEFTCORE_QUANT_FP32", "exact")
+    assert not torch.equal(y, op(x, *rest))
+
+
+_NO_GEMM = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import peftcore
+from tests.ops.test_quantized_ops import _base_only
+for op_name, name in (("lora_linear_4bit", "gemm_tiles_130tok_4096x600"), ("lora_linear_int8", "gemm_tiles_130tok_4096x600")):
+    op, (x, *rest) = _base_only(op_name, name)  # float32 x and bias: bf16 products by default
+    whole = op(x, *rest)
+    # the same rows in blocks of 65, below every many-row threshold: the row-wise kernels
+    parts = torch.cat([op(x[i:i + 65], *rest) for i in range(0, x.shape[0], 65)])
+    print(op_name, torch.equal(whole, parts))
+"""
+
+
+@pytest.mark.skipif(not native_loaded(), reason="native kernels not built")
+def test_quant_gemm_0_keeps_every_row_count_on_the_row_wise_kernels():
+    """PEFTCORE_QUANT_GEMM=0 (read once per process): 130 rows give, bit for bit, what the
+    same rows give in blocks of 65 (the register / panel kernels are row-wise); without it
+    the 130-row call takes a many-row path (tile GEMM; int8 x) and does not."""
+    results = {}
+    for flag in ("0", None):
+        env = {k: v for k, v in os.environ.items() if k != "PEFTCORE_QUANT_GEMM"}
+        if flag is not None:
+            env["PEFTCORE_QUANT_GEMM"] = flag
+        r = subprocess.run([sys.executable, "-c", _NO_GEMM.format(root=ROOT)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        results[flag] = dict(line.split() for line in r.stdout.strip().splitlines())
+    assert results["0"] == {"lora_linear_4bit": "True", "lora_linear_int8": "True"}, results
+    if bf16_products(torch.float32):
+        assert results[None] == {"lora_linear_4bit": "False", "lora_linear_int8": "False"}, results
 
 
 # ------------------------------------------------------------------------- autograd
